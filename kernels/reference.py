@@ -1,0 +1,119 @@
+"""Pure-PyTorch reference of the in-place ZO ops: the test oracle and the portable CPU path.
+
+Both ops walk each tensor in chunks of ``CHUNK_ELEMENTS``, regenerate z for the chunk from the
+noise contract, and write the chunk back: memory beyond the parameters is O(one chunk).
+Arithmetic is fp32 whatever the parameter dtype, with each operation rounded separately
+(no fused multiply-add), and the result is rounded once to the parameter dtype on store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from zoengine.kernels.philox import noise_blocks
+from zoengine.seeds import stream_key
+
+CHUNK_ELEMENTS = 1 << 16
+
+
+def _flat_chunks(p: torch.Tensor):
+    """Yield (start, end, view) over a contiguous 1-D view of ``p``."""
+    flat = p.view(-1)
+    for s in range(0, flat.numel(), CHUNK_ELEMENTS):
+        e = min(s + CHUNK_ELEMENTS, flat.numel())
+        yield s, e, flat[s:e]
+
+
+def _chunk_noise(s: int, e: int, key64: int, key: int, dist: str, device) -> torch.Tensor:
+    b0, b1 = s // 4, (e - 1) // 4 + 1
+    z = noise_blocks(b0, b1 - b0, key64=key64, tensor_key=key, dist=dist, device=device)
+    return z[s - 4 * b0 : e - 4 * b0]
+
+
+def _check_lists(params, keys, masks):
+    if len(keys) != len(params):
+        raise ValueError(f"keys has {len(keys)} entries for {len(params)} tensors")
+    if masks is not None and len(masks) != len(params):
+        raise ValueError(f"masks has {len(masks)} entries for {len(params)} tensors")
+    for i, p in enumerate(params):
+        if not p.is_contiguous():
+            raise ValueError(f"params[{i}] is not contiguous; ZO ops update tensors in place")
+
+
+def perturb_(
+    params: Sequence[torch.Tensor],
+    keys: Sequence[int],
+    *,
+    seed: int,
+    step: int,
+    sample: int = 0,
+    scale: float,
+    dist: str = "normal",
+    masks: Sequence[torch.Tensor | None] | None = None,
+) -> None:
+    """θ ← θ + scale·z for every tensor, z from the noise contract (in place, chunked).
+
+    ``masks[i]`` (bool or 0/1, same shape as ``params[i]``) zeroes z where it is 0, so masked
+    elements are left exactly as they are.
+    """
+    _check_lists(params, keys, masks)
+    key64 = stream_key(seed, step, sample)
+    for i, (p, key) in enumerate(zip(params, keys)):
+        m = None if masks is None or masks[i] is None else masks[i].reshape(-1)
+        for s, e, x in _flat_chunks(p):
+            z = _chunk_noise(s, e, key64, key, dist, p.device)
+            if m is not None:
+                z = z * m[s:e]
+            x.copy_(x.to(torch.float32) + z * scale)
+
+
+def restore_update_(
+    params: Sequence[torch.Tensor],
+    keys: Sequence[int],
+    *,
+    seed: int,
+    step: int,
+    eps: float,
+    lr: float,
+    grads: Sequence[float],
+    restore_sample: int | None = None,
+    weight_decay: float = 0.0,
+    dist: str = "normal",
+    masks: Sequence[torch.Tensor | None] | None = None,
+) -> None:
+    """Restore the last perturbation and apply the update, in one pass over the weights.
+
+    With z_k the stream of sample k at this step and r = ``restore_sample`` (default: the last
+    sample, ``len(grads) - 1``), every element becomes
+
+        θ₁ = θ + eps·z_r
+        θ₂ = θ₁ − lr·(Σ_k grads[k]·z_k + weight_decay·θ₁)
+
+    so a one-sample MeZO step regenerates z three times (perturb +ε, perturb −2ε, this pass)
+    instead of the reference code's four. ``eps=0`` gives a pure update.
+    """
+    _check_lists(params, keys, masks)
+    n = len(grads)
+    if n == 0:
+        raise ValueError("grads is empty: need one projected gradient per sample")
+    r = n - 1 if restore_sample is None else restore_sample
+    if not 0 <= r < n:
+        raise ValueError(f"restore_sample={restore_sample}: must be in [0, {n})")
+    key64s = [stream_key(seed, step, k) for k in range(n)]
+    for i, (p, key) in enumerate(zip(params, keys)):
+        m = None if masks is None or masks[i] is None else masks[i].reshape(-1)
+        for s, e, x in _flat_chunks(p):
+            zr = _chunk_noise(s, e, key64s[r], key, dist, p.device)
+            acc = None
+            for k in range(n):
+                zk = zr if k == r else _chunk_noise(s, e, key64s[k], key, dist, p.device)
+                term = zk * float(grads[k])
+                acc = term if acc is None else acc + term
+            if m is not None:
+                zr, acc = zr * m[s:e], acc * m[s:e]
+            theta = x.to(torch.float32) + zr * eps
+            if weight_decay != 0.0:
+                acc = acc + theta * weight_decay
+            x.copy_(theta - acc * lr)

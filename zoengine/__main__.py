@@ -1,0 +1,3 @@
+from zoengine.cli import main
+
+raise SystemExit(main())

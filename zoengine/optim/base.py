@@ -1,0 +1,111 @@
+"""ZOOptimizer: the torch.optim contract for zeroth-order methods.
+
+Hyper-parameters live in ``param_groups`` (so LR schedulers work); the run-wide state (master
+seed, step counter, last projected gradients) lives in ``self.state["zo"]``, which
+``state_dict()`` carries, so a resumed run regenerates the same z.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from zoengine.kernels.dispatch import BACKENDS, get_ops, resolve_backend
+from zoengine.kernels.philox import DISTRIBUTIONS
+from zoengine.optim.functional import ZOGroup
+from zoengine.seeds import tensor_keys
+
+NONFINITE_MODES = ("raise", "skip")
+
+
+def check_float(name: str, value, *, low: float, strict: bool) -> float:
+    """Validate a float hyper-parameter: ``value > low`` (strict) or ``value >= low``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        value = float(value)
+        ok = value == value and value != float("inf") and (value > low if strict else value >= low)
+    if not ok:
+        rel = ">" if strict else ">="
+        raise ValueError(f"{name}={value!r}: must be a finite number {rel} {low}")
+    return value
+
+
+def check_int(name: str, value, *, low: int, high: int | None = None) -> int:
+    if (not isinstance(value, int) or isinstance(value, bool) or value < low
+            or (high is not None and value >= high)):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high})"
+        raise ValueError(f"{name}={value!r}: must be an int {allowed}")
+    return value
+
+
+def check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: must be one of {tuple(choices)}")
+    return value
+
+
+class ZOOptimizer(torch.optim.Optimizer):
+    """Base class: parameter keys, backend choice, closure contract and run state."""
+
+    def __init__(self, params, defaults: dict, *, seed: int, n_samples: int, dist: str,
+                 backend: str | None, nonfinite: str):
+        check_int("seed", seed, low=0, high=1 << 64)
+        check_int("n_samples", n_samples, low=1)
+        check_choice("dist", dist, DISTRIBUTIONS)
+        if backend is not None:
+            check_choice("backend", backend, BACKENDS)
+        check_choice("nonfinite", nonfinite, NONFINITE_MODES)
+        super().__init__(params, defaults)
+        self.n_samples = n_samples
+        self.dist = dist
+        self.backend = backend
+        self.nonfinite = nonfinite
+        self.state["zo"] = {"seed": seed, "step": 0, "projected_grads": [], "skipped_steps": 0}
+        self._key_cache: tuple[tuple, list[list[int]]] | None = None
+
+    # ---- parameters as the kernels see them -------------------------------------------
+    def _group_keys(self) -> list[list[int]]:
+        """Stable 32-bit keys per tensor: hashed names when given, else the global position."""
+        ident = tuple(tuple(id(p) for p in g["params"]) for g in self.param_groups)
+        if self._key_cache is None or self._key_cache[0] != ident:
+            named = all("param_names" in g for g in self.param_groups)
+            names = ([n for g in self.param_groups for n in g["param_names"]] if named else
+                     [f"#{i}" for i in range(sum(len(g["params"]) for g in self.param_groups))])
+            flat = tensor_keys(names)
+            keys, i = [], 0
+            for g in self.param_groups:
+                keys.append(flat[i:i + len(g["params"])])
+                i += len(g["params"])
+            self._key_cache = (ident, keys)
+        return self._key_cache[1]
+
+    def zo_groups(self) -> list[ZOGroup]:
+        """Trainable tensors per group (``requires_grad=False`` ones are frozen and skipped)."""
+        out = []
+        for group, keys in zip(self.param_groups, self._group_keys()):
+            live = [(p, k) for p, k in zip(group["params"], keys) if p.requires_grad]
+            if live:
+                out.append(ZOGroup(params=[p for p, _ in live], keys=[k for _, k in live],
+                                   lr=group["lr"], eps=group["eps"],
+                                   weight_decay=group.get("weight_decay", 0.0),
+                                   masks=group.get("masks")))
+        return out
+
+    def ops_for(self, groups: list[ZOGroup]):
+        tensors = [p for g in groups for p in g.params]
+        return get_ops(resolve_backend(self.backend, tensors))
+
+    @staticmethod
+    def require_closure(name: str, closure: Callable | None) -> Callable:
+        if closure is None or not callable(closure):
+            raise TypeError(
+                f"{name}.step() needs a closure that returns the loss (got {closure!r}): "
+                "zeroth-order methods evaluate the loss at several perturbed points per step, "
+                "e.g. opt.step(lambda: model(**batch).loss)")
+        return closure
+
+    @property
+    def step_count(self) -> int:
+        """Steps taken so far (including skipped ones)."""
+        return self.state["zo"]["step"]
