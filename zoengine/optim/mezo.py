@@ -8,6 +8,7 @@ import torch
 
 from zoengine.optim.base import ZOOptimizer, check_float
 from zoengine.optim.functional import mezo_step
+from zoengine.optim.registry import register_method
 
 
 class MeZO(ZOOptimizer):
@@ -86,3 +87,6 @@ class MeZO(ZOOptimizer):
             eps0 = groups[0].eps
             zo["projected_grads"] = [d / eps0 for d in result.half_diffs]
         return torch.tensor(result.loss)
+
+
+register_method("mezo", MeZO)
