@@ -12,10 +12,12 @@ from collections.abc import Sequence
 
 import torch
 
-from zoengine.kernels.philox import noise_blocks
+from zoengine.kernels.philox import MASK32, noise_blocks, philox4x32
 from zoengine.seeds import stream_key
 
 CHUNK_ELEMENTS = 1 << 16
+STREAM_ROUNDING = 1  # Philox counter word 3 of the stochastic-rounding bits (z uses 0)
+_TWO_POW_M24 = 2.0**-24
 
 
 def _flat_chunks(p: torch.Tensor):
@@ -30,6 +32,43 @@ def _chunk_noise(s: int, e: int, key64: int, key: int, dist: str, device) -> tor
     b0, b1 = s // 4, (e - 1) // 4 + 1
     z = noise_blocks(b0, b1 - b0, key64=key64, tensor_key=key, dist=dist, device=device)
     return z[s - 4 * b0 : e - 4 * b0]
+
+
+def _rounding_words(s: int, e: int, key64: int, key: int, device) -> torch.Tensor:
+    """Elements [s, e) of the stochastic-rounding stream: raw Philox words (int64, uint32 values).
+
+    Same block/lane indexing as z (block b = i // 4, lane i % 4), counter word 3 = 1.
+    """
+    b0, b1 = s // 4, (e - 1) // 4 + 1
+    blocks = torch.arange(b0, b1, dtype=torch.int64, device=device)
+    words = philox4x32(blocks & MASK32, blocks >> 32, key, STREAM_ROUNDING,
+                       key64 & MASK32, key64 >> 32)
+    return torch.stack(words, dim=1).reshape(-1)[s - 4 * b0 : e - 4 * b0]
+
+
+def stochastic_round(v: torch.Tensor, dtype: torch.dtype, words: torch.Tensor) -> torch.Tensor:
+    """Round fp32 ``v`` to ``dtype`` (fp16/bf16) stochastically with uint32 ``words``.
+
+    n = RNE(v); if n == v (or either is not finite) the result is n. Otherwise let o be the
+    ``dtype`` neighbour of n on v's side (one step of the 16-bit magnitude), q = |o - n| and
+    d = |v - n| (both exact in fp32), and U = (word >> 8) * 2**-24 in [0, 1). The result is o
+    if U*q < d, else n: P(o) = d/q, so E[result] = v exactly whenever d/q is a multiple of
+    2**-24 (always in the normal range: fp32 has 13 (fp16) or 16 (bf16) bits below q).
+    """
+    n = v.to(dtype)
+    nf = n.to(torch.float32)
+    bits = n.view(torch.int16).to(torch.int32) & 0xFFFF
+    sign, mag = bits & 0x8000, bits & 0x7FFF
+    away = v.abs() > nf.abs()  # o lies one step farther from zero than n
+    o_bits = sign | torch.where(away, mag + 1, (mag - 1).clamp(min=0))
+    of = o_bits.to(torch.int16).view(dtype).to(torch.float32)
+    q = (of - nf).abs()
+    d = (v - nf).abs()
+    u = (words >> 8).to(torch.float32) * _TWO_POW_M24
+    take_o = (u * q) < d
+    keep = (nf == v) | ~torch.isfinite(v) | ~torch.isfinite(nf)
+    out = torch.where(take_o & ~keep, of, nf)
+    return out.to(dtype)  # exact: out holds a dtype value
 
 
 def _check_lists(params, keys, masks):
@@ -82,6 +121,7 @@ def restore_update_(
     weight_decay: float = 0.0,
     dist: str = "normal",
     masks: Sequence[torch.Tensor | None] | None = None,
+    stochastic_rounding: bool = False,
 ) -> None:
     """Restore the last perturbation and apply the update, in one pass over the weights.
 
@@ -93,6 +133,11 @@ def restore_update_(
 
     so a one-sample MeZO step regenerates z three times (perturb +ε, perturb −2ε, this pass)
     instead of the reference code's four. ``eps=0`` gives a pure update.
+
+    ``stochastic_rounding=True`` rounds θ₂ of fp16/bf16 tensors with ``stochastic_round``,
+    the random words taken from the stream of (seed, step, sample 0) with Philox counter word
+    3 = 1 (same block/lane indexing as z); fp32 tensors are unaffected. Unbiased: E[θ₂ stored]
+    equals the fp32 θ₂, so updates below half an ulp are not lost on average.
     """
     _check_lists(params, keys, masks)
     n = len(grads)
@@ -103,6 +148,7 @@ def restore_update_(
         raise ValueError(f"restore_sample={restore_sample}: must be in [0, {n})")
     key64s = [stream_key(seed, step, k) for k in range(n)]
     for i, (p, key) in enumerate(zip(params, keys)):
+        sr = stochastic_rounding and p.dtype in (torch.float16, torch.bfloat16)
         m = None if masks is None or masks[i] is None else masks[i].reshape(-1)
         for s, e, x in _flat_chunks(p):
             zr = _chunk_noise(s, e, key64s[r], key, dist, p.device)
@@ -116,4 +162,8 @@ def restore_update_(
             theta = x.to(torch.float32) + zr * eps
             if weight_decay != 0.0:
                 acc = acc + theta * weight_decay
-            x.copy_(theta - acc * lr)
+            if sr:
+                words = _rounding_words(s, e, key64s[0], key, p.device)
+                x.copy_(stochastic_round(theta - acc * lr, p.dtype, words))
+            else:
+                x.copy_(theta - acc * lr)

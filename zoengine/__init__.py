@@ -1,10 +1,37 @@
 """zoengine: zeroth-order, forward-only fine-tuning of large language models.
 
-Imports neither triton nor cupy and never initialises CUDA; GPU paths load on first use.
+Importing zoengine is cheap and side-effect free: it imports neither triton nor cupy, never
+initialises CUDA, and loads torch only when a name that needs it is first used (so
+``zoengine.hwsim`` works without torch).
 """
 
-from zoengine import noise
-from zoengine.optim import MeZO, NonFiniteLossError, ZOOptimizer
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["MeZO", "NonFiniteLossError", "ZOOptimizer", "noise", "__version__"]
+
+_LAZY = {
+    "MeZO": "zoengine.optim",
+    "ZOOptimizer": "zoengine.optim",
+    "NonFiniteLossError": "zoengine.optim",
+    "create": "zoengine.optim",
+    "available_methods": "zoengine.optim",
+}
+_SUBMODULES = ("noise", "optim", "seeds", "models", "kernels", "hwsim")
+__all__ = sorted(_LAZY) + ["__version__", *_SUBMODULES]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"zoengine.{name}")
+    else:
+        raise AttributeError(f"module 'zoengine' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,439 @@
+"""Triton kernels for the in-place ZO ops: same names, signatures and numbers as reference.py.
+
+One launch per op per call covers every tensor of the call (multi-tensor launch): a table of
+raw addresses, sizes, tensor keys, mask addresses and dtype codes, plus a program -> tensor
+map, built once per parameter set and cached. Inside a program, z is regenerated from the
+noise contract (zoengine.noise) in registers: one Philox4x32-10 call per 4 elements, all four
+words used. Arithmetic is fp32 with each operation rounded separately (launches pass
+``enable_fp_fusion=False``) and one round-to-nearest-even store, as in the reference.
+
+fp16/bf16 tensors are read and written as raw 16-bit words and converted with integer bit
+operations (bf16) or a plain fp16 cast: the Triton interpreter truncates fp32 -> bf16 casts
+(research/offline.md §3), so the bit trick keeps CPU tests and GPU results identical.
+
+Under ``TRITON_INTERPRET=1`` (set before this module is imported) the same kernels run on CPU
+tensors: the interpreter hands a kernel host memory, and CPU tensors' addresses in the table
+are host addresses, so the pointer table works there as well (tests/test_triton_ops.py).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from zoengine.kernels.philox import DISTRIBUTIONS, SQRT3_F32, TWO_PI_F32
+from zoengine.kernels.reference import _check_lists
+from zoengine.seeds import stream_key
+
+__all__ = ["perturb_", "restore_update_", "is_interpreted", "clear_table_cache"]
+
+# Distribution codes (constexpr: each gets its own compiled kernel).
+_DIST_CODE = {"normal": 0, "uniform": 1, "rademacher": 2}
+# Extension point, PeZO reuse pool: code 3 would read z[j] = scale * Q[(p + j) mod N] from a
+# pool tensor Q (its address and N passed as extra runtime args, p = a per-(step, sample)
+# pointer from the stream key), in `_noise_tile` below; nothing else in the kernels changes.
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+_SQRT3: tl.constexpr = tl.constexpr(SQRT3_F32)
+_TWO_PI: tl.constexpr = tl.constexpr(TWO_PI_F32)
+_TWO_POW_M24: tl.constexpr = tl.constexpr(2.0**-24)
+_TWO_POW_M25: tl.constexpr = tl.constexpr(2.0**-25)
+_STREAM_Z: tl.constexpr = tl.constexpr(0)  # Philox counter word 3 of z
+_STREAM_ROUNDING: tl.constexpr = tl.constexpr(1)  # ... and of the stochastic-rounding bits
+
+# Table rows (int64, shape (6, T)): what each program needs to find its tensor.
+_ROW_ADDR: tl.constexpr = tl.constexpr(0)  # data_ptr of the tensor
+_ROW_NUMEL: tl.constexpr = tl.constexpr(1)
+_ROW_KEY: tl.constexpr = tl.constexpr(2)  # 32-bit tensor key (counter word 2)
+_ROW_FIRST: tl.constexpr = tl.constexpr(3)  # first program id of the tensor
+_ROW_MASK: tl.constexpr = tl.constexpr(4)  # data_ptr of its uint8 mask, 0 = none
+_ROW_DTYPE: tl.constexpr = tl.constexpr(5)  # 0 fp32, 1 fp16, 2 bf16
+
+# GPU: 1024 elements per program (256 Philox calls), 4 warps -- a common elementwise choice,
+# not yet tuned on a device. Interpreter: one program per tensor up to 64Ki elements, because
+# its cost is mostly per program (offline.md §3: 1e5 elements take 1.0 s at BLOCK 1024 and
+# 0.04 s at 65536).
+_GPU_BLOCK = 1024
+_GPU_WARPS = 4
+_INTERP_MAX_BLOCK = 1 << 16
+_INTERP_MIN_BLOCK = 64
+
+
+# ------------------------------------------------------------------------------------------
+# jit helpers
+# ------------------------------------------------------------------------------------------
+@triton.jit
+def _philox_words(key64, blk, tkey, stream: tl.constexpr):
+    """Philox4x32-10, key = key64 (lo, hi), counter = (blk_lo, blk_hi, tkey, stream)."""
+    c0 = (blk & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (blk >> 32).to(tl.uint32)
+    zero = c0 * 0
+    c2 = zero + tkey
+    c3 = zero + stream
+    return tl.philox(key64, c0, c1, c2, c3)
+
+
+@triton.jit
+def _open_unit(w):
+    # ((w >> 8) * 2 + 1) * 2**-25: < 2**25, so the int -> fp32 conversion is exact.
+    return ((w >> 8) * 2 + 1).to(tl.float32) * _TWO_POW_M25
+
+
+@triton.jit
+def _uniform(w):
+    v = (((w >> 8) * 2 + 1).to(tl.int32) - 16777216).to(tl.float32) * _TWO_POW_M24
+    return v * _SQRT3
+
+
+@triton.jit
+def _rademacher(w):
+    return (1 - 2 * (w >> 31).to(tl.int32)).to(tl.float32)
+
+
+@triton.jit
+def _box_muller(wa, wb):
+    r = tl.sqrt_rn(tl.log(_open_unit(wa)) * -2.0)
+    t = _open_unit(wb) * _TWO_PI
+    return r * tl.cos(t), r * tl.sin(t)
+
+
+@triton.jit
+def _lanes(z0, z1, z2, z3):
+    """(R,) x 4 lanes -> (R, 4) tile, element 4*row + lane (the contract's block/lane order)."""
+    lane = tl.arange(0, 4)[None, :]
+    return tl.where(lane == 0, z0[:, None], tl.where(lane == 1, z1[:, None],
+                    tl.where(lane == 2, z2[:, None], z3[:, None])))
+
+
+@triton.jit
+def _noise_tile(key64, blk, tkey, DIST: tl.constexpr):
+    """z for Philox blocks ``blk`` of one tensor as an (R, 4) fp32 tile."""
+    w0, w1, w2, w3 = _philox_words(key64, blk, tkey, _STREAM_Z)
+    if DIST == 0:
+        z0, z1 = _box_muller(w0, w1)
+        z2, z3 = _box_muller(w2, w3)
+    elif DIST == 1:
+        z0, z1, z2, z3 = _uniform(w0), _uniform(w1), _uniform(w2), _uniform(w3)
+    else:
+        z0, z1, z2, z3 = _rademacher(w0), _rademacher(w1), _rademacher(w2), _rademacher(w3)
+    # DIST == 3 (PeZO pool) would go here: gather Q[(p + 4*blk + lane) % N] * pool_scale.
+    return _lanes(z0, z1, z2, z3)
+
+
+@triton.jit
+def _bits16_to_f32(h, dt):
+    """16-bit words (uint32 holding 0..0xFFFF) of an fp16 (dt 1) or bf16 (dt 2) -> fp32, exact."""
+    if dt == 1:
+        x = h.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        x = (h << 16).to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
+def _f32_to_bits16(v, dt):
+    """fp32 -> round-to-nearest-even 16-bit word of fp16 (dt 1) or bf16 (dt 2), in a uint32.
+
+    bf16 by integer arithmetic: the interpreter's fp32 -> bf16 cast truncates (offline.md §3),
+    and this is the same RNE on the GPU. NaN maps to the canonical 0x7FC0.
+    """
+    if dt == 1:
+        h = v.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    else:
+        b = v.to(tl.uint32, bitcast=True)
+        h = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        h = tl.where(v != v, 0x7FC0, h)
+    return h
+
+
+@triton.jit
+def _stochastic_bits16(v, dt, w):
+    """Stochastic rounding of fp32 v to fp16/bf16 with uint32 words w (reference.stochastic_round).
+
+    n = RNE(v); o = the neighbour of n on v's side; q = |o - n|, d = |v - n| (exact);
+    U = (w >> 8) * 2**-24; result o iff U*q < d, so P(o) = d/q and E[result] = v.
+    """
+    n = _f32_to_bits16(v, dt)
+    nf = _bits16_to_f32(n, dt)
+    sign = n & 0x8000
+    mag = n & 0x7FFF
+    away = tl.abs(v) > tl.abs(nf)
+    o = sign | tl.where(away, mag + 1, tl.where(mag > 0, mag - 1, mag))
+    of = _bits16_to_f32(o, dt)
+    q = tl.abs(of - nf)
+    d = tl.abs(v - nf)
+    u = (w >> 8).to(tl.float32) * _TWO_POW_M24
+    take_o = (u * q) < d
+    keep = (nf == v) | (v != v) | (tl.abs(v) == float("inf")) | (tl.abs(nf) == float("inf"))
+    return tl.where(take_o & (keep == 0), o, n)
+
+
+@triton.jit
+def _tensor_of_program(tab_ptr, prog_ptr, T, BLOCK: tl.constexpr):
+    """This program's tensor row and its element offsets: (addr, numel, key, mask, dt, blk, offs)."""
+    pid = tl.program_id(0)
+    t = tl.load(prog_ptr + pid).to(tl.int64)
+    addr = tl.load(tab_ptr + _ROW_ADDR * T + t)
+    numel = tl.load(tab_ptr + _ROW_NUMEL * T + t)
+    tkey = tl.load(tab_ptr + _ROW_KEY * T + t).to(tl.uint32)
+    first = tl.load(tab_ptr + _ROW_FIRST * T + t)
+    maddr = tl.load(tab_ptr + _ROW_MASK * T + t)
+    dt = tl.load(tab_ptr + _ROW_DTYPE * T + t)
+    start = (pid - first) * BLOCK  # int64: element offset of this program inside the tensor
+    blk = start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)  # (R,): one Philox call each
+    offs = blk[:, None] * 4 + tl.arange(0, 4)[None, :]  # (R, 4): element indices
+    return addr, numel, tkey, maddr, dt, blk, offs
+
+
+@triton.jit
+def _load_f32(addr, offs, inb, dt):
+    if dt == 0:
+        x = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=inb, other=0.0)
+    else:
+        h = tl.load(addr.to(tl.pointer_type(tl.uint16)) + offs, mask=inb, other=0)
+        x = _bits16_to_f32(h.to(tl.uint32), dt)
+    return x
+
+
+@triton.jit
+def _apply_mask(z, maddr, offs, inb):
+    # z * m (not a select), as the reference does, so even the sign of a masked zero agrees.
+    if maddr != 0:
+        m = tl.load(maddr.to(tl.pointer_type(tl.uint8)) + offs, mask=inb, other=0)
+        z = z * m.to(tl.float32)
+    return z
+
+
+# ------------------------------------------------------------------------------------------
+# kernels
+# ------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["T", "k_lo", "k_hi"])
+def _perturb_kernel(tab_ptr, prog_ptr, T, k_lo, k_hi, scale,
+                    DIST: tl.constexpr, BLOCK: tl.constexpr):
+    addr, numel, tkey, maddr, dt, blk, offs = _tensor_of_program(tab_ptr, prog_ptr, T, BLOCK)
+    inb = offs < numel
+    key64 = (k_hi.to(tl.uint64) << 32) | k_lo.to(tl.uint64)
+    z = _apply_mask(_noise_tile(key64, blk, tkey, DIST), maddr, offs, inb)
+    x = _load_f32(addr, offs, inb, dt)
+    v = x + z * scale
+    if dt == 0:
+        tl.store(addr.to(tl.pointer_type(tl.float32)) + offs, v, mask=inb)
+    else:
+        h = _f32_to_bits16(v, dt)
+        tl.store(addr.to(tl.pointer_type(tl.uint16)) + offs, h.to(tl.uint16), mask=inb)
+
+
+@triton.jit(do_not_specialize=["T", "n", "r"])
+def _restore_update_kernel(tab_ptr, prog_ptr, T, samp_ptr, n, r, eps, lr, wd,
+                           DIST: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
+    """θ₁ = θ + eps·z_r;  θ₂ = θ₁ − lr·(Σ_k g_k z_k + wd·θ₁), the n streams made in registers.
+
+    samp_ptr: int64[2n] = n stream keys (two's complement of the uint64), then the n fp32
+    bit patterns of g_k (one small tensor, so one host -> device copy per call).
+    """
+    addr, numel, tkey, maddr, dt, blk, offs = _tensor_of_program(tab_ptr, prog_ptr, T, BLOCK)
+    inb = offs < numel
+    key0 = tl.load(samp_ptr).to(tl.uint64, bitcast=True)
+    g0 = tl.load(samp_ptr + n).to(tl.int32).to(tl.float32, bitcast=True)
+    z = _noise_tile(key0, blk, tkey, DIST)
+    acc = z * g0  # sample 0 starts the sum (no 0 + ...: keeps -0 as the reference does)
+    zr = z
+    for k in range(1, n):
+        keyk = tl.load(samp_ptr + k).to(tl.uint64, bitcast=True)
+        gk = tl.load(samp_ptr + n + k).to(tl.int32).to(tl.float32, bitcast=True)
+        zk = _noise_tile(keyk, blk, tkey, DIST)
+        acc = acc + zk * gk
+        zr = tl.where(k == r, zk, zr)
+    zr = _apply_mask(zr, maddr, offs, inb)
+    acc = _apply_mask(acc, maddr, offs, inb)
+    x = _load_f32(addr, offs, inb, dt)
+    theta = x + zr * eps
+    if wd != 0.0:
+        acc = acc + theta * wd
+    v = theta - acc * lr
+    if dt == 0:
+        tl.store(addr.to(tl.pointer_type(tl.float32)) + offs, v, mask=inb)
+    else:
+        if SR:
+            w0, w1, w2, w3 = _philox_words(key0, blk, tkey, _STREAM_ROUNDING)
+            h = _stochastic_bits16(v, dt, _lanes(w0, w1, w2, w3))
+        else:
+            h = _f32_to_bits16(v, dt)
+        tl.store(addr.to(tl.pointer_type(tl.uint16)) + offs, h.to(tl.uint16), mask=inb)
+
+
+# ------------------------------------------------------------------------------------------
+# launchers
+# ------------------------------------------------------------------------------------------
+def is_interpreted() -> bool:
+    """Whether this module's kernels run in the Triton interpreter (TRITON_INTERPRET=1 was set
+    before import): then they take CPU tensors only."""
+    return type(_perturb_kernel).__name__ == "InterpretedFunction"
+
+
+_TABLE_CACHE: OrderedDict = OrderedDict()
+_TABLE_CACHE_SIZE = 64  # parameter sets (groups x mask states) kept; a table is ~50 B/tensor
+
+
+def clear_table_cache() -> None:
+    _TABLE_CACHE.clear()
+
+
+def _block_size(params: Sequence[torch.Tensor]) -> int:
+    if not is_interpreted():
+        return _GPU_BLOCK
+    largest = max(p.numel() for p in params)
+    return max(_INTERP_MIN_BLOCK, min(_INTERP_MAX_BLOCK, triton.next_power_of_2(largest)))
+
+
+def _uint8_masks(params, masks) -> list[torch.Tensor | None]:
+    """Masks as uint8 views (bool masks: no copy; others: ``m != 0``, a 0/1 copy per call)."""
+    out: list[torch.Tensor | None] = []
+    for i, p in enumerate(params):
+        m = None if masks is None else masks[i]
+        if m is not None:
+            if m.numel() != p.numel():
+                raise ValueError(f"masks[{i}] has {m.numel()} elements for a tensor of "
+                                 f"{p.numel()}")
+            if m.device != p.device:
+                raise ValueError(f"masks[{i}] is on {m.device}, its tensor on {p.device}")
+            m = m.reshape(-1)
+            m = m.view(torch.uint8) if m.dtype == torch.bool else (m != 0).view(torch.uint8)
+            m = m.contiguous()
+        out.append(m)
+    return out
+
+
+def _check_tensors(params: Sequence[torch.Tensor]) -> None:
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors of one call must share a device; got {sorted(map(str, devices))}")
+    for i, p in enumerate(params):
+        if p.dtype not in _DTYPE_CODE:
+            raise ValueError(f"params[{i}] has dtype {p.dtype}; the Triton kernels take "
+                             "float32, float16 and bfloat16")
+    device = next(iter(devices))
+    if is_interpreted() and device.type != "cpu":
+        raise RuntimeError(
+            f"zoengine.kernels.triton_ops was imported under TRITON_INTERPRET=1, so its kernels "
+            f"run in the interpreter, which reaches tensors through host addresses; got "
+            f"{device} tensors. Unset TRITON_INTERPRET (before import) to launch on the GPU.")
+    if not is_interpreted() and device.type != "cuda":
+        raise RuntimeError(
+            f"the Triton kernels need CUDA tensors (got {device}); for CPU tensors set "
+            "TRITON_INTERPRET=1 before importing zoengine.kernels.triton_ops, or use the "
+            "reference backend")
+
+
+def _table(params, keys, masks8, block: int):
+    """(table int64[6, T], program -> tensor int32[P], P) for these tensors, cached."""
+    live = [i for i, p in enumerate(params) if p.numel() > 0]
+    ident = (block, params[0].device, tuple(
+        (params[i].data_ptr(), params[i].numel(), params[i].dtype, int(keys[i]),
+         0 if masks8[i] is None else masks8[i].data_ptr()) for i in live))
+    hit = _TABLE_CACHE.get(ident)
+    if hit is not None:
+        _TABLE_CACHE.move_to_end(ident)
+        return hit
+    rows = [[], [], [], [], [], []]
+    programs, first = [], 0
+    for i in live:
+        p, m = params[i], masks8[i]
+        nprog = triton.cdiv(p.numel(), block)
+        for row, value in zip(rows, (p.data_ptr(), p.numel(), int(keys[i]) & 0xFFFFFFFF, first,
+                                     0 if m is None else m.data_ptr(), _DTYPE_CODE[p.dtype])):
+            row.append(value)
+        programs.append(nprog)
+        first += nprog
+    device = params[0].device
+    tab = torch.tensor(rows, dtype=torch.int64, device=device)
+    prog = torch.repeat_interleave(torch.arange(len(live), dtype=torch.int32),
+                                   torch.tensor(programs, dtype=torch.int64)).to(device)
+    entry = (tab, prog, first)
+    _TABLE_CACHE[ident] = entry
+    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+        _TABLE_CACHE.popitem(last=False)
+    return entry
+
+
+def _launch_options() -> dict:
+    # fp fusion off: p + s*z must round twice, as in the eager reference (style.md §2.3).
+    return {} if is_interpreted() else {"enable_fp_fusion": False, "num_warps": _GPU_WARPS}
+
+
+def _check_dist(dist: str) -> int:
+    if dist not in _DIST_CODE:
+        raise ValueError(f"dist={dist!r}: must be one of {DISTRIBUTIONS}")
+    return _DIST_CODE[dist]
+
+
+def perturb_(
+    params: Sequence[torch.Tensor],
+    keys: Sequence[int],
+    *,
+    seed: int,
+    step: int,
+    sample: int = 0,
+    scale: float,
+    dist: str = "normal",
+    masks: Sequence[torch.Tensor | None] | None = None,
+) -> None:
+    """θ ← θ + scale·z for every tensor, in one kernel launch (see reference.perturb_)."""
+    _check_lists(params, keys, masks)
+    code = _check_dist(dist)
+    key64 = stream_key(seed, step, sample)
+    if not params or all(p.numel() == 0 for p in params):
+        return
+    _check_tensors(params)
+    masks8 = _uint8_masks(params, masks)
+    block = _block_size(params)
+    tab, prog, nprog = _table(params, keys, masks8, block)
+    _perturb_kernel[(nprog,)](tab, prog, tab.shape[1], key64 & 0xFFFFFFFF, key64 >> 32,
+                              float(scale), DIST=code, BLOCK=block, **_launch_options())
+
+
+def restore_update_(
+    params: Sequence[torch.Tensor],
+    keys: Sequence[int],
+    *,
+    seed: int,
+    step: int,
+    eps: float,
+    lr: float,
+    grads: Sequence[float],
+    restore_sample: int | None = None,
+    weight_decay: float = 0.0,
+    dist: str = "normal",
+    masks: Sequence[torch.Tensor | None] | None = None,
+    stochastic_rounding: bool = False,
+) -> None:
+    """Restore sample ``restore_sample`` and apply Σ_k g_k z_k in one launch over all tensors.
+
+    Same semantics as ``reference.restore_update_``, including ``stochastic_rounding``
+    (fp16/bf16 only; Philox counter word 3 = 1 with the key of sample 0).
+    """
+    _check_lists(params, keys, masks)
+    code = _check_dist(dist)
+    n = len(grads)
+    if n == 0:
+        raise ValueError("grads is empty: need one projected gradient per sample")
+    r = n - 1 if restore_sample is None else restore_sample
+    if not 0 <= r < n:
+        raise ValueError(f"restore_sample={restore_sample}: must be in [0, {n})")
+    key64s = [stream_key(seed, step, k) for k in range(n)]
+    if not params or all(p.numel() == 0 for p in params):
+        return
+    _check_tensors(params)
+    masks8 = _uint8_masks(params, masks)
+    block = _block_size(params)
+    tab, prog, nprog = _table(params, keys, masks8, block)
+    signed = [k - (1 << 64) if k >= 1 << 63 else k for k in key64s]
+    gbits = torch.tensor([float(g) for g in grads], dtype=torch.float32).view(torch.int32)
+    samp = torch.tensor(signed + gbits.tolist(), dtype=torch.int64).to(params[0].device)
+    _restore_update_kernel[(nprog,)](
+        tab, prog, tab.shape[1], samp, n, r, float(eps), float(lr), float(weight_decay),
+        DIST=code, SR=bool(stochastic_rounding), BLOCK=block, **_launch_options())

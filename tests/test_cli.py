@@ -1,0 +1,205 @@
+"""`zoengine train | eval`: bad input exits 2 naming the flag; runs write complete outputs only.
+
+Most tests use a tiny LLaMA built from a config with a word-level tokenizer (milliseconds per
+forward); one test runs the real SmolLM2 for a few steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from zoengine.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ("<pad> <unk> <eos> tweet : sentiment negative positive neutral good bad great terrible "
+         "love hate the a is i it this movie day flight").split()
+
+
+def make_tiny_model(folder: str, *, layers: int = 2, hidden: int = 32) -> str:
+    """A tiny LlamaForCausalLM + word-level tokenizer saved as a local HF model folder."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>",
+                                  eos_token="<eos>")
+    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=0,
+                      eos_token_id=2, bos_token_id=2)
+    import torch
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_task(path: str, n: int = 60) -> str:
+    """A CSV with text/label columns: 'good/great/love' tweets positive, 'bad/hate' negative."""
+    pos, neg = ["good", "great", "love"], ["bad", "terrible", "hate"]
+    fill = ["the movie", "this day", "a flight", "it is", "i", "the day is"]
+    rows = []
+    for i in range(n):
+        w = (pos if i % 2 else neg)[i % 3]
+        rows.append({"text": f"{fill[i % 6]} {w} {fill[(i // 6) % 6]} {i}",
+                     "label": "positive" if i % 2 else "negative"})
+    with open(path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=["text", "label"])
+        wr.writeheader()
+        wr.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    return {"model": make_tiny_model(str(d / "model")),
+            "task": make_tiny_task(str(d / "task.csv"))}
+
+
+def tiny_args(tiny, out, *extra):
+    return ["train", "--model", tiny["model"], "--task", tiny["task"], "--options",
+            "negative,positive", "--template", "Tweet: {text} Sentiment:", "--output-dir",
+            str(out), "--no-progress", *extra]
+
+
+# ---- bad input: exit 2, the flag named, no traceback ------------------------------------------
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--method", "adamw"], "--method"),
+    (["--steps", "-3"], "--steps"),
+    (["--steps", "0"], "--steps"),
+    (["--lr", "nan"], "--lr"),
+    (["--eps", "0"], "--eps"),
+    (["--batch-size", "x"], "--batch-size"),
+    (["--train", "everything"], "--train"),
+    (["--text-column", "tweet"], "--text-column"),
+    (["--label-column", "y"], "--label-column"),
+    (["--template", "no placeholder"], "--template"),
+])
+def test_bad_input_exits_2_naming_the_flag(tiny, tmp_path, capsys, extra, flag):
+    rc = main(tiny_args(tiny, tmp_path / "out", *extra))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert flag in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "out" / "metrics.json")
+
+
+def test_missing_model_path_and_task(tmp_path, capsys):
+    assert main(["train", "--model", str(tmp_path / "nope")]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert main(["train", "--task", str(tmp_path / "nope.csv")]) == 2
+    assert "--task" in capsys.readouterr().err
+    assert main(["train", "--bogus"]) == 2
+    assert "--bogus" in capsys.readouterr().err
+
+
+def test_config_file_errors(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"steps": 5, "colour": "red"}))
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "--config" in capsys.readouterr().err and True
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_hwsim_and_methods(capsys):
+    from zoengine.optim import available_methods
+
+    assert main(["methods"]) == 0
+    assert set(capsys.readouterr().out.split()) == set(available_methods())
+    rc = main(["hwsim", "--help"])
+    assert isinstance(rc, int)
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "zoengine", "train", "--steps", "-1"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "--steps" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- runs on the tiny model -------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["head", "full", "lora"])
+def test_train_tiny_writes_outputs(tiny, tmp_path, mode):
+    out = tmp_path / mode
+    extra = ["--lora"] if mode == "lora" else ["--train", mode]
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("steps: 6\nbatch-size: 4\nseed: 1\neval_every: 3\n")
+    assert main(tiny_args(tiny, out, "--config", str(cfg), *extra)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["steps"] == 6 and m["config"]["batch_size"] == 4
+    for when in ("before", "after"):
+        assert {"accuracy", "auc", "calibrated_accuracy"} <= set(m[when]["test"])
+    assert len(m["curve"]["loss"]) == 6
+    assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    weights = {"head": "head.safetensors", "full": "model/model.safetensors",
+               "lora": "adapter/adapter_model.safetensors"}[mode]
+    assert (out / weights).exists()
+    assert not [n for n in os.listdir(out) if ".tmp-" in n]
+    # zoengine eval reads the output folder back
+    assert main(["eval", "--model", tiny["model"], "--task", tiny["task"], "--options",
+                 "negative,positive", "--template", "Tweet: {text} Sentiment:",
+                 "--weights", str(out)]) == 0
+
+
+def test_train_lm_text_file(tiny, tmp_path):
+    txt = tmp_path / "t.txt"
+    txt.write_text("\n\n".join(f"the movie is good {i}. i love this day." for i in range(60)))
+    out = tmp_path / "lm"
+    assert main(["train", "--model", tiny["model"], "--task", str(txt), "--steps", "3",
+                 "--batch-size", "2", "--block-size", "8", "--output-dir", str(out),
+                 "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["train"] == "lora" and "perplexity" in m["after"]["test"]
+
+
+def test_interrupted_run_leaves_no_half_written_files(tiny, tmp_path):
+    """SIGINT mid-training: no metrics/curve/weights, no temp files; a rerun then succeeds."""
+    out = tmp_path / "intr"
+    code = ("import sys; from zoengine.cli import main; sys.exit(main(sys.argv[1:]))")
+    args = tiny_args(tiny, out, "--train", "head", "--steps", "200000", "--batch-size", "4")
+    p = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline and not os.path.isdir(out):
+        time.sleep(0.2)
+    time.sleep(3.0)  # inside the training loop by now (tiny model, features cached in ms)
+    p.send_signal(signal.SIGINT)
+    log, _ = p.communicate(timeout=120)
+    assert p.returncode == 130, log
+    assert "Traceback" not in log
+    assert sorted(os.listdir(out)) == [], os.listdir(out)
+
+
+# ---- the real model ---------------------------------------------------------------------------
+
+def _real_model_reason():
+    from zoengine.models import default_model_available
+
+    return default_model_available()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_real_model_reason() is not None, reason=str(_real_model_reason()))
+def test_default_model_few_head_steps(tmp_path, capsys):
+    """The embedded default job's path end to end, shortened (few prompts, few steps)."""
+    out = tmp_path / "real"
+    rc = main(["train", "--steps", "30", "--train-examples", "16", "--eval-limit", "24", "--output-dir", str(out),
+               "--no-progress", "--threads", "1"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["model"] == "smollm2-135m" and m["config"]["train"] == "head"
+    assert m["trainable_params"] == 2 * 576
+    assert 0.0 <= m["after"]["test"]["auc"] <= 1.0
+    assert "dev-calibrated zero-shot" in capsys.readouterr().out

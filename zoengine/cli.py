@@ -1,0 +1,270 @@
+"""``zoengine train | eval | methods | hwsim`` (also ``python -m zoengine``).
+
+``zoengine train`` with no arguments runs the embedded default job: SmolLM2-135M-Instruct on
+tweet sentiment, ZO on the option rows of the output layer (see docs/default_job.md).
+Bad input exits with status 2 and a message that names the flag; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from dataclasses import fields
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors raise (so every usage error takes the same exit-2 path)."""
+
+    def error(self, message):
+        raise UsageError("argument", message)
+
+
+def _csv_list(s: str) -> list[str]:
+    return [x for x in s.split(",") if x != ""]
+
+
+def _options_list(s: str) -> list[str]:
+    # options keep a leading space if given (" negative"); "neg,pos" becomes [" neg", " pos"]
+    return [x if x.startswith(" ") else " " + x for x in s.split(",") if x.strip()]
+
+
+TRAIN_FLAGS = [  # (flag, dest, type, help)
+    ("--model", "model", str, "'smollm2-135m' (embedded, default) or a local HF model folder"),
+    ("--task", "task", str, "sentiment | sentiment3 | shakespeare | a .csv/.json/.jsonl/.txt file"),
+    ("--method", "method", str, "ZO method from the registry (zoengine methods lists them)"),
+    ("--train", "train", str, "what to train: auto | head | full | lora (auto: head for "
+                              "classification, lora for LM)"),
+    ("--steps", "steps", int, "ZO steps (default: head 4000, full 60, lora 100)"),
+    ("--batch-size", "batch_size", int, "examples per step (default 16)"),
+    ("--lr", "lr", float, "learning rate (default per --train: head 1e-4, full 1e-5, lora 1e-3)"),
+    ("--eps", "eps", float, "perturbation scale (default: head/full 1e-3, lora 1e-2)"),
+    ("--seed", "seed", int, "seed of the data split, batches and noise (default 0)"),
+    ("--output-dir", "output_dir", str, "where metrics.json, curve.png and weights go "
+                                        "(default outputs/<task>-<train>)"),
+    ("--train-examples", "train_examples", int, "head: training prompts cached (default 1024)"),
+    ("--eval-limit", "eval_limit", int, "score only the first N dev/test rows (0: all)"),
+    ("--eval-every", "eval_every", int, "dev evaluation every N steps (head default 250)"),
+    ("--max-length", "max_length", int, "prompt tokens kept (default 128)"),
+    ("--eval-batch-size", "eval_batch_size", int, "batch size of evaluation (default 16)"),
+    ("--lora-r", "lora_r", int, "LoRA rank (default 8)"),
+    ("--lora-alpha", "lora_alpha", int, "LoRA alpha (default 16)"),
+    ("--lora-targets", "lora_targets", _csv_list, "LoRA modules (default q_proj,v_proj)"),
+    ("--template", "template", str, "prompt template with {text} (user classification task)"),
+    ("--options", "options", _options_list, "comma-separated answer words (user task)"),
+    ("--text-column", "text_column", str, "column of the text in a task file (default text)"),
+    ("--label-column", "label_column", str, "column of the label in a task file (default label)"),
+    ("--block-size", "block_size", int, "LM tasks: tokens per block (default 128)"),
+    ("--threads", "threads", int, "torch threads (default: torch's choice)"),
+]
+_FLAG_OF = {dest: flag for flag, dest, _, _ in TRAIN_FLAGS}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="zoengine", description="Zeroth-order (forward-only) LLM fine-tuning.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    t = sub.add_parser("train", help="fine-tune with a ZO method (no arguments: the default job)")
+    t.add_argument("--config", help="YAML (needs pyyaml) or JSON file with the same keys")
+    for flag, dest, typ, hlp in TRAIN_FLAGS:
+        t.add_argument(flag, dest=dest, type=typ, default=None, help=hlp)
+    t.add_argument("--lora", action="store_true", default=None, help="same as --train lora")
+    t.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar")
+    e = sub.add_parser("eval", help="score a model on a task")
+    e.add_argument("--model", default="smollm2-135m")
+    e.add_argument("--task", default="sentiment")
+    e.add_argument("--weights", default=None,
+                   help="a `zoengine train` output folder, head .safetensors, adapter or model")
+    e.add_argument("--split", default="test", choices=["dev", "test"])
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--max-length", type=int, default=128)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--block-size", type=int, default=128)
+    e.add_argument("--template", default=None)
+    e.add_argument("--options", type=_options_list, default=None)
+    e.add_argument("--text-column", default="text")
+    e.add_argument("--label-column", default="label")
+    sub.add_parser("methods", help="list the registered ZO methods")
+    h = sub.add_parser("hwsim", help="hardware RNG cost simulator", add_help=False)
+    h.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+# ---- config -----------------------------------------------------------------------------------
+
+def read_config(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UsageError("--config", f"{path!r}: no such file")
+    text = open(path, encoding="utf-8").read()
+    if path.endswith((".yaml", ".yml")):
+        if importlib.util.find_spec("yaml") is None:
+            raise UsageError("--config", "YAML needs pyyaml (pip install pyyaml); or use JSON")
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UsageError("--config", f"{path}: not valid YAML ({exc})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError("--config", f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UsageError("--config", f"{path}: must hold a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def make_run_config(args):
+    from zoengine.train import RunConfig
+
+    known = {f.name for f in fields(RunConfig)}
+    values = {}
+    if args.config:
+        for k, v in read_config(args.config).items():
+            if k not in known:
+                raise UsageError("--config", f"unknown key {k!r} (known: {sorted(known)})")
+            values[k] = v
+    for dest in known:
+        v = getattr(args, dest, None)
+        if v is not None:
+            values[dest] = v
+    if args.lora:
+        if values.get("train") not in (None, "auto", "lora"):
+            raise UsageError("--lora", f"conflicts with --train {values['train']}")
+        values["train"] = "lora"
+    if isinstance(values.get("options"), str):
+        values["options"] = _options_list(values["options"])
+    if isinstance(values.get("lora_targets"), str):
+        values["lora_targets"] = _csv_list(values["lora_targets"])
+    cfg = RunConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def _flag(dest: str) -> str:
+    return _FLAG_OF.get(dest, "--" + dest.replace("_", "-"))
+
+
+def validate(cfg) -> None:
+    """Reject bad input before any work starts; each error names its flag."""
+    from zoengine.optim import available_methods
+    from zoengine.train import DEFAULT_MODEL, TRAIN_MODES
+
+    def need(dest, ok, what):
+        v = getattr(cfg, dest)
+        if not ok(v):
+            raise UsageError(_flag(dest), f"{v!r}: {what}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v \
+            and abs(v) != float("inf")
+
+    need("steps", lambda v: v is None or (is_int(v) and v > 0), "must be an integer > 0")
+    for d in ("batch_size", "eval_batch_size", "train_examples", "max_length", "block_size",
+              "lora_r", "lora_alpha"):
+        need(d, lambda v: is_int(v) and v > 0, "must be an integer > 0")
+    need("eval_limit", lambda v: is_int(v) and v >= 0, "must be an integer >= 0")
+    need("eval_every", lambda v: is_int(v) and v >= 0, "must be an integer >= 0")
+    need("seed", lambda v: is_int(v) and v >= 0, "must be an integer >= 0")
+    need("threads", lambda v: v is None or (is_int(v) and v > 0), "must be an integer > 0")
+    need("lr", lambda v: v is None or (is_num(v) and v >= 0), "must be a finite number >= 0")
+    need("eps", lambda v: v is None or (is_num(v) and v > 0), "must be a finite number > 0")
+    need("train", lambda v: v in TRAIN_MODES, f"must be one of {TRAIN_MODES}")
+    methods = available_methods()
+    need("method", lambda v: v in methods, f"unknown method; available: {', '.join(methods)}")
+    need("model", lambda v: v == DEFAULT_MODEL or os.path.isfile(os.path.join(str(v),
+                                                                                 "config.json")),
+         f"not {DEFAULT_MODEL!r} and not a local Hugging Face model folder with config.json")
+    from zoengine.data import BUNDLED
+
+    need("task", lambda v: isinstance(v, str) and (v in BUNDLED or os.path.isfile(v)),
+         f"neither a bundled task ({', '.join(BUNDLED)}) nor an existing file")
+    need("template", lambda v: v is None or "{text}" in v, "must contain {text}")
+
+
+# ---- commands ---------------------------------------------------------------------------------
+
+def cmd_train(args) -> int:
+    from zoengine.train import run_train
+
+    cfg = make_run_config(args)
+    run_train(cfg)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from zoengine.train import run_eval
+
+    if args.weights is not None and not os.path.exists(args.weights):
+        raise UsageError("--weights", f"{args.weights!r}: no such file or folder")
+    kw = {}
+    if args.options:
+        kw = {"template": args.template, "options": args.options,
+              "text_column": args.text_column, "label_column": args.label_column}
+    res = run_eval(model_spec=args.model, task_name=args.task, weights=args.weights,
+                   split=args.split, seed=args.seed, max_length=args.max_length,
+                   batch_size=args.batch_size, block_size=args.block_size, task_kw=kw)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def cmd_methods(_args) -> int:
+    from zoengine.optim import available_methods
+
+    print("\n".join(available_methods()))
+    return 0
+
+
+def cmd_hwsim(argv: list[str]) -> int:
+    if importlib.util.find_spec("zoengine.hwsim.cli") is None:
+        print("zoengine hwsim: error: hwsim is not built yet in this version "
+              "(zoengine.hwsim.cli is missing)", file=sys.stderr)
+        return EXIT_USAGE
+    from zoengine.hwsim.cli import main as hwsim_main
+
+    return int(hwsim_main(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["hwsim"]:
+        return cmd_hwsim(argv[1:])
+    parser = build_parser()
+    command = argv[0] if argv and not argv[0].startswith("-") else "zoengine"
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USAGE
+        return {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods}[args.command](args)
+    except UsageError as exc:
+        print(f"zoengine {command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:  # TaskError (names its flag) and validation in the optimizers
+        flag = getattr(exc, "flag", None)
+        print(f"zoengine {command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if flag else 1
+    except KeyboardInterrupt:
+        print(f"\nzoengine {command}: interrupted; outputs of this run were not written "
+              "(finished files are complete, unfinished ones absent)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a short message; ZOENGINE_DEBUG=1 for the traceback
+        if os.environ.get("ZOENGINE_DEBUG"):
+            raise
+        print(f"zoengine {command}: error: {type(exc).__name__}: {exc} "
+              "(set ZOENGINE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
