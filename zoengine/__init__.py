@@ -13,6 +13,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "MeZO": "zoengine.optim",
+    "KerZOO": "zoengine.optim",
+    "PeZO": "zoengine.optim",
+    "ZO": "zoengine.optim",
     "ZOOptimizer": "zoengine.optim",
     "NonFiniteLossError": "zoengine.optim",
     "create": "zoengine.optim",

@@ -62,7 +62,15 @@ def _perturb(groups: Sequence[ZOGroup], ops: ModuleType, *, seed: int, step: int
                      scale=units * g.eps, dist=dist, masks=g.masks)
 
 
-def mezo_step(
+def _unit(k: int) -> float:
+    return 1.0
+
+
+def _identity(k: int, g: float) -> float:
+    return g
+
+
+def zo_step(
     groups: Sequence[ZOGroup],
     closure: Callable[[], torch.Tensor | float],
     ops: ModuleType,
@@ -72,13 +80,18 @@ def mezo_step(
     n_samples: int = 1,
     dist: str = "normal",
     nonfinite: str = "raise",
+    radius: Callable[[int], float] = _unit,
+    project: Callable[[int, float], float] = _identity,
 ) -> StepResult:
-    """One MeZO (n-)SPSA step, in place.
+    """One two-point ZO step with n samples, in place.
 
-    For each sample k: θ ← θ + εz_k, ℓ₊ = closure(); θ ← θ − 2εz_k, ℓ₋ = closure();
-    g_k = (ℓ₊ − ℓ₋)/(2ε). Then, in one pass, restore the last sample and apply
-    θ ← θ − lr·(1/n·Σ_k g_k z_k + wd·θ). Earlier samples are restored by a plain +εz_k pass.
-    Only the scalars g_k survive between passes: no z, no copy of θ, no gradient buffer.
+    For each sample k, with r_k = ``radius(k)`` (1 for MeZO; KerZOO's scalar r):
+    θ ← θ + ε r_k z_k, ℓ₊ = closure(); θ ← θ − 2ε r_k z_k, ℓ₋ = closure();
+    g_k = ``project(k, (ℓ₊ − ℓ₋)/(2ε))`` (identity for MeZO; KerZOO: ·K(r_k), clipped).
+    Then, in one pass, restore the last sample and apply θ ← θ − lr·(1/n·Σ_k g_k z_k + wd·θ).
+    Earlier samples are restored by a plain pass. Only scalars survive between passes: no z,
+    no copy of θ, no gradient buffer. ``ops`` provides ``perturb_``/``restore_update_``
+    (a kernels backend, or a reuse source for PeZO).
 
     If the closure raises, the perturbation in place is undone before the exception
     propagates. A NaN/inf loss restores the weights, then raises ``NonFiniteLossError``
@@ -86,14 +99,16 @@ def mezo_step(
     """
     half_diffs: list[float] = []
     losses: list[float] = []
+    radii = [radius(k) for k in range(n_samples)]
     applied: tuple[int, float] | None = None  # (sample, units of ε) now written in the weights
     try:
         for k in range(n_samples):
-            _perturb(groups, ops, seed=seed, step=step, sample=k, units=1.0, dist=dist)
-            applied = (k, 1.0)
+            rk = radii[k]
+            _perturb(groups, ops, seed=seed, step=step, sample=k, units=rk, dist=dist)
+            applied = (k, rk)
             lp = loss_value(closure(), f"θ+εz (sample {k})")
-            _perturb(groups, ops, seed=seed, step=step, sample=k, units=-2.0, dist=dist)
-            applied = (k, -1.0)
+            _perturb(groups, ops, seed=seed, step=step, sample=k, units=-2.0 * rk, dist=dist)
+            applied = (k, -rk)
             lm = loss_value(closure(), f"θ−εz (sample {k})")
             losses += [lp, lm]
             if not (math.isfinite(lp) and math.isfinite(lm)):
@@ -102,7 +117,7 @@ def mezo_step(
                     f"ℓ₊={lp}, ℓ₋={lm}; weights restored")
             half_diffs.append((lp - lm) / 2.0)
             if k < n_samples - 1:
-                _perturb(groups, ops, seed=seed, step=step, sample=k, units=1.0, dist=dist)
+                _perturb(groups, ops, seed=seed, step=step, sample=k, units=rk, dist=dist)
                 applied = None
     except BaseException as exc:
         if applied is not None:
@@ -111,9 +126,14 @@ def mezo_step(
         if isinstance(exc, NonFiniteLossError) and nonfinite == "skip":
             return StepResult(loss=float("nan"), half_diffs=[], losses=losses, skipped=True)
         raise
+    last = n_samples - 1
     for g in groups:
-        grads = [d / g.eps / n_samples for d in half_diffs]
-        ops.restore_update_(g.params, g.keys, seed=seed, step=step, eps=g.eps, lr=g.lr,
+        grads = [project(k, d / g.eps) / n_samples for k, d in enumerate(half_diffs)]
+        ops.restore_update_(g.params, g.keys, seed=seed, step=step, eps=g.eps * radii[last],
+                            lr=g.lr,
                             grads=grads, restore_sample=n_samples - 1,
                             weight_decay=g.weight_decay, dist=dist, masks=g.masks)
     return StepResult(loss=sum(losses) / len(losses), half_diffs=half_diffs, losses=losses)
+
+
+mezo_step = zo_step  # MeZO is the two-point step with r = 1 and the identity projection

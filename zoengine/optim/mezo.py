@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
-
-from zoengine.optim.base import ZOOptimizer, check_float
-from zoengine.optim.functional import mezo_step
+from zoengine.kernels.philox import DISTRIBUTIONS
+from zoengine.optim.base import check_choice
 from zoengine.optim.registry import register_method
+from zoengine.optim.zo import ZO
 
 
-class MeZO(ZOOptimizer):
+class MeZO(ZO):
     r"""Zeroth-order SGD with the in-place SPSA estimator and seeded, never-stored noise.
 
     .. math::
@@ -53,40 +50,9 @@ class MeZO(ZOOptimizer):
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  *, seed: int = 0, n_samples: int = 1, dist: str = "normal",
                  backend: str | None = None, nonfinite: str = "raise"):
-        defaults = dict(lr=check_float("lr", lr, low=0.0, strict=False),
-                        eps=check_float("eps", eps, low=0.0, strict=True),
-                        weight_decay=check_float("weight_decay", weight_decay, low=0.0,
-                                                 strict=False))
-        super().__init__(params, defaults, seed=seed, n_samples=n_samples, dist=dist,
-                         backend=backend, nonfinite=nonfinite)
-
-    def add_param_group(self, param_group: dict) -> None:
-        for name, strict in (("lr", False), ("eps", True), ("weight_decay", False)):
-            if name in param_group:
-                check_float(name, param_group[name], low=0.0, strict=strict)
-        super().add_param_group(param_group)
-
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None) -> torch.Tensor:
-        """Take one step; ``closure`` returns the loss at the current weights.
-
-        Returns the mean of the 2n loss evaluations (NaN for a skipped step).
-        """
-        closure = self.require_closure(type(self).__name__, closure)
-        zo = self.state["zo"]
-        groups = self.zo_groups()
-        if not groups:
-            raise ValueError("no trainable parameters: every tensor has requires_grad=False")
-        result = mezo_step(groups, closure, self.ops_for(groups), seed=zo["seed"],
-                           step=zo["step"], n_samples=self.n_samples, dist=self.dist,
-                           nonfinite=self.nonfinite)
-        zo["step"] += 1
-        if result.skipped:
-            zo["skipped_steps"] += 1
-        else:
-            eps0 = groups[0].eps
-            zo["projected_grads"] = [d / eps0 for d in result.half_diffs]
-        return torch.tensor(result.loss)
+        check_choice("dist", dist, DISTRIBUTIONS)
+        super().__init__(params, lr, eps, weight_decay, noise=dist, estimator="spsa", seed=seed,
+                         n_samples=n_samples, backend=backend, nonfinite=nonfinite)
 
 
 register_method("mezo", MeZO)
