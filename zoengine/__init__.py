@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "MeZO": "zoengine.optim",
     "KerZOO": "zoengine.optim",
+    "DiZO": "zoengine.optim",
     "PeZO": "zoengine.optim",
     "ZO": "zoengine.optim",
     "ZOOptimizer": "zoengine.optim",

@@ -8,6 +8,7 @@ bias of the two-point estimator: E[K] = 0, E[rK] = 1, E[r³K] = 0 (order >= 3), 
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 from zoengine.kernels.philox import MASK32, philox4x32
@@ -33,18 +34,33 @@ def kernel_weight(r: float, order: int, a: float = 1.0) -> float:
     return x * poly / a
 
 
-def scalar_uniform(seed: int, step: int, sample: int, stream_word: int = STREAM_R) -> float:
-    """One value in (-1, 1) from the noise contract, for per-sample scalars such as r.
-
-    Uses word 0 of Philox block 0 with tensor key 0 and the given stream word; the map is the
-    contract's uniform map before the √3 scaling, exact in float64.
-    """
-    key64 = stream_key(seed, step, sample)
+def _scalar_words(seed: int, step: int, sample: int, key: int, stream_word: int) -> list[int]:
+    """The four words of Philox block 0 for (seed, step, sample), tensor key, stream word."""
     import torch
 
-    w = philox4x32(torch.zeros(1, dtype=torch.int64), 0, 0, stream_word,
-                   key64 & MASK32, key64 >> 32)[0]
-    return (int(w[0] >> 8) * 2 + 1 - (1 << 24)) * 2.0**-24
+    key64 = stream_key(seed, step, sample)
+    words = philox4x32(torch.zeros(1, dtype=torch.int64), 0, key, stream_word,
+                       key64 & MASK32, key64 >> 32)
+    return [int(w[0]) for w in words]
+
+
+def _unit_open(w: int) -> float:
+    return ((w >> 8) * 2 + 1) * 2.0**-25  # the contract's (0, 1) map, exact in float64
+
+
+def scalar_uniform(seed: int, step: int, sample: int, stream_word: int = STREAM_R,
+                   key: int = 0) -> float:
+    """One value in (-1, 1) from the noise contract, for per-sample scalars such as r.
+
+    Word 0 of Philox block 0 under the contract's uniform map before its √3 scaling.
+    """
+    return _unit_open(_scalar_words(seed, step, sample, key, stream_word)[0]) * 2.0 - 1.0
+
+
+def scalar_normal(seed: int, step: int, sample: int, stream_word: int, key: int = 0) -> float:
+    """One N(0, 1) value from the noise contract (Box–Muller on words 0 and 1, float64)."""
+    w = _scalar_words(seed, step, sample, key, stream_word)
+    return math.sqrt(-2.0 * math.log(_unit_open(w[0]))) * math.cos(2.0 * math.pi * _unit_open(w[1]))
 
 
 def clip_value(g: float, clip: float | None) -> float:
