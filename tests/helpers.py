@@ -2,6 +2,9 @@
 
 import torch
 
+import zoengine
+from zoengine.optim import ZO
+
 
 def tiny_mlp(seed: int = 0) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
@@ -37,3 +40,20 @@ def ulp(x: torch.Tensor) -> torch.Tensor:
     """Unit in the last place of |x| for a float tensor (smallest subnormal step at 0)."""
     a = x.abs()
     return torch.nextafter(a, torch.full_like(a, float("inf"))) - a
+
+
+# Every preset and allowed combination, as factories (params, **kw) -> optimizer.
+CONFIGS = {
+    "mezo": lambda ps, **kw: zoengine.MeZO(ps, **kw),
+    "mezo-rademacher": lambda ps, **kw: zoengine.MeZO(ps, dist="rademacher", **kw),
+    "kerzoo": lambda ps, **kw: zoengine.KerZOO(ps, **kw),
+    "kerzoo-a0.5-uniform": lambda ps, **kw: zoengine.KerZOO(ps, r_range=0.5, dist="uniform", **kw),
+    "pezo-pool": lambda ps, **kw: zoengine.PeZO(ps, pool_size=4099, **kw),
+    "pezo-rotate": lambda ps, **kw: zoengine.PeZO(ps, reuse="rotate", lanes=7, **kw),
+    "pezo-fresh-adaptive": lambda ps, **kw: zoengine.PeZO(ps, reuse=None, **kw),
+    "pezo-fresh-static": lambda ps, **kw: zoengine.PeZO(ps, reuse=None, scaling="static", **kw),
+    "kerzoo+pezo-pool": lambda ps, **kw: ZO(ps, noise="pool", estimator="kernel",
+                                            pool_size=4099, **kw),
+    "kerzoo+pezo-rotate": lambda ps, **kw: ZO(ps, noise="rotate", estimator="kernel", lanes=5,
+                                              **kw),
+}

@@ -5,26 +5,8 @@ import math
 
 import pytest
 import torch
+from helpers import CONFIGS, ulp
 
-import zoengine
-from zoengine.optim import ZO
-
-from helpers import ulp
-
-CONFIGS = {
-    "mezo": lambda ps, **kw: zoengine.MeZO(ps, **kw),
-    "mezo-rademacher": lambda ps, **kw: zoengine.MeZO(ps, dist="rademacher", **kw),
-    "kerzoo": lambda ps, **kw: zoengine.KerZOO(ps, **kw),
-    "kerzoo-a0.5-uniform": lambda ps, **kw: zoengine.KerZOO(ps, r_range=0.5, dist="uniform", **kw),
-    "pezo-pool": lambda ps, **kw: zoengine.PeZO(ps, pool_size=4099, **kw),
-    "pezo-rotate": lambda ps, **kw: zoengine.PeZO(ps, reuse="rotate", lanes=7, **kw),
-    "pezo-fresh-adaptive": lambda ps, **kw: zoengine.PeZO(ps, reuse=None, **kw),
-    "pezo-fresh-static": lambda ps, **kw: zoengine.PeZO(ps, reuse=None, scaling="static", **kw),
-    "kerzoo+pezo-pool": lambda ps, **kw: ZO(ps, noise="pool", estimator="kernel",
-                                            pool_size=4099, **kw),
-    "kerzoo+pezo-rotate": lambda ps, **kw: ZO(ps, noise="rotate", estimator="kernel", lanes=5,
-                                              **kw),
-}
 NAMES = sorted(CONFIGS)
 
 

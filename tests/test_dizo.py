@@ -6,11 +6,10 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 import zoengine
 from zoengine.optim import DiZO
-
-from helpers import tiny_llama
 
 
 class Attn(torch.nn.Module):

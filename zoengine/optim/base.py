@@ -49,7 +49,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     """Base class: parameter keys, backend choice, closure contract and run state."""
 
     def __init__(self, params, defaults: dict, *, seed: int, n_samples: int, dist: str,
-                 backend: str | None, nonfinite: str):
+                 backend: str | None, nonfinite: str, masks=None):
         check_int("seed", seed, low=0, high=1 << 64)
         check_int("n_samples", n_samples, low=1)
         check_choice("dist", dist, DISTRIBUTIONS)
@@ -63,6 +63,41 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.state["zo"] = {"seed": seed, "step": 0, "projected_grads": [], "skipped_steps": 0}
         self._key_cache: tuple[tuple, list[list[int]]] | None = None
+        self._set_masks(masks)
+
+    # ---- sparsity masks ---------------------------------------------------------------
+    def _set_masks(self, masks) -> None:
+        """Store a keep-mask per masked tensor in ``self.state[p]["mask"]`` (bool, in
+        state_dict). Masked elements get no perturbation, no update, no weight decay: a pruned
+        zero stays exactly zero. ``masks="zeros"`` derives them from the weights that are
+        exactly zero now; a dict maps parameters (or their names) to bool tensors."""
+        if masks is None:
+            return
+        params = [p for g in self.param_groups for p in g["params"]]
+        if isinstance(masks, str):
+            if masks != "zeros":
+                raise ValueError(f"masks={masks!r}: must be None, 'zeros' or a dict of "
+                                 "parameter (or name) -> bool tensor")
+            for p in params:
+                if p.requires_grad and bool((p == 0).any()):
+                    self.state[p]["mask"] = p.detach() != 0
+            return
+        if not isinstance(masks, dict):
+            raise ValueError(f"masks={type(masks).__name__}: must be None, 'zeros' or a dict")
+        by_name = {}
+        for g in self.param_groups:
+            for n, p in zip(g.get("param_names", []), g["params"]):
+                by_name[n] = p
+        by_id = {id(p): p for p in params}
+        for k, m in masks.items():
+            p = by_name.get(k) if isinstance(k, str) else by_id.get(id(k))
+            if p is None:
+                raise ValueError(f"masks has an entry for {k if isinstance(k, str) else 'a tensor'}"
+                                 " that is not among the optimizer's parameters")
+            if tuple(m.shape) != tuple(p.shape):
+                raise ValueError(f"masks[{k if isinstance(k, str) else '...'}] has shape "
+                                 f"{tuple(m.shape)}; the parameter has {tuple(p.shape)}")
+            self.state[p]["mask"] = m.to(device=p.device, dtype=torch.bool).contiguous()
 
     # ---- parameters as the kernels see them -------------------------------------------
     def _group_keys(self) -> list[list[int]]:
@@ -86,10 +121,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         for group, keys in zip(self.param_groups, self._group_keys()):
             live = [(p, k) for p, k in zip(group["params"], keys) if p.requires_grad]
             if live:
+                masks = [self.state[p].get("mask") if p in self.state else None for p, _ in live]
                 out.append(ZOGroup(params=[p for p, _ in live], keys=[k for _, k in live],
                                    lr=group["lr"], eps=group["eps"],
                                    weight_decay=group.get("weight_decay", 0.0),
-                                   masks=group.get("masks")))
+                                   masks=masks if any(m is not None for m in masks) else None))
         return out
 
     def ops_for(self, groups: list[ZOGroup]):

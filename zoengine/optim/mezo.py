@@ -39,6 +39,8 @@ class MeZO(ZO):
         backend (str, optional): ``None``/``"auto"``, ``"reference"`` or ``"triton"``.
         nonfinite (str): what a NaN/inf loss does after the weights are restored:
             ``"raise"`` (default, ``NonFiniteLossError``) or ``"skip"`` the step.
+        masks: sparsity masks: ``None``, ``"zeros"`` (keep the weights that are exactly zero
+            now at zero) or a dict parameter (or name) -> bool keep-mask.
 
     Example:
         >>> opt = zoengine.MeZO(model.named_parameters(), lr=1e-6, eps=1e-3, seed=0)
@@ -49,10 +51,10 @@ class MeZO(ZO):
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  *, seed: int = 0, n_samples: int = 1, dist: str = "normal",
-                 backend: str | None = None, nonfinite: str = "raise"):
+                 backend: str | None = None, nonfinite: str = "raise", masks=None):
         check_choice("dist", dist, DISTRIBUTIONS)
         super().__init__(params, lr, eps, weight_decay, noise=dist, estimator="spsa", seed=seed,
-                         n_samples=n_samples, backend=backend, nonfinite=nonfinite)
+                         n_samples=n_samples, backend=backend, nonfinite=nonfinite, masks=masks)
 
 
 register_method("mezo", MeZO)

@@ -52,13 +52,15 @@ class ZO(ZOOptimizer):
         scaling: ``"adaptive"`` (1/RMS of the numbers used) or ``"static"`` (√3), for the
             pool and rotate sources.
         seed, n_samples, backend, nonfinite: as in :class:`zoengine.MeZO`.
+        masks: sparsity masks (None, ``"zeros"``, or a dict parameter/name -> bool tensor);
+            masked weights are never perturbed or updated, so pruned zeros stay exactly zero.
     """
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  *, noise: str = "normal", estimator: str = "spsa", kernel_order: int | None = 3,
                  r_range: float = 1.0, clip: float | None = None, pool_size: int = 1 << 16,
                  lanes: int = 64, scaling: str = "adaptive", seed: int = 0, n_samples: int = 1,
-                 backend: str | None = None, nonfinite: str = "raise"):
+                 backend: str | None = None, nonfinite: str = "raise", masks=None):
         check_choice("noise", noise, NOISES)
         check_choice("estimator", estimator, ESTIMATORS)
         if kernel_order is not None:
@@ -75,7 +77,7 @@ class ZO(ZOOptimizer):
                                                  strict=False))
         dist = noise if noise in DISTRIBUTIONS else "uniform"
         super().__init__(params, defaults, seed=seed, n_samples=n_samples, dist=dist,
-                         backend=backend, nonfinite=nonfinite)
+                         backend=backend, nonfinite=nonfinite, masks=masks)
         self.noise, self.estimator = noise, estimator
         self.kernel_order, self.r_range, self.clip = kernel_order, r_range, clip
         self.pool_size, self.lanes, self.scaling = pool_size, lanes, scaling
