@@ -1,6 +1,20 @@
 """zoengine.hwsim: price a ZO workload in FPGA/ASIC random-number hardware.
 
-Importable without torch. The cost model itself lands with the hwsim issue.
+Importable without torch (numpy only; cupy is used only when ``cupy.cuda.is_available()``).
+
+    >>> from zoengine.hwsim import Workload, estimate
+    >>> b = estimate(Workload.from_model(125e6, method="pezo"), "asic-45nm")
+    >>> round(b.e_step_j * 1e3, 3)  # mJ per step  # doctest: +SKIP
+
+Co-simulation: ``zoengine.hwsim.generators.hw_noise(spec, numel, seed=, step=, key=, sample=)``
+returns the float32 numbers a hardware generator would produce (``noise="hw:<spec>"``).
 """
 
-__all__: list[str] = []
+from zoengine.hwsim.costs import CATALOGUE, PLATFORMS, Coef, generator_cost, get_platform
+from zoengine.hwsim.estimate import Budget, estimate, unit_cost
+from zoengine.hwsim.generators import check_stream, hw_noise, parse_spec, stream
+from zoengine.hwsim.workload import PRESETS, Workload
+
+__all__ = ["CATALOGUE", "PLATFORMS", "PRESETS", "Budget", "Coef", "Workload", "check_stream",
+           "estimate", "generator_cost", "get_platform", "hw_noise", "parse_spec", "stream",
+           "unit_cost"]

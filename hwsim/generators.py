@@ -173,7 +173,7 @@ def _lutsr_words(seed: int, instances: int, clocks: int, xp) -> np.ndarray:
     blk = _LUTSR_LAGS[-1]  # the smallest lag: this many rows can be computed at once
     while t < depth + clocks:
         acc = None
-        for lag, rot in zip(_LUTSR_LAGS, _LUTSR_ROTS):
+        for lag, rot in zip(_LUTSR_LAGS, _LUTSR_ROTS, strict=True):
             term = _rotl32(x[t - lag:t - lag + blk], rot, xp)
             acc = term if acc is None else acc ^ term
         x[t:t + blk] = acc
@@ -374,7 +374,7 @@ def _samples(source: str, dist: str, bits: int, *, seed: int, instances: int, co
     if source == "lfsr":
         spc = 1
     else:
-        spc = SOURCE_BITS[source] // min(wbits, 32)
+        spc = (SOURCE_BITS[source] // 32) * (32 // wbits)  # samples are cut per 32-bit word
     words_needed = math.ceil(count / outs_per_group / instances) * per  # per instance
     clocks = max(1, math.ceil(words_needed / spc))
     u = source_words(source, seed=seed, instances=instances, clocks=clocks, bits=wbits,
@@ -443,7 +443,10 @@ def parse_spec(spec: str, *, bits: int = 8) -> StreamSpec:
     if not toks:
         raise ValueError(f"spec={spec!r}: missing distribution; allowed {DISTS}")
     dist = toks[0]
-    _parse_dist(dist)
+    try:
+        _parse_dist(dist)
+    except ValueError as exc:
+        raise ValueError(f"spec={spec!r}: {exc}") from None
     if not 1 <= bits <= 32:
         raise ValueError(f"spec={spec!r}: bit width {bits} outside 1..32")
     if dist.startswith("icdf") and bits < 5:

@@ -44,7 +44,6 @@ extern float cosf(float);
 #define TILE_BLOCKS 256       /* 1,024 elements per tile: z, x and the mask stay in L1 */
 #define TILE_ELEMS (4 * TILE_BLOCKS)
 #define UNIT_ELEMS (1 << 15)  /* 32,768 elements per work unit: ~100 us, fine-grained enough */
-#define MAX_SAMPLES 4096
 
 static const float TWO_PI_F32 = 0x1.921fb6p+2f; /* float(2*pi), as kernels/philox.py */
 static const float SQRT3_F32 = 0x1.bb67aep+0f;  /* float(sqrt(3)) */
@@ -112,7 +111,8 @@ static inline uint16_t f32_to_f16(float f) {
 #include <immintrin.h>
 /* 8 lanes of (hi, lo) = a * m in 32-bit lanes: vpmuludq on the even and the odd lanes, then
  * blends. GCC's auto-vectorised uint64 multiply widens to 4 lanes and repacks every round,
- * which made Philox the bottleneck (2.7 ns per word); this is about 3x faster. */
+ * which made Philox the bottleneck: uniform values went from 394 to 941 M/s per CPU-second
+ * (normals 294 -> 530 M/s) with this path. */
 static inline void mulhilo8(__m256i a, __m256i m, __m256i *hi, __m256i *lo) {
     __m256i even = _mm256_mul_epu32(a, m);
     __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
@@ -406,7 +406,7 @@ int zo_restore_update(const zo_tensor *ts, int64_t n_tensors, const uint64_t *ke
                       const float *grads, int n_samples, int restore, float eps, float lr,
                       float wd, int has_wd, int dist, int nthreads) {
     if (dist < 0 || dist > 2) return -2;
-    if (n_samples < 1 || n_samples > MAX_SAMPLES || restore < 0 || restore >= n_samples) return -3;
+    if (n_samples < 1 || restore < 0 || restore >= n_samples) return -3;
     op_args a = {0};
     a.kind = 1; a.dist = dist; a.n_samples = n_samples; a.restore = restore;
     a.eps = eps; a.lr = lr; a.wd = wd; a.has_wd = has_wd; a.key64s = key64s; a.grads = grads;

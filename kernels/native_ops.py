@@ -2,7 +2,8 @@
 
 ``kernels/native.c`` (plain C, no torch headers) is compiled with the system C compiler (``$CC``
 if set, else ``cc``, ``gcc`` or ``clang``) into a shared library cached under
-``$ZOENGINE_CACHE_DIR``, else ``$XDG_CACHE_HOME/zoengine``, else ``~/.cache/zoengine``; the file
+``$ZOENGINE_CACHE_DIR``, else ``$XDG_CACHE_HOME/zoengine``, else ``~/.cache/zoengine`` (a
+per-user temp dir if that is not writable); the file
 name carries a hash of the source, the compiler, its version, the flags and the CPU, so a change
 to any of them builds a new file. The build writes to a temporary file and ``os.replace``s it,
 so concurrent processes never load a half-written library. It is loaded with ctypes and called on
@@ -39,9 +40,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-
 from zoengine.kernels import reference
 from zoengine.kernels.philox import DISTRIBUTIONS
+
 from zoengine.seeds import stream_key
 
 ABI_VERSION = 1
@@ -103,7 +104,21 @@ def _cpu_fingerprint() -> str:
         return platform.processor() or platform.machine()
 
 
-def _lib_path(cc: list[str], version: str, cflags: list[str], ldflags: list[str]) -> Path:
+def _usable_cache_dir() -> Path:
+    """cache_dir(), or a per-user temp dir when it cannot be created or written."""
+    d = cache_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        if os.access(d, os.W_OK | os.X_OK):
+            return d
+    except OSError:
+        pass
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return Path(tempfile.gettempdir()) / f"zoengine-{uid}"
+
+
+def _lib_path(folder: Path, cc: list[str], version: str, cflags: list[str],
+              ldflags: list[str]) -> Path:
     h = hashlib.sha256()
     for part in (_SOURCE.read_bytes(), " ".join(cc).encode(), version.encode(),
                  " ".join(cflags + ldflags).encode(), platform.machine().encode(),
@@ -111,7 +126,7 @@ def _lib_path(cc: list[str], version: str, cflags: list[str], ldflags: list[str]
                  str(ABI_VERSION).encode()):
         h.update(part)
         h.update(b"\0")
-    return cache_dir() / f"zo_native_{h.hexdigest()[:16]}.so"
+    return folder / f"zo_native_{h.hexdigest()[:16]}.so"
 
 
 def _compile(cc: list[str], cflags: list[str], ldflags: list[str], out: Path) -> None:
@@ -164,15 +179,18 @@ def _build_and_load() -> tuple[ctypes.CDLL, dict]:
     cc = _compiler()
     try:
         proc = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60)
-        version = (proc.stdout or proc.stderr).strip().splitlines()[0] if proc.stdout or proc.stderr else ""
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeBuildError(f"the C compiler {' '.join(cc)!r} cannot run: {exc}") from exc
+    lines = (proc.stdout or proc.stderr or "").strip().splitlines()
+    version = lines[0] if lines else ""
+    folder = _usable_cache_dir()
     only = os.environ.get("ZOENGINE_NATIVE_VARIANT")  # pin one variant (tests, debugging)
     variants = [v for v in _VARIANTS if not only or v[0] == only]
     if not variants:
         raise NativeBuildError(f"ZOENGINE_NATIVE_VARIANT={only!r}: must be one of "
                                f"{[v[0] for v in _VARIANTS]}")
-    candidates = [(name, cf, lf, _lib_path(cc, version, cf, lf)) for name, cf, lf in variants]
+    candidates = [(name, cf, lf, _lib_path(folder, cc, version, cf, lf))
+                  for name, cf, lf in variants]
     # a library built earlier (by any process) wins; otherwise build, best variant first
     ordered = ([c for c in candidates if c[3].exists()] +
                [c for c in candidates if not c[3].exists()])
@@ -238,19 +256,21 @@ def unavailable_reason(tensors: Sequence[torch.Tensor]) -> str | None:
 # ---- the ops ---------------------------------------------------------------------------------
 
 def _split(params, keys, masks):
-    """(native tensors, keep-alive list, reference (params, keys, masks)) after validation."""
-    reference._check_lists(params, keys, masks)
+    """(native tensor array, its length, keep-alive list, (params, keys, masks) left to the
+    reference) after the per-tensor checks."""
     arr = (_ZoTensor * len(params))()
     n, keep = 0, []
     ref_p, ref_k, ref_m = [], [], []
-    for i, (p, key) in enumerate(zip(params, keys)):
+    for i, (p, key) in enumerate(zip(params, keys, strict=True)):
         m = None if masks is None else masks[i]
         if p.device.type != "cpu":
             raise ValueError(f"params[{i}] is on {p.device}: the native backend needs CPU tensors")
         if m is not None and m.numel() != p.numel():
             raise ValueError(f"masks[{i}] has {m.numel()} elements for a tensor of {p.numel()}")
         if p.dtype not in _DTYPES:
-            ref_p.append(p); ref_k.append(key); ref_m.append(m)
+            ref_p.append(p)
+            ref_k.append(key)
+            ref_m.append(m)
             continue
         if p.numel() == 0:
             continue
@@ -291,8 +311,9 @@ def perturb_(
 
     Same contract as ``reference.perturb_``: ``masks[i]`` zeroes z where it is 0.
     """
-    d = _check_dist(dist)
+    reference._check_lists(params, keys, masks)  # the reference's checks, in its order
     key64 = stream_key(seed, step, sample)
+    d = _check_dist(dist)
     arr, n, keep, (rp, rk, rm) = _split(params, keys, masks)
     lib = _lib()
     if n:
@@ -331,8 +352,8 @@ def restore_update_(
     r = n - 1 if restore_sample is None else restore_sample
     if not 0 <= r < n:
         raise ValueError(f"restore_sample={restore_sample}: must be in [0, {n})")
-    d = _check_dist(dist)
     key64s = (ctypes.c_uint64 * n)(*[stream_key(seed, step, k) for k in range(n)])
+    d = _check_dist(dist)
     gs = (ctypes.c_float * n)(*[float(g) for g in grads])
     arr, nt, keep, (rp, rk, rm) = _split(params, keys, masks)
     lib = _lib()

@@ -80,6 +80,28 @@ class RotateSource:
         return (raw / rms).view(-1)[g0 - w0 : g1 - w0]
 
 
+class HardwareSource:
+    """Numbers from a bit-accurate hardware generator model (``zoengine.hwsim``), so training
+    runs on exactly the numbers the priced hardware would produce (co-simulation).
+
+    ``spec`` is hwsim's generator spec without the ``hw:`` prefix, e.g. ``lfsr32-uniform`` or
+    ``lfsr-uniform-pool65536``; values are unit-variance and indexed by global coordinate.
+    """
+
+    def __init__(self, spec: str):
+        from zoengine.hwsim.generators import parse_spec
+
+        parse_spec(f"hw:{spec}")  # raises ValueError naming the spec
+        self.spec = spec
+
+    def values(self, g0: int, g1: int, *, seed: int, step: int, sample: int, device):
+        from zoengine.hwsim.generators import hw_noise
+
+        z = hw_noise(f"hw:{self.spec}", g1 - g0, seed=seed, step=step, key=0, sample=sample,
+                     offset=g0)
+        return torch.as_tensor(z, dtype=torch.float32).to(device)
+
+
 class ReuseOps:
     """ZO ops whose z comes from a reuse source instead of fresh Philox numbers."""
 

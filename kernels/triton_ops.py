@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.graph import increment_version
 
 from zoengine.kernels.philox import DISTRIBUTIONS, SQRT3_F32, TWO_PI_F32
 from zoengine.kernels.reference import _check_lists
@@ -33,15 +34,17 @@ __all__ = ["perturb_", "restore_update_", "is_interpreted", "clear_table_cache"]
 
 # Distribution codes (constexpr: each gets its own compiled kernel).
 _DIST_CODE = {"normal": 0, "uniform": 1, "rademacher": 2}
-# Extension point, PeZO reuse pool: code 3 would read z[j] = scale * Q[(p + j) mod N] from a
-# pool tensor Q (its address and N passed as extra runtime args, p = a per-(step, sample)
-# pointer from the stream key), in `_noise_tile` below; nothing else in the kernels changes.
+# Extension point, PeZO reuse pool (kernels/reuse.py PoolSource, docs/kernels.md): code 3 would
+# read z[j] = s * Q[(p_k + j) mod N], j = the tensor's global offset (a 7th table row) + element
+# index, in `_noise_tile` below; Q's address, N and s become runtime args and p_k joins the
+# sample table. Masks, restore, the n-sample sum and rounding stay as they are.
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _SQRT3: tl.constexpr = tl.constexpr(SQRT3_F32)
 _TWO_PI: tl.constexpr = tl.constexpr(TWO_PI_F32)
 _TWO_POW_M24: tl.constexpr = tl.constexpr(2.0**-24)
 _TWO_POW_M25: tl.constexpr = tl.constexpr(2.0**-25)
+_INF: tl.constexpr = tl.constexpr(float("inf"))
 _STREAM_Z: tl.constexpr = tl.constexpr(0)  # Philox counter word 3 of z
 _STREAM_ROUNDING: tl.constexpr = tl.constexpr(1)  # ... and of the stochastic-rounding bits
 
@@ -120,7 +123,7 @@ def _noise_tile(key64, blk, tkey, DIST: tl.constexpr):
         z0, z1, z2, z3 = _uniform(w0), _uniform(w1), _uniform(w2), _uniform(w3)
     else:
         z0, z1, z2, z3 = _rademacher(w0), _rademacher(w1), _rademacher(w2), _rademacher(w3)
-    # DIST == 3 (PeZO pool) would go here: gather Q[(p + 4*blk + lane) % N] * pool_scale.
+    # DIST == 3 (PeZO pool) would go here: gather Q[(p_k + base + 4*blk + lane) % N] * s.
     return _lanes(z0, z1, z2, z3)
 
 
@@ -168,7 +171,7 @@ def _stochastic_bits16(v, dt, w):
     d = tl.abs(v - nf)
     u = (w >> 8).to(tl.float32) * _TWO_POW_M24
     take_o = (u * q) < d
-    keep = (nf == v) | (v != v) | (tl.abs(v) == float("inf")) | (tl.abs(nf) == float("inf"))
+    keep = (nf == v) | (v != v) | (tl.abs(v) == _INF) | (tl.abs(nf) == _INF)
     return tl.where(take_o & (keep == 0), o, n)
 
 
@@ -269,10 +272,13 @@ def _restore_update_kernel(tab_ptr, prog_ptr, T, samp_ptr, n, r, eps, lr, wd,
 # ------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------
+_INTERPRETED = type(_perturb_kernel).__name__ == "InterpretedFunction"
+
+
 def is_interpreted() -> bool:
     """Whether this module's kernels run in the Triton interpreter (TRITON_INTERPRET=1 was set
     before import): then they take CPU tensors only."""
-    return type(_perturb_kernel).__name__ == "InterpretedFunction"
+    return _INTERPRETED
 
 
 _TABLE_CACHE: OrderedDict = OrderedDict()
@@ -345,7 +351,7 @@ def _table(params, keys, masks8, block: int):
         p, m = params[i], masks8[i]
         nprog = triton.cdiv(p.numel(), block)
         for row, value in zip(rows, (p.data_ptr(), p.numel(), int(keys[i]) & 0xFFFFFFFF, first,
-                                     0 if m is None else m.data_ptr(), _DTYPE_CODE[p.dtype])):
+                                     0 if m is None else m.data_ptr(), _DTYPE_CODE[p.dtype]), strict=True):
             row.append(value)
         programs.append(nprog)
         first += nprog
@@ -394,6 +400,7 @@ def perturb_(
     tab, prog, nprog = _table(params, keys, masks8, block)
     _perturb_kernel[(nprog,)](tab, prog, tab.shape[1], key64 & 0xFFFFFFFF, key64 >> 32,
                               float(scale), DIST=code, BLOCK=block, **_launch_options())
+    increment_version(params)  # writes through raw addresses: tell autograd, as copy_ would
 
 
 def restore_update_(
@@ -437,3 +444,4 @@ def restore_update_(
     _restore_update_kernel[(nprog,)](
         tab, prog, tab.shape[1], samp, n, r, float(eps), float(lr), float(weight_decay),
         DIST=code, SR=bool(stochastic_rounding), BLOCK=block, **_launch_options())
+    increment_version(params)

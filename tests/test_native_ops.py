@@ -13,10 +13,10 @@ import copy
 
 import pytest
 import torch
-
-import zoengine
 from zoengine.kernels import dispatch, reference
 from zoengine.kernels.philox import noise_blocks
+
+import zoengine
 from zoengine.seeds import stream_key
 
 native_ops = pytest.importorskip("zoengine.kernels.native_ops")
@@ -108,7 +108,7 @@ def test_perturb_matches_reference(dtype, dist, masked):
         kw = dict(seed=seed, step=step, sample=sample, scale=scale, dist=dist, masks=masks)
         native_ops.perturb_(got, keys, **kw)
         reference.perturb_(want, keys, **kw)
-    for g, w, p, m in zip(got, want, params, masks or [None] * len(params)):
+    for g, w, p, m in zip(got, want, params, masks or [None] * len(params), strict=True):
         _check(g, w, dist, dtype)
         if m is not None:  # masked elements stay exactly as they were
             assert torch.equal(g[~m], p[~m])
@@ -128,7 +128,7 @@ def test_restore_update_matches_reference(dtype, dist, masked):
         got, want = [p.clone() for p in params], [p.clone() for p in params]
         native_ops.restore_update_(got, keys, dist=dist, masks=masks, **kw)
         reference.restore_update_(want, keys, dist=dist, masks=masks, **kw)
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             _check(g, w, dist, dtype)
 
 
@@ -156,7 +156,7 @@ def test_independent_of_thread_count(dist):
     finally:
         torch.set_num_threads(old)
     for other in results[1:]:
-        for a, b in zip(results[0], other):
+        for a, b in zip(results[0], other, strict=True):
             assert torch.equal(a, b)
 
 

@@ -12,6 +12,7 @@ Tolerances (declared once, used everywhere):
 """
 
 import importlib
+import importlib.util
 import inspect
 import os
 import sys
@@ -75,14 +76,14 @@ def _params(dtype, seed=0, masked=False):
         masks = [None, torch.rand(SHAPES[1], generator=g) > 0.5,
                  (torch.rand(SHAPES[2], generator=g) > 0.3).float(),
                  torch.rand(SHAPES[3], generator=g) > 0.5]
-        for p, m in zip(ps, masks):
+        for p, m in zip(ps, masks, strict=True):
             if m is not None:
                 p.mul_(m.to(dtype))  # pruned weights are exactly zero
     return ps, masks
 
 
 def _assert_close(got, want, dist, scale):
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         if dist != "normal":
             assert torch.equal(a, b), f"{a.dtype} {tuple(a.shape)} {dist}: not bit-exact"
             continue
@@ -93,7 +94,7 @@ def _assert_close(got, want, dist, scale):
 
 
 def _assert_masked_zero(ps, masks):
-    for p, m in zip(ps, masks or []):
+    for p, m in zip(ps, masks if masks is not None else [None] * len(ps), strict=True):
         if m is not None:
             assert torch.all(p.reshape(-1)[~m.reshape(-1).bool()] == 0)
 
@@ -121,14 +122,19 @@ def test_philox_stream_matches_oracle(P, stream):
         assert torch.equal(got, torch.stack(want, dim=1))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_round_to_nearest_even_store(P, dtype):
     """The kernels' 16-bit store rounds like torch (RNE), not like the interpreter's bf16 cast."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2000, generator=g) * torch.logspace(-30, 30, 2000)
     info = torch.finfo(dtype)
-    lo = torch.arange(-64, 64, dtype=torch.int32).to(torch.int16).view(dtype).float()
-    ties = (lo[:-1] + lo[1:]) / 2  # exact midpoints: ties go to even
+    ties = []
+    for first in (0x0000, 0x3C00):  # subnormals, and normals near 1 (fp16) or 2**-7 (bf16)
+        lo = torch.arange(first, first + 64, dtype=torch.int16).view(dtype).float()
+        mid = (lo[:-1] + lo[1:]) / 2  # exact midpoints: ties go to even
+        ties += [mid, -mid]
+    ties = torch.cat(ties)
     special = torch.tensor([0.0, -0.0, info.max, -info.max, info.max * 1.001, info.tiny,
                             info.tiny / 3, float("inf"), float("-inf")])
     x = torch.cat([x, ties, special]).contiguous()
@@ -190,7 +196,7 @@ def test_restore_update_single_sample_default_restore(T):
     kw = dict(seed=0, step=0, eps=1e-3, lr=1e-3, grads=[-4.0], dist="uniform")
     T.restore_update_(ps, KEYS, **kw)
     R.restore_update_(qs, KEYS, **kw)
-    assert all(torch.equal(a, b) for a, b in zip(ps, qs))
+    assert all(torch.equal(a, b) for a, b in zip(ps, qs, strict=True))
 
 
 def test_perturb_then_restore_round_trip(T):
@@ -202,13 +208,13 @@ def test_perturb_then_restore_round_trip(T):
         ops.perturb_(xs, KEYS, seed=1, step=1, scale=-2e-3, dist="rademacher")
         ops.restore_update_(xs, KEYS, seed=1, step=1, eps=1e-3, lr=0.0, grads=[1.0],
                             dist="rademacher")
-    assert all(torch.equal(a, b) for a, b in zip(ps, qs))
+    assert all(torch.equal(a, b) for a, b in zip(ps, qs, strict=True))
 
 
 # ---------------------------------------------------------------- stochastic rounding
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_stochastic_rounding_is_unbiased_and_matches_reference(T, dtype):
-    """θ in [1, 2) and v = θ(1 - 2**-k) lies a fixed fraction of an ulp below θ.
+    """θ in (1, 2) and v = θ(1 - 2**-k) lies a fixed fraction of an ulp below θ.
 
     RNE always returns θ (bias about -0.05 ulp); SR returns θ - ulp with probability
     (θ - v)/ulp. 8 tensors x 4096 elements (keys 0..7 give independent rounding bits): the
@@ -219,14 +225,14 @@ def test_stochastic_rounding_is_unbiased_and_matches_reference(T, dtype):
     q = 2.0**-mant  # ulp on [1, 2)
     k = mant + 4  # v = θ - θ*2**-k: 1/16 to 1/8 of an ulp below θ
     g = torch.Generator().manual_seed(6)
-    ps = [(1 + torch.randint(0, 2**mant, (4096,), generator=g) * q).to(dtype) for _ in range(8)]
+    ps = [(1 + torch.randint(1, 2**mant, (4096,), generator=g) * q).to(dtype) for _ in range(8)]
     v = torch.stack([p.float() * (1 - 2.0**-k) for p in ps])  # exact in fp32
     qs = [p.clone() for p in ps]
     kw = dict(seed=9, step=4, eps=0.0, lr=2.0**-k, grads=[0.0], weight_decay=1.0,
               dist="rademacher", stochastic_rounding=True)
     T.restore_update_(ps, list(range(8)), **kw)
     R.restore_update_(qs, list(range(8)), **kw)
-    assert all(torch.equal(a, b) for a, b in zip(ps, qs))
+    assert all(torch.equal(a, b) for a, b in zip(ps, qs, strict=True))
     got = torch.stack([p.float() for p in ps])
     assert torch.all((got == v.to(dtype).float()) | (got == v.to(dtype).float() - q))
     bias_sr = (got - v).mean().item() / q
@@ -241,7 +247,7 @@ def test_stochastic_rounding_is_noop_for_fp32(T):
     kw = dict(seed=5, step=8, eps=1e-3, lr=1e-2, grads=[1.0], dist="uniform")
     T.restore_update_(ps, KEYS, stochastic_rounding=True, **kw)
     R.restore_update_(qs, KEYS, **kw)
-    assert all(torch.equal(a, b) for a, b in zip(ps, qs))
+    assert all(torch.equal(a, b) for a, b in zip(ps, qs, strict=True))
 
 
 # ---------------------------------------------------------------- multi-tensor launch
@@ -256,7 +262,7 @@ class _CountingKernel:
 
 def test_one_launch_per_call_for_all_tensors(T, monkeypatch):
     """Mixed dtypes and sizes, 6 tensors: one launch per op call; the table is built once."""
-    ps = [torch.randn(s).to(d) for s, d in zip([3, 100, 1, 5000, 17, 64], DTYPES * 2)]
+    ps = [torch.randn(s).to(d) for s, d in zip([3, 100, 1, 5000, 17, 64], DTYPES * 2, strict=True)]
     keys = list(range(100, 106))
     pk = _CountingKernel(T._perturb_kernel)
     rk = _CountingKernel(T._restore_update_kernel)
@@ -276,9 +282,21 @@ def test_grouping_does_not_change_z(T):
     ps, _ = _params(torch.float32, seed=5)
     qs = [p.clone() for p in ps]
     T.perturb_(ps, KEYS, seed=2, step=1, scale=0.1, dist="uniform")
-    for q, k in zip(reversed(qs), reversed(KEYS)):
+    for q, k in zip(reversed(qs), reversed(KEYS), strict=True):
         T.perturb_([q], [k], seed=2, step=1, scale=0.1, dist="uniform")
-    assert all(torch.equal(a, b) for a, b in zip(ps, qs))
+    assert all(torch.equal(a, b) for a, b in zip(ps, qs, strict=True))
+
+
+def test_writes_bump_autograd_version(T):
+    """The kernels write through raw addresses; autograd must still see an in-place change."""
+    p = torch.nn.Parameter(torch.zeros(10))
+    before = p._version
+    with torch.no_grad():
+        T.perturb_([p], [1], seed=0, step=0, scale=1.0, dist="rademacher")
+        T.restore_update_([p], [1], seed=0, step=0, eps=-1.0, lr=0.0, grads=[1.0],
+                          dist="rademacher")
+    assert p._version == before + 2
+    assert torch.equal(p.detach(), torch.zeros(10))
 
 
 # ---------------------------------------------------------------- API and errors
@@ -313,11 +331,48 @@ def test_mezo_triton_matches_reference(tops, dist):
         for _ in range(3):
             opt.step(mse_closure(model, x, y))
         finals[backend] = [p.detach().clone() for p in model.parameters()]
-    for a, b in zip(finals["triton"], finals["reference"]):
+    for a, b in zip(finals["triton"], finals["reference"], strict=True):
         if dist == "rademacher":
             assert torch.equal(a, b)
         else:
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- GPU code, without a GPU
+def _fresh_compiled_module():
+    """A separate copy of triton_ops whose kernels are compiled ones (TRITON_INTERPRET unset)."""
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        spec = importlib.util.find_spec(MOD)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    assert not mod.is_interpreted()
+    return mod
+
+
+def test_kernels_compile_for_sm90_with_separate_roundings():
+    """Both kernels lower to PTX for an H100 (sm_90) on this CPU machine; with fp fusion off the
+    parameter arithmetic has no fma (mul.rn/add.rn: two roundings, as the reference)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    mod = _fresh_compiled_module()
+    sig = {"tab_ptr": "*i64", "prog_ptr": "*i32", "T": "i32", "samp_ptr": "*i64", "n": "i32",
+           "r": "i32", "eps": "fp32", "lr": "fp32", "wd": "fp32", "DIST": "constexpr",
+           "SR": "constexpr", "BLOCK": "constexpr"}
+    src = ASTSource(mod._restore_update_kernel, sig,
+                    constexprs={"DIST": 1, "SR": True, "BLOCK": 1024})
+    try:
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options={"enable_fp_fusion": False, "num_warps": 4})
+    except FileNotFoundError as exc:  # a triton build without its bundled ptxas
+        pytest.skip(f"no CUDA toolchain in this triton install: {exc}")
+    ptx = k.asm["ptx"]
+    assert "fma.rn.f32" not in ptx and "mul.rn.f32" in ptx and "add.rn.f32" in ptx
 
 
 # ---------------------------------------------------------------- real GPU
@@ -327,12 +382,7 @@ def test_mezo_triton_matches_reference(tops, dist):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_launch_matches_reference(dtype, dist):
     """Compiled kernels on CUDA against the reference on the same CUDA tensors."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 is set for the whole run")
-    spec = importlib.util.find_spec(MOD)
-    mod = importlib.util.module_from_spec(spec)  # a fresh, compiled (not interpreted) copy
-    spec.loader.exec_module(mod)
-    assert not mod.is_interpreted()
+    mod = _fresh_compiled_module()
     ps, masks = _params(dtype, masked=True)
     ps = [p.cuda() for p in ps]
     masks = [None if m is None else m.cuda() for m in masks]

@@ -16,7 +16,13 @@ import torch
 
 from zoengine.estimators import KERNELS, clip_value, kernel_weight, scalar_uniform
 from zoengine.kernels.philox import DISTRIBUTIONS
-from zoengine.kernels.reuse import PoolSource, ReuseOps, RotateSource, lane_uniform
+from zoengine.kernels.reuse import (
+    HardwareSource,
+    PoolSource,
+    ReuseOps,
+    RotateSource,
+    lane_uniform,
+)
 from zoengine.optim.base import ZOOptimizer, check_choice, check_float, check_int
 from zoengine.optim.functional import zo_step
 from zoengine.seeds import stream_key
@@ -42,7 +48,9 @@ class ZO(ZOOptimizer):
         params: parameters, named parameters or param groups (as ``torch.optim``).
         lr, eps, weight_decay: η, ε, λ (per group).
         noise: ``"normal"``, ``"uniform"``, ``"rademacher"`` (fresh numbers from the noise
-            contract), ``"pool"`` (PeZO pre-generated pool) or ``"rotate"`` (PeZO lanes).
+            contract), ``"pool"`` (PeZO pre-generated pool), ``"rotate"`` (PeZO lanes) or
+            ``"hw:<spec>"`` (a bit-accurate hardware generator from ``zoengine.hwsim``, e.g.
+            ``"hw:lfsr32-uniform"``: training and hardware cost on the same numbers).
         estimator: ``"spsa"`` or ``"kernel"``.
         kernel_order: 1, 3 or 5 (kernel estimator), or None for r ≡ 1, K ≡ 1 (= SPSA).
         r_range: a of r ~ U(-a, a) (kernel estimator).
@@ -61,7 +69,13 @@ class ZO(ZOOptimizer):
                  r_range: float = 1.0, clip: float | None = None, pool_size: int = 1 << 16,
                  lanes: int = 64, scaling: str = "adaptive", seed: int = 0, n_samples: int = 1,
                  backend: str | None = None, nonfinite: str = "raise", masks=None):
-        check_choice("noise", noise, NOISES)
+        if isinstance(noise, str) and noise.startswith("hw:"):
+            try:
+                self._hw = HardwareSource(noise[3:])
+            except ValueError as exc:
+                raise ValueError(f"noise={noise!r}: not a hardware generator spec ({exc})") from None
+        else:
+            check_choice("noise", noise, NOISES + ("hw:<generator spec>",))
         check_choice("estimator", estimator, ESTIMATORS)
         if kernel_order is not None:
             check_choice("kernel_order", kernel_order, tuple(KERNELS))
@@ -112,6 +126,8 @@ class ZO(ZOOptimizer):
                 offsets[k] = total
                 total += p.numel()
         zo = self.state["zo"]
+        if self.noise.startswith("hw:"):
+            return ReuseOps(self._hw, offsets)
         if self.noise == "pool":
             pool = zo["pool"]
             if total % pool.numel() == 0:
