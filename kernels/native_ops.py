@@ -40,9 +40,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
 from zoengine.kernels import reference
 from zoengine.kernels.philox import DISTRIBUTIONS
-
 from zoengine.seeds import stream_key
 
 ABI_VERSION = 1
@@ -339,12 +339,20 @@ def restore_update_(
     weight_decay: float = 0.0,
     dist: str = "normal",
     masks: Sequence[torch.Tensor | None] | None = None,
+    stochastic_rounding: bool = False,
 ) -> None:
     """Restore the last perturbation and apply the update in one pass (compiled).
 
     Same contract as ``reference.restore_update_``: θ₁ = θ + eps·z_r, then
-    θ₂ = θ₁ − lr·(Σ_k grads[k]·z_k + weight_decay·θ₁).
+    θ₂ = θ₁ − lr·(Σ_k grads[k]·z_k + weight_decay·θ₁). ``stochastic_rounding=True`` on
+    fp16/bf16 tensors is delegated to the reference (the C code rounds to nearest only).
     """
+    if stochastic_rounding and any(p.dtype in (torch.float16, torch.bfloat16) for p in params):
+        reference.restore_update_(params, keys, seed=seed, step=step, eps=eps, lr=lr,
+                                  grads=grads, restore_sample=restore_sample,
+                                  weight_decay=weight_decay, dist=dist, masks=masks,
+                                  stochastic_rounding=True)
+        return
     reference._check_lists(params, keys, masks)
     n = len(grads)
     if n == 0:

@@ -87,3 +87,24 @@ def test_bad_masks_are_named():
         zoengine.MeZO(m.named_parameters(), masks={"0.weight": torch.ones(3, dtype=torch.bool)})
     with pytest.raises(ValueError, match="not among"):
         zoengine.MeZO(m.named_parameters(), masks={"nope": torch.ones(8, 8, dtype=torch.bool)})
+
+
+def test_stochastic_rounding_is_validated_and_reaches_the_kernel(monkeypatch):
+    """The option travels to restore_update_ (whose rounding is tested in test_triton_ops)."""
+    from zoengine.kernels import reference
+
+    with pytest.raises(ValueError, match="stochastic_rounding"):
+        zoengine.PeZO([torch.nn.Parameter(torch.zeros(4))], stochastic_rounding=True)
+    seen = []
+    real = reference.restore_update_
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("stochastic_rounding", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "restore_update_", spy)
+    for sr in (False, True):
+        q = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+        opt = zoengine.MeZO([q], lr=1e-3, stochastic_rounding=sr, backend="reference")
+        opt.step(lambda q=q: q.double().sum())
+    assert seen == [False, True]

@@ -82,6 +82,7 @@ def zo_step(
     nonfinite: str = "raise",
     radius: Callable[[int], float] = _unit,
     project: Callable[[int, float], float] = _identity,
+    stochastic_rounding: bool = False,
 ) -> StepResult:
     """One two-point ZO step with n samples, in place.
 
@@ -91,7 +92,9 @@ def zo_step(
     Then, in one pass, restore the last sample and apply θ ← θ − lr·(1/n·Σ_k g_k z_k + wd·θ).
     Earlier samples are restored by a plain pass. Only scalars survive between passes: no z,
     no copy of θ, no gradient buffer. ``ops`` provides ``perturb_``/``restore_update_``
-    (a kernels backend, or a reuse source for PeZO).
+    (a kernels backend, or a reuse source for PeZO). ``stochastic_rounding`` rounds the
+    update of fp16/bf16 weights stochastically (Philox stream word 1), so updates smaller than
+    half an ulp survive on average.
 
     If the closure raises, the perturbation in place is undone before the exception
     propagates. A NaN/inf loss restores the weights, then raises ``NonFiniteLossError``
@@ -132,7 +135,8 @@ def zo_step(
         ops.restore_update_(g.params, g.keys, seed=seed, step=step, eps=g.eps * radii[last],
                             lr=g.lr,
                             grads=grads, restore_sample=n_samples - 1,
-                            weight_decay=g.weight_decay, dist=dist, masks=g.masks)
+                            weight_decay=g.weight_decay, dist=dist, masks=g.masks,
+                            **({"stochastic_rounding": True} if stochastic_rounding else {}))
     return StepResult(loss=sum(losses) / len(losses), half_diffs=half_diffs, losses=losses)
 
 

@@ -36,11 +36,14 @@ class MeZO(ZO):
             so memory does not grow with n.
         dist (str): ``"normal"`` (the paper), ``"uniform"`` or ``"rademacher"``, all unit
             variance.
-        backend (str, optional): ``None``/``"auto"``, ``"reference"`` or ``"triton"``.
+        backend (str, optional): ``None``/``"auto"`` (Triton for CUDA tensors, the compiled
+            ``"native"`` CPU kernels when they build, else ``"reference"``), ``"reference"``,
+            ``"native"`` or ``"triton"``; see docs/backends.md.
         nonfinite (str): what a NaN/inf loss does after the weights are restored:
             ``"raise"`` (default, ``NonFiniteLossError``) or ``"skip"`` the step.
         masks: sparsity masks: ``None``, ``"zeros"`` (keep the weights that are exactly zero
             now at zero) or a dict parameter (or name) -> bool keep-mask.
+        stochastic_rounding (bool): unbiased rounding of fp16/bf16 updates (default False).
 
     Example:
         >>> opt = zoengine.MeZO(model.named_parameters(), lr=1e-6, eps=1e-3, seed=0)
@@ -51,10 +54,12 @@ class MeZO(ZO):
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  *, seed: int = 0, n_samples: int = 1, dist: str = "normal",
-                 backend: str | None = None, nonfinite: str = "raise", masks=None):
+                 backend: str | None = None, nonfinite: str = "raise", masks=None,
+                 stochastic_rounding: bool = False):
         check_choice("dist", dist, DISTRIBUTIONS)
         super().__init__(params, lr, eps, weight_decay, noise=dist, estimator="spsa", seed=seed,
-                         n_samples=n_samples, backend=backend, nonfinite=nonfinite, masks=masks)
+                         n_samples=n_samples, backend=backend, nonfinite=nonfinite, masks=masks,
+                         stochastic_rounding=stochastic_rounding)
 
 
 register_method("mezo", MeZO)

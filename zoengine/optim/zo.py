@@ -62,13 +62,22 @@ class ZO(ZOOptimizer):
         seed, n_samples, backend, nonfinite: as in :class:`zoengine.MeZO`.
         masks: sparsity masks (None, ``"zeros"``, or a dict parameter/name -> bool tensor);
             masked weights are never perturbed or updated, so pruned zeros stay exactly zero.
+        stochastic_rounding: round fp16/bf16 updates stochastically (unbiased), so updates
+            below half an ulp are not lost; fp32 weights are unaffected.
     """
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  *, noise: str = "normal", estimator: str = "spsa", kernel_order: int | None = 3,
                  r_range: float = 1.0, clip: float | None = None, pool_size: int = 1 << 16,
                  lanes: int = 64, scaling: str = "adaptive", seed: int = 0, n_samples: int = 1,
-                 backend: str | None = None, nonfinite: str = "raise", masks=None):
+                 backend: str | None = None, nonfinite: str = "raise", masks=None,
+                 stochastic_rounding: bool = False):
+        if not isinstance(stochastic_rounding, bool):
+            raise ValueError(f"stochastic_rounding={stochastic_rounding!r}: must be True or False")
+        if stochastic_rounding and noise not in DISTRIBUTIONS:
+            raise ValueError(f"stochastic_rounding=True with noise={noise!r}: only the noise "
+                             f"contract's streams {DISTRIBUTIONS} support it")
+        self.stochastic_rounding = stochastic_rounding
         if isinstance(noise, str) and noise.startswith("hw:"):
             try:
                 self._hw = HardwareSource(noise[3:])
@@ -165,7 +174,8 @@ class ZO(ZOOptimizer):
         radius, project = self._estimator_hooks(zo["seed"], zo["step"])
         result = zo_step(groups, closure, self._ops(groups), seed=zo["seed"], step=zo["step"],
                          n_samples=self.n_samples, dist=self.dist, nonfinite=self.nonfinite,
-                         radius=radius, project=project)
+                         radius=radius, project=project,
+                         stochastic_rounding=self.stochastic_rounding)
         zo["step"] += 1
         if self.noise == "pool":  # the pointer advances by d per perturbation
             d = self.trainable_numel(groups)
