@@ -232,6 +232,8 @@ class Workload:
         kw: dict = dict(q=q, uses=(4 * q - 1) / q, label=type(opt).__name__)
         dist = getattr(opt, "dist", "normal")
         noise = getattr(opt, "noise", None)  # zoengine.optim.ZO: PeZO's pool / rotating lanes
+        if isinstance(noise, str) and noise.startswith("hw:"):  # ZO keeps hw specs in .noise
+            dist = noise
         if noise == "pool":
             kw.update(dist="uniform", reuse="pool", pool_size=int(opt.pool_size))
         elif noise == "rotate":

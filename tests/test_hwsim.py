@@ -332,3 +332,13 @@ def test_platform_table():
     assert {"fpga-xc7", "asic-45nm"} <= set(PLATFORMS)
     with pytest.raises(ValueError, match="platform="):
         get_platform("asic-3nm")
+
+
+def test_from_optimizer_reads_hw_specs_from_zo_noise():
+    import torch
+
+    from zoengine.optim import ZO
+
+    p = torch.nn.Parameter(torch.zeros(1000))
+    w = Workload.from_optimizer(ZO([p], noise="hw:lfsr-uniform-pool65536"))
+    assert w.reuse == "pool" and w.dist == "uniform"
