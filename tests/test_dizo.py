@@ -196,6 +196,17 @@ def test_lora_tensors_are_selected():
     names = [n for n, _, _ in opt.projected]
     assert names and all("lora_A" in n or "lora_B" in n for n in names)
     assert len(names) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
+    base = {n: p.detach().clone() for n, p in lora.named_parameters() if not p.requires_grad}
+    ids = torch.randint(0, 128, (2, 8))
+    closure = lambda: lora(input_ids=ids, labels=ids).loss
+    opt = DiZO(lora.named_parameters(), lr=1e-2, eps=1e-2, interval=2, search_iters=2,
+               projection_closure=lambda: closure)
+    for _ in range(2):
+        assert math.isfinite(opt.step(closure).item())
+    assert opt.state["zo"]["dizo_searches"] == 1
+    for n, p in lora.named_parameters():  # the base model is never touched
+        if n in base:
+            assert torch.equal(p, base[n]), n
 
 
 def test_errors():
