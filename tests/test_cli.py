@@ -190,7 +190,7 @@ def _real_model_reason():
     return default_model_available()
 
 
-@pytest.mark.slow
+# not marked slow on purpose: the one real-model test that always runs in CI (~1 min)
 @pytest.mark.skipif(_real_model_reason() is not None, reason=str(_real_model_reason()))
 def test_default_model_few_head_steps(tmp_path, capsys):
     """The embedded default job's path end to end, shortened (few prompts, few steps)."""
@@ -203,3 +203,24 @@ def test_default_model_few_head_steps(tmp_path, capsys):
     assert m["trainable_params"] == 2 * 576
     assert 0.0 <= m["after"]["test"]["auc"] <= 1.0
     assert "dev-calibrated zero-shot" in capsys.readouterr().out
+
+
+def test_option_scores_match_unpadded_mean_loglik(tiny):
+    """Padded, batched option scoring == mean token log-prob of each option, one row at a time
+    (multi-token options take the general path, single-token ones the fast path)."""
+    import torch
+
+    from zoengine.train import OptionScorer, load_model
+
+    model, tok = load_model(tiny["model"])
+    prompts = [tok("the movie is")["input_ids"], tok("i love this flight day")["input_ids"]]
+    for options in ([" bad movie", " good day is"], [" negative", " positive"]):
+        sc = OptionScorer(tok, options)
+        assert sc.single_token == (options[0] == " negative")
+        got = sc.score_all(model, prompts, batch_size=2)
+        for i, p in enumerate(prompts):
+            for k, o in enumerate(sc.option_ids):
+                ids = torch.tensor([p + o])
+                logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+                want = torch.stack([logp[len(p) - 1 + j, t] for j, t in enumerate(o)]).mean()
+                assert torch.allclose(got[i, k], want, atol=1e-4), (options, i, k)

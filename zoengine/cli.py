@@ -45,14 +45,14 @@ TRAIN_FLAGS = [  # (flag, dest, type, help)
     ("--method", "method", str, "ZO method from the registry (zoengine methods lists them)"),
     ("--train", "train", str, "what to train: auto | head | full | lora (auto: head for "
                               "classification, lora for LM)"),
-    ("--steps", "steps", int, "ZO steps (default: head 4000, full 60, lora 100)"),
+    ("--steps", "steps", int, "ZO steps (default: head 8000, full 60, lora 100)"),
     ("--batch-size", "batch_size", int, "examples per step (default 16)"),
     ("--lr", "lr", float, "learning rate (default per --train: head 1e-4, full 1e-5, lora 1e-3)"),
     ("--eps", "eps", float, "perturbation scale (default: head/full 1e-3, lora 1e-2)"),
     ("--seed", "seed", int, "seed of the data split, batches and noise (default 0)"),
     ("--output-dir", "output_dir", str, "where metrics.json, curve.png and weights go "
                                         "(default outputs/<task>-<train>)"),
-    ("--train-examples", "train_examples", int, "head: training prompts cached (default 1024)"),
+    ("--train-examples", "train_examples", int, "head: training prompts cached (default 512)"),
     ("--eval-limit", "eval_limit", int, "score only the first N dev/test rows (0: all)"),
     ("--eval-every", "eval_every", int, "dev evaluation every N steps (head default 250)"),
     ("--max-length", "max_length", int, "prompt tokens kept (default 128)"),
@@ -236,7 +236,10 @@ def cmd_hwsim(argv: list[str]) -> int:
         return EXIT_USAGE
     from zoengine.hwsim.cli import main as hwsim_main
 
-    return int(hwsim_main(argv) or 0)
+    try:
+        return int(hwsim_main(argv) or 0)
+    except SystemExit as exc:  # argparse's --help / usage errors inside hwsim
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
 
 
 def main(argv: list[str] | None = None) -> int:

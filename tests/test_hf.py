@@ -1,0 +1,131 @@
+"""ZOTrainer: a transformers.Trainer with training_step overridden, on a tiny model from a config,
+with LR schedulers, PEFT (only adapter weights change), checkpoints and resume (ZO state
+included), and a few steps on the real SmolLM2."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer
+
+from zoengine.hf import ZOTrainer, ZOTrainingArguments
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def lm_dataset(n: int = 32, length: int = 12):
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (n, length), generator=g).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+def zo_args(out, **kw):
+    base = dict(output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-3,
+                zo_eps=1e-3, max_steps=6, use_cpu=True, report_to=[], disable_tqdm=True,
+                logging_steps=2, save_strategy="no", seed=0, dataloader_num_workers=0)
+    base.update(kw)
+    return ZOTrainingArguments(**base)
+
+
+def test_overrides_training_step_only():
+    own = {k for k, v in vars(ZOTrainer).items() if callable(v) and not k.startswith("__")}
+    assert own == {"training_step"}
+    assert issubclass(ZOTrainer, Trainer)
+
+
+def test_trains_tiny_model_with_scheduler(tmp_path):
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tr = ZOTrainer(model=model, args=zo_args(tmp_path, lr_scheduler_type="linear",
+                                             warmup_steps=2), train_dataset=lm_dataset(),
+                   eval_dataset=lm_dataset(8))
+    out = tr.train()
+    assert tr.state.global_step == 6 and out.training_loss > 0
+    zo = tr.optimizer.optimizer if hasattr(tr.optimizer, "optimizer") else tr.optimizer
+    assert zo.state_dict()["state"]["zo"]["step"] == 6
+    assert tr.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0)  # linear decay reached 0
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())  # forward passes only
+    assert "eval_loss" in tr.evaluate()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="zo_method"):
+        zo_args("x", zo_method="sgd")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        zo_args("x", gradient_accumulation_steps=2)
+
+
+def test_peft_lora_only_adapter_changes(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                    target_modules=["q_proj", "v_proj"],
+                                                    init_lora_weights=False))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ZOTrainer(model=model, args=zo_args(tmp_path), train_dataset=lm_dataset()).train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and all("lora_" in n for n in changed)
+    base = [n for n in before if "lora_" not in n]
+    assert all(torch.equal(before[n], dict(model.named_parameters())[n]) for n in base)
+
+
+def test_checkpoint_resume_reproduces_uninterrupted_run(tmp_path):
+    ds = lm_dataset()
+    full = tiny_model()
+    ZOTrainer(model=full, args=zo_args(tmp_path / "a"), train_dataset=ds).train()
+
+    first = tiny_model()
+    ZOTrainer(model=first, args=zo_args(tmp_path / "b", max_steps=6, save_strategy="steps",
+                                        save_steps=3), train_dataset=ds).train()
+    ckpt = tmp_path / "b" / "checkpoint-3"
+    assert (ckpt / "optimizer.pt").exists() and (ckpt / "model.safetensors").exists()
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert state["state"]["zo"]["step"] == 3  # the ZO state is in the checkpoint
+
+    resumed = tiny_model(seed=123)  # different init: everything must come from the checkpoint
+    ZOTrainer(model=resumed, args=zo_args(tmp_path / "b", max_steps=6),
+              train_dataset=ds).train(resume_from_checkpoint=str(ckpt))
+    for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def _real_reason():
+    from zoengine.models import default_model_available
+
+    return default_model_available()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_real_reason() is not None, reason=str(_real_reason()))
+def test_smollm2_few_steps_lora(tmp_path):
+    """SmolLM2-135M + LoRA through ZOTrainer for 2 steps on short Macbeth blocks."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+
+    from zoengine.data import shakespeare
+    from zoengine.models import load_default_model
+    from zoengine.train import lm_blocks
+
+    model, tok = load_default_model()
+    blocks = lm_blocks(tok, shakespeare().splits["train"]["text"][0], 16)[:8].tolist()
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                             target_modules=["q_proj", "v_proj"]))
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    tr = ZOTrainer(model=model, args=zo_args(tmp_path, max_steps=2, per_device_train_batch_size=2,
+                                             learning_rate=1e-3, zo_eps=1e-2),
+                   train_dataset=Dataset.from_dict({"input_ids": blocks, "labels": blocks}))
+    out = tr.train()
+    assert 0 < out.training_loss < 20
+    assert any(not torch.equal(lora_before[n], p) for n, p in model.named_parameters()
+               if n in lora_before)
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
