@@ -7,7 +7,7 @@ seed, step counter, last projected gradients) lives in ``self.state["zo"]``, whi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -15,6 +15,7 @@ from zoengine.kernels.dispatch import BACKENDS, get_ops, resolve_backend
 from zoengine.kernels.philox import DISTRIBUTIONS
 from zoengine.optim.functional import ZOGroup
 from zoengine.seeds import tensor_keys
+from zoengine.sparsity import pack_mask, unpack_mask
 
 NONFINITE_MODES = ("raise", "skip")
 
@@ -45,6 +46,21 @@ def check_choice(name: str, value, choices) -> str:
     return value
 
 
+class _LazyMask(Sequence):
+    """A one-tensor ``masks`` list whose bool mask is unpacked from bits when a kernel reads it."""
+
+    def __init__(self, bits: torch.Tensor, shape):
+        self.bits, self.shape = bits, shape
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i):
+        if i not in (0, -1):
+            raise IndexError(i)
+        return unpack_mask(self.bits, self.shape)
+
+
 class ZOOptimizer(torch.optim.Optimizer):
     """Base class: parameter keys, backend choice, closure contract and run state."""
 
@@ -67,10 +83,11 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # ---- sparsity masks ---------------------------------------------------------------
     def _set_masks(self, masks) -> None:
-        """Store a keep-mask per masked tensor in ``self.state[p]["mask"]`` (bool, in
-        state_dict). Masked elements get no perturbation, no update, no weight decay: a pruned
-        zero stays exactly zero. ``masks="zeros"`` derives them from the weights that are
-        exactly zero now; a dict maps parameters (or their names) to bool tensors."""
+        """Store a keep-mask per masked tensor as bits in ``self.state[p]["mask_bits"]`` (uint8,
+        1/32 of fp32 weights; in state_dict). Masked elements get no perturbation, no update, no
+        weight decay: a pruned zero stays exactly zero. ``masks="zeros"`` derives them from the
+        weights that are exactly zero now; a dict maps parameters (or their names) to bool
+        tensors (``torch.nn.utils.prune``'s float 0/1 ``weight_mask`` works too)."""
         if masks is None:
             return
         params = [p for g in self.param_groups for p in g["params"]]
@@ -80,7 +97,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                                  "parameter (or name) -> bool tensor")
             for p in params:
                 if p.requires_grad and bool((p == 0).any()):
-                    self.state[p]["mask"] = p.detach() != 0
+                    self.state[p]["mask_bits"] = pack_mask(p.detach() != 0)
             return
         if not isinstance(masks, dict):
             raise ValueError(f"masks={type(masks).__name__}: must be None, 'zeros' or a dict")
@@ -97,7 +114,25 @@ class ZOOptimizer(torch.optim.Optimizer):
             if tuple(m.shape) != tuple(p.shape):
                 raise ValueError(f"masks[{k if isinstance(k, str) else '...'}] has shape "
                                  f"{tuple(m.shape)}; the parameter has {tuple(p.shape)}")
-            self.state[p]["mask"] = m.to(device=p.device, dtype=torch.bool).contiguous()
+            self.state[p]["mask_bits"] = pack_mask(m.to(device=p.device) != 0)
+
+    def _mask_bits(self, p) -> torch.Tensor | None:
+        st = self.state.get(p)
+        if not st:
+            return None
+        if "mask" in st:  # a bool mask from an older state_dict: store it as bits
+            st["mask_bits"] = pack_mask(st.pop("mask") != 0)
+        bits = st.get("mask_bits")
+        if bits is not None and bits.dtype != torch.uint8:
+            # Optimizer.load_state_dict casts state tensors to the parameter's float dtype
+            # (exact for 0..255): restore the 1-byte storage.
+            st["mask_bits"] = bits = bits.to(torch.uint8)
+        return bits
+
+    def mask_bytes(self) -> int:
+        """Bytes the optimizer holds for sparsity masks (bits: ceil(numel / 8) per tensor)."""
+        ps = [p for g in self.param_groups for p in g["params"]]
+        return sum(b.numel() for b in (self._mask_bits(p) for p in ps) if b is not None)
 
     # ---- parameters as the kernels see them -------------------------------------------
     def _group_keys(self) -> list[list[int]]:
@@ -116,16 +151,30 @@ class ZOOptimizer(torch.optim.Optimizer):
         return self._key_cache[1]
 
     def zo_groups(self) -> list[ZOGroup]:
-        """Trainable tensors per group (``requires_grad=False`` ones are frozen and skipped)."""
+        """Trainable tensors per group (``requires_grad=False`` ones are frozen and skipped).
+
+        A masked tensor gets a group of its own whose mask is unpacked from bits only when a
+        kernel reads it, so at most one tensor's bool mask exists at a time (order, and hence
+        every z, is unchanged: z depends on the tensor key, not on grouping)."""
         out = []
         for group, keys in zip(self.param_groups, self._group_keys()):
             live = [(p, k) for p, k in zip(group["params"], keys) if p.requires_grad]
-            if live:
-                masks = [self.state[p].get("mask") if p in self.state else None for p, _ in live]
-                out.append(ZOGroup(params=[p for p, _ in live], keys=[k for _, k in live],
-                                   lr=group["lr"], eps=group["eps"],
-                                   weight_decay=group.get("weight_decay", 0.0),
-                                   masks=masks if any(m is not None for m in masks) else None))
+            hyper = dict(lr=group["lr"], eps=group["eps"],
+                         weight_decay=group.get("weight_decay", 0.0))
+            run: list = []
+            for p, k in live:
+                bits = self._mask_bits(p)
+                if bits is None:
+                    run.append((p, k))
+                    continue
+                if run:
+                    out.append(ZOGroup(params=[q for q, _ in run], keys=[j for _, j in run],
+                                       **hyper))
+                    run = []
+                out.append(ZOGroup(params=[p], keys=[k], masks=_LazyMask(bits, p.shape),
+                                   **hyper))
+            if run:
+                out.append(ZOGroup(params=[q for q, _ in run], keys=[j for _, j in run], **hyper))
         return out
 
     def ops_for(self, groups: list[ZOGroup]):

@@ -1,0 +1,311 @@
+"""Memory planner: pick batch size, sequence length, dtype and method to fit a budget.
+
+A ZO step is two forward passes under ``no_grad`` plus in-place passes over the weights, so its
+peak is inference's peak plus the method's persistent extras:
+
+    peak = runtime + params + activations(one forward with loss) + extras(method)
+
+- runtime: the interpreter with torch and transformers imported (CPU RSS; pass ``runtime=0`` on
+  CUDA, where the allocator's peak is what ``peak_memory`` reads). Measured: ~420 MiB.
+- activations: under ``no_grad`` a decoder frees each block's tensors before the next, so the
+  peak is one block's transients plus the output phase (logits, their fp32 copy and the
+  log-softmax of the loss): ``B*T*(c_h*D + c_i*I)*s + B*T*V*(s + 4 [+ 4 if s < 4])``.
+  The constants are fitted to measured RSS (tests/test_memory_plan.py on a tiny Llama,
+  benchmarks/bench_pruned.py on SmolLM2-135M).
+- extras: DiZO's anchors (a copy of the projected tensors), PeZO's pool (4 bytes/number),
+  masks as bits (1/8 byte per masked weight, plus one tensor's 3 bytes/weight while unpacked),
+  the kernels' chunk buffers (a few MiB).
+
+``plan`` refuses with ``MemoryBudgetError`` naming the budget and the smallest candidate.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+RUNTIME_CPU = 420 * 2**20  # python + torch + transformers RSS (measured: 415-440 MiB, torch 2.13)
+KERNEL_SCRATCH = 4 * 2**20  # reference: a 64 Ki-element chunk x ~6 fp32 temporaries
+C_HIDDEN, C_INTER = 8.0, 3.0  # live (B,T,D) and (B,T,I) tensors at a block's peak
+SLACK = 1.10  # allocator rounding and fragmentation (fit: tests/test_memory_plan.py)
+DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ZO_METHODS = ("mezo", "zo", "kerzoo", "pezo", "pezo-rotate", "kerzoo+pezo", "dizo")
+METHODS = ZO_METHODS + ("inference", "adam")
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
+          "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,
+          "tib": 2**40}
+
+
+class MemoryBudgetError(ValueError):
+    """No candidate configuration fits ``budget``; ``smallest`` is the cheapest candidate."""
+
+    flag = "--max-memory"  # zoengine's CLI maps a ValueError with .flag to a usage error
+
+    def __init__(self, message: str, budget: int, smallest: Plan):
+        super().__init__(message)
+        self.budget, self.smallest = budget, smallest
+
+
+def parse_size(size) -> int:
+    """``"2GiB"`` -> 2147483648. Binary: K/M/G/T, KiB/MiB/GiB/TiB; decimal: KB/MB/GB/TB; an int
+    is bytes."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(size))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"max_memory={size!r}: give a size such as '2GiB', '1.5G', '800MiB', "
+                         "'4GB' or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def fmt_size(n: float) -> str:
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass
+class ModelShape:
+    """What the planner needs to know about a decoder LM."""
+
+    params: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    layers: int
+    kv_dim: int
+    largest_tensor: int
+    masked: int = 0  # weights under a sparsity mask
+    largest_masked: int = 0  # the largest masked tensor (unpacked one at a time)
+
+    @classmethod
+    def of(cls, model_or_config, masked: int | None = None) -> ModelShape:
+        cfg = getattr(model_or_config, "config", model_or_config)
+        get = (cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d))
+        d, i, v = get("hidden_size"), get("intermediate_size"), get("vocab_size")
+        if d is None or v is None:
+            raise ValueError("plan() needs a transformers model or config with hidden_size and "
+                             "vocab_size")
+        i = i or 4 * d
+        n_layers = get("num_hidden_layers", 1)
+        heads = get("num_attention_heads", 1)
+        kv = d // heads * (get("num_key_value_heads") or heads)
+        if isinstance(model_or_config, torch.nn.Module):
+            seen, params, largest = set(), 0, 0
+            for p in model_or_config.parameters():
+                if p.data_ptr() not in seen:  # tied weights count once
+                    seen.add(p.data_ptr())
+                    params += p.numel()
+                    largest = max(largest, p.numel())
+        else:
+            block = 2 * d * d + 2 * d * kv + 3 * d * i + 2 * d
+            tied = get("tie_word_embeddings", True)
+            params = n_layers * block + v * d * (1 if tied else 2) + d
+            largest = max(v * d, d * i)
+        if masked is None:  # default: every Linear weight of the blocks is masked
+            masked = n_layers * (2 * d * d + 2 * d * kv + 3 * d * i)
+        return cls(params, d, i, v, n_layers, kv, largest, masked, max(d * i, d * d))
+
+
+@dataclass
+class Plan:
+    """A configuration and its predicted peak (bytes), with the breakdown."""
+
+    method: str
+    batch_size: int
+    seq_len: int
+    dtype: str
+    predicted: int
+    breakdown: dict = field(default_factory=dict)
+    budget: int | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is None or self.predicted <= self.budget
+
+    def describe(self) -> str:
+        return (f"{self.method}, batch {self.batch_size}, seq {self.seq_len}, {self.dtype}")
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{k} {fmt_size(v)}" for k, v in self.breakdown.items() if v)
+        budget = f" of max_memory {fmt_size(self.budget)}" if self.budget else ""
+        return f"plan: {self.describe()}: predicted peak {fmt_size(self.predicted)}{budget} " \
+               f"({parts})"
+
+
+def activation_bytes(shape: ModelShape, batch: int, seq: int, dtype: str,
+                     with_loss: bool = True) -> int:
+    """Peak activations of one inference forward (with the LM loss) under ``no_grad``."""
+    s = DTYPES[dtype]
+    tokens = batch * seq
+    block = tokens * (C_HIDDEN * shape.hidden + C_INTER * shape.intermediate) * s
+    out_bytes = s + (4 if with_loss else 0) + (4 if s < 4 and with_loss else 0)
+    head = tokens * (shape.vocab * out_bytes + 2 * shape.hidden * s)
+    # the sum, not the max: with glibc's malloc a block's freed transients are not all returned
+    # before the logits are allocated (measured: the max under-predicts by up to 25 %)
+    return int(SLACK * (block + head))
+
+
+def adam_bytes(shape: ModelShape, batch: int, seq: int, dtype: str) -> int:
+    """Adam with backprop (for comparison): params, grads, two fp32 moments, stored activations
+    of every block (~(16 D + 5 I) per token per block: a rough model; bench_pruned measures)."""
+    s = DTYPES[dtype]
+    tokens = batch * seq
+    stored = shape.layers * tokens * (16 * shape.hidden + 5 * shape.intermediate) * s
+    return int(shape.params * (s + 8) + stored + 2 * activation_bytes(shape, batch, seq, dtype))
+
+
+def extras_bytes(shape: ModelShape, method: str, dtype: str, *, pool_size: int = 1 << 16,
+                 masks: bool = False) -> dict:
+    s = DTYPES[dtype]
+    out = {"kernels": KERNEL_SCRATCH if method in ZO_METHODS else 0}
+    if method == "dizo":  # anchors of k_proj and v_proj (the authors' choice)
+        out["dizo_anchors"] = shape.layers * 2 * shape.hidden * shape.kv_dim * s
+    if method in ("pezo", "kerzoo+pezo"):
+        out["pezo_pool"] = 4 * pool_size
+    if masks and method in ZO_METHODS:
+        out["masks"] = (shape.masked + 7) // 8 + 3 * shape.largest_masked
+    return out
+
+
+def predict(model_or_config, method: str = "mezo", batch_size: int = 16, seq_len: int = 128,
+            dtype: str = "float32", *, runtime: int | None = None, masks: bool = False,
+            masked: int | None = None, pool_size: int = 1 << 16) -> Plan:
+    """The predicted peak of one configuration (no budget check)."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: must be one of {METHODS}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: must be one of {tuple(DTYPES)}")
+    shape = model_or_config if isinstance(model_or_config, ModelShape) else \
+        ModelShape.of(model_or_config, masked)
+    s = DTYPES[dtype]
+    rt = RUNTIME_CPU if runtime is None else runtime
+    if method == "adam":
+        bd = {"runtime": rt, "adam_params_grads_states_activations":
+              adam_bytes(shape, batch_size, seq_len, dtype)}
+    else:
+        bd = {"runtime": rt, "params": shape.params * s,
+              "activations": activation_bytes(shape, batch_size, seq_len, dtype)}
+        bd.update(extras_bytes(shape, method, dtype, pool_size=pool_size, masks=masks))
+    return Plan(method, batch_size, seq_len, dtype, int(sum(bd.values())), bd)
+
+
+def _halvings(start: int, low: int) -> list[int]:
+    out = [start]
+    while out[-1] // 2 >= low:
+        out.append(out[-1] // 2)
+    return out
+
+
+def plan(model_or_config, max_memory="2GiB", method="mezo", *, batch_size: int = 16,
+         seq_len: int = 128, batch_sizes=None, seq_lens=None, dtypes=("float32", "bfloat16"),
+         runtime: int | None = None, masks: bool = False, masked: int | None = None,
+         pool_size: int = 1 << 16) -> Plan:
+    """The first configuration that fits ``max_memory``, else ``MemoryBudgetError``.
+
+    Order of preference: ``method`` (a name or a list, first preferred), then ``dtypes`` in
+    order, then sequence length (``seq_lens``, default ``seq_len`` halved down to 32), then
+    batch size (``batch_sizes``, default ``batch_size`` halved down to 1): the batch shrinks
+    first, because that changes only the gradient noise, not the task.
+    """
+    budget = parse_size(max_memory)
+    methods = [method] if isinstance(method, str) else list(method)
+    shape = ModelShape.of(model_or_config, masked) if not isinstance(model_or_config,
+                                                                     ModelShape) else model_or_config
+    bss = list(batch_sizes) if batch_sizes else _halvings(batch_size, 1)
+    sls = list(seq_lens) if seq_lens else _halvings(seq_len, min(32, seq_len))
+    smallest = None
+    for m in methods:
+        for dt in dtypes:
+            for sl in sls:
+                for bs in bss:
+                    p = predict(shape, m, bs, sl, dt, runtime=runtime, masks=masks,
+                                pool_size=pool_size)
+                    p.budget = budget
+                    if p.predicted <= budget:
+                        return p
+                    if smallest is None or p.predicted < smallest.predicted:
+                        smallest = p
+    raise MemoryBudgetError(
+        f"max_memory={max_memory} ({fmt_size(budget)}): no configuration fits. The smallest "
+        f"candidate ({smallest.describe()}) needs {fmt_size(smallest.predicted)}: "
+        + ", ".join(f"{k} {fmt_size(v)}" for k, v in smallest.breakdown.items() if v)
+        + f". Give max_memory={fmt_size(smallest.predicted).replace(' ', '')} or more, or use a "
+        "smaller (e.g. structurally pruned) model",
+        budget, smallest)
+
+
+# ---- measurement -----------------------------------------------------------------------------
+
+def reset_peak() -> None:
+    """Start a new peak window: CUDA's allocator peak, and Linux's VmHWM (via clear_refs)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory() -> int:
+    """Bytes: CUDA's allocator peak when CUDA is used, else the process's peak RSS (VmHWM since
+    the last ``reset_peak``, else ru_maxrss)."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return int(torch.cuda.max_memory_allocated())
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---- command line (wired into zoengine/cli.py's train command) ----------------------------------
+
+def add_train_args(p) -> None:
+    """``zoengine train --max-memory SIZE``."""
+    p.add_argument("--max-memory", dest="max_memory", default=None, metavar="SIZE",
+                   help="memory budget (e.g. 2GiB, 800MiB): plan batch size, sequence length "
+                        "and dtype to fit, print the plan, refuse if nothing fits; the "
+                        "measured peak is reported after the run")
+
+
+def plan_for_run(model, max_memory, *, method: str, batch_size: int, seq_len: int,
+                 masks=None, log=print) -> Plan:
+    """Plan for ``zoengine train`` and print it; ``MemoryBudgetError`` (a ValueError) if nothing
+    fits. Call after the model is loaded (and pruned); apply ``plan.batch_size``,
+    ``plan.seq_len`` (max_length / block_size) and ``plan.dtype`` before building the
+    optimizer, then call ``reset_peak()`` and, after training, ``report_peak(plan)``."""
+    masked = None
+    if isinstance(masks, dict):
+        masked = sum(m.numel() for m in masks.values())
+    elif masks == "zeros":
+        masked = None
+    name = method if method in METHODS else "mezo"
+    p = plan(model, max_memory, name, batch_size=batch_size, seq_len=seq_len,
+             masks=masks is not None, masked=masked if masks is not None else 0)
+    log(str(p))
+    return p
+
+
+def report_peak(p: Plan | None = None, log=print) -> dict:
+    """Print and return the measured peak (and the prediction, when a plan is given)."""
+    peak = peak_memory()
+    out = {"measured_peak_bytes": peak}
+    msg = f"peak memory: {fmt_size(peak)} measured"
+    if p is not None:
+        out.update(predicted_peak_bytes=p.predicted, budget_bytes=p.budget)
+        msg += f", {fmt_size(p.predicted)} predicted"
+        if p.budget:
+            msg += f", budget {fmt_size(p.budget)}" + (" (EXCEEDED)" if peak > p.budget else "")
+    log(msg)
+    return out
