@@ -224,3 +224,33 @@ def test_option_scores_match_unpadded_mean_loglik(tiny):
                 logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
                 want = torch.stack([logp[len(p) - 1 + j, t] for j, t in enumerate(o)]).mean()
                 assert torch.allclose(got[i, k], want, atol=1e-4), (options, i, k)
+
+
+# ---- pruned models: --prune / --keep-zeros / --max-memory -------------------------------------
+
+def test_train_full_with_prune_keeps_the_sparsity(tiny, tmp_path):
+    txt = tmp_path / "t.txt"
+    txt.write_text("\n\n".join(f"the movie is good {i}. i love this day." for i in range(60)))
+    out = tmp_path / "pruned"
+    assert main(["train", "--model", tiny["model"], "--task", str(txt), "--train", "full",
+                 "--prune", "magnitude:2:4", "--steps", "3", "--batch-size", "2",
+                 "--block-size", "8", "--max-memory", "8GiB", "--output-dir", str(out),
+                 "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["sparsity_after"]["sparsity"] == pytest.approx(0.5, abs=1e-12)
+    assert m["memory"]["measured_peak_bytes"] > 0 and m["memory"]["budget_bytes"] == 8 * 2**30
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--prune", "random"], "--prune"),
+    (["--prune", "wanda:3:4x"], "--prune"),
+    (["--max-memory", "lots"], "--max-memory"),
+    (["--prune-sparsity", "2"], "--prune-sparsity"),
+    (["--train", "head", "--prune", "magnitude"], "--prune"),
+    (["--train", "full", "--max-memory", "1KiB"], "--max-memory"),
+])
+def test_sparsity_and_budget_errors_exit_2(tiny, tmp_path, capsys, extra, flag):
+    rc = main(tiny_args(tiny, tmp_path / "out", "--steps", "2", *extra))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert flag in err and "Traceback" not in err

@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lora", action="store_true", default=None, help="same as --train lora")
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bar")
+    from zoengine import memory, sparsity
+
+    sparsity.add_train_args(t)
+    memory.add_train_args(t)
+    sparsity.add_cli(sub)
     e = sub.add_parser("eval", help="score a model on a task")
     e.add_argument("--model", default="smollm2-135m")
     e.add_argument("--task", default="sentiment")
@@ -194,6 +199,16 @@ def validate(cfg) -> None:
     need("task", lambda v: isinstance(v, str) and (v in BUNDLED or os.path.isfile(v)),
          f"neither a bundled task ({', '.join(BUNDLED)}) nor an existing file")
     need("template", lambda v: v is None or "{text}" in v, "must contain {text}")
+    need("prune_sparsity", lambda v: v is None or (is_num(v) and 0 < v < 1),
+         "must be a fraction in (0, 1)")
+    from zoengine import memory, sparsity
+
+    for dest, parse in (("prune", sparsity.parse_prune_spec), ("max_memory", memory.parse_size)):
+        if getattr(cfg, dest) is not None:
+            try:
+                parse(getattr(cfg, dest))
+            except ValueError as exc:
+                raise UsageError(_flag(dest), str(exc)) from None
 
 
 # ---- commands ---------------------------------------------------------------------------------
@@ -253,13 +268,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
-        return {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods}[args.command](args)
+        commands = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods,
+                    "prune": lambda a: a.handler(a)}
+        return commands[args.command](args)
     except UsageError as exc:
         print(f"zoengine {command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ValueError as exc:  # TaskError (names its flag) and validation in the optimizers
         flag = getattr(exc, "flag", None)
-        print(f"zoengine {command}: error: {exc}", file=sys.stderr)
+        named = f"{flag}: " if flag and not str(exc).startswith(flag) else ""
+        print(f"zoengine {command}: error: {named}{exc}", file=sys.stderr)
         return EXIT_USAGE if flag else 1
     except KeyboardInterrupt:
         print(f"\nzoengine {command}: interrupted; outputs of this run were not written "

@@ -65,6 +65,10 @@ class RunConfig:
     block_size: int = 128
     threads: int | None = None  # None: torch's default, fewer if other processes keep cores busy
     progress: bool = True
+    prune: str | None = None  # METHOD[:PATTERN]: prune before training, keep the zeros
+    prune_sparsity: float | None = None
+    keep_zeros: bool | None = None  # the model is already pruned: masks="zeros"
+    max_memory: str | None = None  # plan batch/sequence/dtype to fit, refuse if nothing fits
 
     def resolved(self, task) -> RunConfig:
         c = RunConfig(**asdict(self))
@@ -399,10 +403,11 @@ def _pool_indices(labels, k: int, n: int, seed: int) -> list[int]:
                                   for p in per]).tolist())
 
 
-def _make_optimizer(cfg: RunConfig, named_params):
+def _make_optimizer(cfg: RunConfig, named_params, masks=None):
     from zoengine.optim import create
 
-    return create(cfg.method, named_params, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed)
+    extra = {} if masks is None else {"masks": masks}
+    return create(cfg.method, named_params, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, **extra)
 
 
 def train_classification_head(cfg, task, model, tok, report):
@@ -506,7 +511,7 @@ def train_classification_model(cfg, task, model, tok, report):
     by_class = [np.flatnonzero(tr_y == c) for c in range(k)]
     params = _trainable(model)
     report["trainable_params"] = count_params(p for _, p in params)
-    opt = _make_optimizer(cfg, params)
+    opt = _make_optimizer(cfg, params, masks=getattr(cfg, "masks", None))
     rng = np.random.RandomState(cfg.seed)
     curve, evals = [], [{"step": 0, **_dev_point(before)}]
     t1 = now()
@@ -544,7 +549,7 @@ def train_lm(cfg, task: LMTask, model, tok, report):
     report["timing"]["eval_before_s"] = now() - t0
     params = _trainable(model)
     report["trainable_params"] = count_params(p for _, p in params)
-    opt = _make_optimizer(cfg, params)
+    opt = _make_optimizer(cfg, params, masks=getattr(cfg, "masks", None))
     rng = np.random.RandomState(cfg.seed)
     curve, evals = [], [{"step": 0, "dev_loss": report["before"]["dev"]["loss"]}]
     t1 = now()
@@ -673,6 +678,40 @@ def auto_threads() -> int:
     return max(1, min(n, free))
 
 
+def _prune_and_plan(cfg: RunConfig, task, model, tok):
+    """``--prune``/``--keep-zeros`` (masks for full fine-tuning) and ``--max-memory`` (a plan
+    applied to the batch size, sequence length and dtype). Returns the plan or None."""
+    from zoengine import memory, sparsity
+
+    masks = None
+    if cfg.prune or cfg.keep_zeros:
+        if cfg.train != "full":
+            raise TaskError("--prune" if cfg.prune else "--keep-zeros",
+                            "sparsity is preserved for full fine-tuning: add --train full "
+                            "(head and LoRA never touch the pruned weights)")
+        masks = sparsity.masks_for_run(
+            model, tok, prune_spec=cfg.prune, sparsity=cfg.prune_sparsity,
+            keep_zeros=bool(cfg.keep_zeros),
+            calib_task=cfg.task if task.kind == "lm" else "shakespeare", seed=cfg.seed, log=_log)
+    cfg.masks = masks  # not a field: never written to metrics.json
+    if not cfg.max_memory:
+        return None
+    lm = task.kind == "lm"
+    plan = memory.plan_for_run(model, cfg.max_memory, method=cfg.method,
+                               batch_size=cfg.batch_size,
+                               seq_len=cfg.block_size if lm else cfg.max_length,
+                               masks=masks, log=_log)
+    cfg.batch_size = plan.batch_size
+    if lm:
+        cfg.block_size = plan.seq_len
+    else:
+        cfg.max_length = plan.seq_len
+    if plan.dtype != "float32":
+        model.to(getattr(torch, plan.dtype))
+    memory.reset_peak()
+    return plan
+
+
 def run_train(cfg: RunConfig) -> dict:
     """Load, evaluate, train, evaluate, write outputs. Returns the report (metrics.json)."""
     t_start = now()
@@ -692,6 +731,7 @@ def run_train(cfg: RunConfig) -> dict:
     report = {"config": asdict(cfg), "timing": {"load_s": now() - t0},
               "torch_threads": torch.get_num_threads()}
     torch.manual_seed(cfg.seed)
+    plan = _prune_and_plan(cfg, task, model, tok)
     if cfg.train == "lora":
         model = _apply_lora(cfg, model)
     if task.kind == "lm":
@@ -708,6 +748,16 @@ def run_train(cfg: RunConfig) -> dict:
             "accuracy_vs_calibrated_baseline": a["accuracy"] - b["calibrated_accuracy"],
             "beats_calibrated_baseline": bool(a["accuracy"] > b["calibrated_accuracy"]
                                               and a["auc"] > b["auc"])}
+    if cfg.prune or cfg.keep_zeros:
+        from zoengine.sparsity import sparsity_report
+
+        report["sparsity_after"] = sparsity_report(model, getattr(cfg, "masks", None)
+                                                   if isinstance(getattr(cfg, "masks", None),
+                                                                 dict) else None)
+    if cfg.max_memory:
+        from zoengine import memory
+
+        report["memory"] = memory.report_peak(plan, log=_log)
     report["weights"] = os.path.relpath(save_weights(cfg, cfg.output_dir, trained, tok),
                                         cfg.output_dir)
     report["timing"]["total_s"] = now() - t_start
