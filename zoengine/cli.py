@@ -222,7 +222,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from zoengine.train import run_eval
+    from zoengine.evaluate import run_eval
 
     if args.weights is not None and not os.path.exists(args.weights):
         raise UsageError("--weights", f"{args.weights!r}: no such file or folder")

@@ -1,5 +1,6 @@
-"""The training job behind ``zoengine train`` / ``zoengine eval``: scoring, metrics, the ZO loop,
-atomic outputs.
+"""The training job behind ``zoengine train`` / ``zoengine eval``: the ZO loop and its set-up.
+Scoring lives in ``zoengine.scoring``, metrics in ``zoengine.metrics``, outputs in
+``zoengine.outputs`` (re-exported here).
 
 Three things can be trained (``RunConfig.train``):
 
@@ -15,13 +16,8 @@ The optimizer always comes from ``zoengine.optim.create(method, ...)``.
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -29,6 +25,27 @@ import torch
 import torch.nn.functional as F
 
 from zoengine.data import ClassificationTask, LMTask, TaskError, column, load_task
+from zoengine.metrics import auc, auc_binary, class_metrics, evaluate_scores, fit_bias  # noqa: F401
+from zoengine.outputs import (  # noqa: F401
+    _tmp_name,
+    atomic_dir,
+    atomic_write,
+    clean_stale_temps,
+    make_tmpdir,
+    plot_curve,
+    run_summary_json,
+    summary_lines,
+)
+from zoengine.scoring import (  # noqa: F401
+    OptionScorer,
+    encode_prompts,
+    last_features,
+    left_pad,
+    length_batches,
+    lm_blocks,
+    lm_eval,
+    lm_loss,
+)
 
 DEFAULT_MODEL = "smollm2-135m"
 # per trainable set: (lr, eps) defaults, from research/feasibility.md §2-4 and our runs
@@ -86,53 +103,6 @@ class RunConfig:
         return c
 
 
-# ---- atomic outputs ---------------------------------------------------------------------------
-
-def _tmp_name(path: str) -> str:
-    d, base = os.path.split(os.path.abspath(path))
-    return os.path.join(d, f".{base}.tmp-{os.getpid()}")
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write ``path`` completely or not at all (temp file in the same folder, fsync, rename)."""
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@contextmanager
-def atomic_dir(path: str):
-    """Yield a temp folder; on success it replaces ``path`` as a whole, on error it is removed."""
-    tmp = _tmp_name(path)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-        old = path + ".old-" + str(os.getpid())
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def clean_stale_temps(folder: str) -> None:
-    """Remove temp files left by a killed run (``.<name>.tmp-<pid>``)."""
-    if os.path.isdir(folder):
-        for name in os.listdir(folder):
-            if name.startswith(".") and ".tmp-" in name:
-                p = os.path.join(folder, name)
-                shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
-
-
 # ---- models -----------------------------------------------------------------------------------
 
 def load_model(spec: str):
@@ -157,190 +127,6 @@ def load_model(spec: str):
     return model, tok
 
 
-# ---- classification scoring ------------------------------------------------------------------
-
-def encode_prompts(tok, prompts, max_length: int) -> list[list[int]]:
-    """Token ids per prompt; long prompts keep their end (where the question is)."""
-    ids = tok(list(prompts), add_special_tokens=True)["input_ids"]
-    return [x[-max_length:] for x in ids]
-
-
-def left_pad(seqs, pad_id: int):
-    """Left padding: the last real token sits at position -1 in every row (RoPE is relative,
-    so the shift does not change the result)."""
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, n - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, n - len(s):] = 1
-    return ids, mask
-
-
-def length_batches(seqs, batch_size: int):
-    """Index batches of similar length (less padding)."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def _last_logits(model, ids, mask, keep: int):
-    try:
-        return model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits[:, -keep:]
-    except TypeError:  # models without logits_to_keep
-        return model(input_ids=ids, attention_mask=mask).logits[:, -keep:]
-
-
-class OptionScorer:
-    """Mean log-likelihood of each option's tokens after each prompt: (n, K) scores."""
-
-    def __init__(self, tok, options):
-        self.tok = tok
-        self.option_ids = [tok(o, add_special_tokens=False)["input_ids"] for o in options]
-        if any(len(o) == 0 for o in self.option_ids):
-            raise TaskError("--options", f"{options!r}: an option encodes to no tokens")
-        self.single_token = all(len(o) == 1 for o in self.option_ids)
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-
-    def scores(self, model, seqs) -> torch.Tensor:
-        if self.single_token:
-            ids, mask = left_pad(seqs, self.pad_id)
-            logp = torch.log_softmax(_last_logits(model, ids, mask, 1)[:, -1].float(), -1)
-            return logp[:, [o[0] for o in self.option_ids]]
-        cols = []
-        for opt in self.option_ids:
-            ids, mask = left_pad([s + opt for s in seqs], self.pad_id)
-            m = len(opt)
-            logp = torch.log_softmax(_last_logits(model, ids, mask, m + 1)[:, :m].float(), -1)
-            tgt = torch.tensor(opt).expand(len(seqs), m)
-            cols.append(logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).mean(-1))
-        return torch.stack(cols, 1)
-
-    @torch.no_grad()
-    def score_all(self, model, seqs, batch_size: int) -> torch.Tensor:
-        out = torch.empty(len(seqs), len(self.option_ids))
-        for b in length_batches(seqs, batch_size):
-            out[b] = self.scores(model, [seqs[i] for i in b])
-        return out
-
-
-@torch.no_grad()
-def last_features(model, seqs, pad_id: int, batch_size: int, progress: bool = False
-                  ) -> torch.Tensor:
-    """The final hidden state (after the last norm) at each prompt's last token: (n, hidden)."""
-    from tqdm.auto import tqdm
-
-    base = getattr(model, model.base_model_prefix)
-    out = None
-    for b in tqdm(length_batches(seqs, batch_size), desc="features", unit="batch",
-                  disable=not progress, dynamic_ncols=True):
-        ids, mask = left_pad([seqs[i] for i in b], pad_id)
-        h = base(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1].float()
-        if out is None:
-            out = torch.empty(len(seqs), h.shape[-1])
-        out[b] = h
-    return out
-
-
-# ---- metrics ----------------------------------------------------------------------------------
-
-def auc_binary(margin: np.ndarray, y: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney, ties counted half)."""
-    pos, neg = margin[y == 1], margin[y == 0]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    allv = np.concatenate([pos, neg])
-    order = allv.argsort(kind="mergesort")
-    ranks = np.empty(len(allv))
-    sv = allv[order]
-    i = 0
-    while i < len(sv):  # average ranks over ties
-        j = i
-        while j + 1 < len(sv) and sv[j + 1] == sv[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    r = ranks[:len(pos)].sum()
-    return float((r - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
-def auc(scores: np.ndarray, y: np.ndarray) -> float:
-    """Binary: AUC of score1 - score0. K > 2: macro one-vs-rest AUC of the softmax."""
-    if scores.shape[1] == 2:
-        return auc_binary(scores[:, 1] - scores[:, 0], y)
-    p = torch.softmax(torch.as_tensor(scores), -1).numpy()
-    return float(np.mean([auc_binary(p[:, k], (y == k).astype(int)) for k in range(p.shape[1])]))
-
-
-def fit_bias(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Per-option additive bias that maximises accuracy on (dev) data; bias[0] = 0."""
-    k = scores.shape[1]
-    bias = np.zeros(k)
-    if k == 2:
-        m = scores[:, 1] - scores[:, 0]
-        cands = np.concatenate([[m.min() - 1], (np.sort(m)[1:] + np.sort(m)[:-1]) / 2,
-                                [m.max() + 1]])
-        accs = [((m > c) == (y == 1)).mean() for c in cands]
-        bias[1] = -cands[int(np.argmax(accs))]
-        return bias
-    for _ in range(3):  # coordinate ascent over the other classes' biases
-        for c in range(1, k):
-            s = scores + bias
-            others = np.delete(s, c, 1).max(1)
-            need = others - scores[:, c]  # bias at which row flips to c
-            cands = np.concatenate([[need.min() - 1], np.unique(need) + 1e-6])
-            best, best_acc = bias[c], -1.0
-            for v in cands:
-                trial = bias.copy()
-                trial[c] = v
-                acc = ((scores + trial).argmax(1) == y).mean()
-                if acc > best_acc:
-                    best, best_acc = v, acc
-            bias[c] = best
-    return bias
-
-
-def class_metrics(scores: torch.Tensor, labels, bias: np.ndarray | None = None) -> dict:
-    s = scores.numpy().astype(np.float64)
-    y = np.asarray(labels)
-    out = {"accuracy": float((s.argmax(1) == y).mean()), "auc": auc(s, y),
-           "share_predicted": np.bincount(s.argmax(1), minlength=s.shape[1]).tolist()}
-    if bias is not None:
-        out["calibrated_accuracy"] = float(((s + bias).argmax(1) == y).mean())
-    return out
-
-
-def evaluate_scores(dev_scores, dev_labels, test_scores, test_labels) -> dict:
-    """Accuracy, AUC and the dev-calibrated accuracy (bias fitted on dev) for dev and test."""
-    bias = fit_bias(dev_scores.numpy().astype(np.float64), np.asarray(dev_labels))
-    return {"dev": class_metrics(dev_scores, dev_labels, bias),
-            "test": class_metrics(test_scores, test_labels, bias), "dev_bias": bias.tolist()}
-
-
-# ---- language modelling -------------------------------------------------------------------------
-
-def lm_blocks(tok, text: str, block_size: int) -> torch.Tensor:
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    n = len(ids) // block_size
-    if n == 0:
-        raise TaskError("--block-size", f"{block_size}: the text has only {len(ids)} tokens")
-    return torch.tensor(ids[:n * block_size]).view(n, block_size)
-
-
-def lm_loss(model, blocks: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=blocks, labels=blocks).loss
-
-
-@torch.no_grad()
-def lm_eval(model, blocks: torch.Tensor, batch_size: int, max_blocks: int = 64) -> dict:
-    blocks = blocks[:max_blocks]
-    total = 0.0
-    for i in range(0, len(blocks), batch_size):
-        b = blocks[i:i + batch_size]
-        total += float(lm_loss(model, b)) * len(b)
-    loss = total / len(blocks)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "blocks": len(blocks)}
-
-
 def balanced_batch(rng: np.random.RandomState, by_class: list[np.ndarray], size: int):
     """Indices with an equal share of every class (the first classes take the remainder)."""
     k = len(by_class)
@@ -353,24 +139,8 @@ def count_params(params) -> int:
     return int(sum(p.numel() for p in params))
 
 
-def run_summary_json(obj) -> bytes:
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-    return (json.dumps(clean(obj), indent=2) + "\n").encode()
-
-
 def now() -> float:
     return time.perf_counter()
-
-
-def make_tmpdir() -> str:
-    return tempfile.mkdtemp(prefix="zoengine-")
 
 
 # ---- the job ----------------------------------------------------------------------------------
@@ -573,50 +343,6 @@ def train_lm(cfg, task: LMTask, model, tok, report):
     return model
 
 
-def plot_curve(report: dict) -> bytes:
-    """Training loss (raw and moving average) and dev metrics against steps, as PNG bytes."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    loss = np.asarray(report["curve"]["loss"], dtype=float)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    steps = np.arange(1, len(loss) + 1)
-    a1.plot(steps, loss, lw=0.5, alpha=0.35, label="batch loss")
-    w = max(1, len(loss) // 50)
-    if len(loss) >= w:
-        ma = np.convolve(loss, np.ones(w) / w, mode="valid")
-        a1.plot(steps[w - 1:], ma, lw=1.5, label=f"moving avg ({w})")
-    a1.set_xlabel("step")
-    a1.set_ylabel("loss")
-    a1.set_title("training loss")
-    a1.legend(fontsize=8)
-    dev = report["curve"]["dev"]
-    xs = [d["step"] for d in dev]
-    if "dev_accuracy" in dev[0]:
-        a2.plot(xs, [d["dev_accuracy"] for d in dev], "o-", ms=3, label="dev accuracy")
-        a2.plot(xs, [d["dev_auc"] for d in dev], "s-", ms=3, label="dev AUC")
-        base = report["before"]["dev"].get("calibrated_accuracy")
-        if base is not None:
-            a2.axhline(base, ls="--", c="gray", lw=1, label="zero-shot, bias fitted on dev")
-        a2.set_title("held-out dev")
-    else:
-        a2.plot(xs, [d["dev_loss"] for d in dev], "o-", ms=3, label="dev loss")
-        a2.set_title("held-out dev loss")
-    a2.set_xlabel("step")
-    a2.legend(fontsize=8)
-    fig.suptitle(f"{report['config']['task']} · {report['config']['train']} · "
-                 f"{report['config']['method']}", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def save_weights(cfg, out_dir: str, trained, tok) -> str:
     """Write the trained weights atomically; returns the path written."""
     from safetensors.torch import save_file
@@ -641,26 +367,6 @@ def save_weights(cfg, out_dir: str, trained, tok) -> str:
         if cfg.train == "full":
             tok.save_pretrained(tmp)
     return path
-
-
-def summary_lines(report: dict) -> list[str]:
-    b, a = report["before"], report["after"]
-    c = report["config"]
-    head = (f"zoengine: task {c['task']}, train {c['train']} "
-            f"({report['trainable_params']:,} params), method {c['method']}, {c['steps']} steps, "
-            f"{report['timing']['total_s']:.0f} s")
-    if "test" in b and "loss" in b["test"]:
-        return [head, f"  test loss {b['test']['loss']:.4f} -> {a['test']['loss']:.4f}   "
-                      f"perplexity {b['test']['perplexity']:.2f} -> {a['test']['perplexity']:.2f}"]
-    g = report["gain"]
-    return [head,
-            "  held-out test           accuracy    AUC",
-            f"  zero-shot (before)        {b['test']['accuracy']:.3f}    {b['test']['auc']:.3f}",
-            f"  dev-calibrated zero-shot  {b['test']['calibrated_accuracy']:.3f}      -",
-            f"  after ZO training         {a['test']['accuracy']:.3f}    {a['test']['auc']:.3f}",
-            f"  gain: AUC {g['auc']:+.3f}; accuracy {g['accuracy_vs_calibrated_baseline']:+.3f} "
-            f"over the dev-calibrated baseline "
-            f"({'beats' if g['beats_calibrated_baseline'] else 'does NOT beat'} it)"]
 
 
 def auto_threads() -> int:
@@ -769,48 +475,3 @@ def run_train(cfg: RunConfig) -> dict:
     _log(f"wrote {cfg.output_dir}/metrics.json, curve.png, {report['weights']}")
     return report
 
-
-def run_eval(*, model_spec: str, task_name: str, weights: str | None, split: str, seed: int,
-             max_length: int = 128, batch_size: int = 16, block_size: int = 128,
-             task_kw: dict | None = None) -> dict:
-    """Score a model (optionally with trained head rows, a LoRA adapter or saved model) on a
-    task's split. Classification: accuracy, AUC, dev-calibrated accuracy; LM: loss, perplexity."""
-    torch.set_num_threads(auto_threads())
-    task = load_task(task_name, seed=seed, block_size=block_size, **(task_kw or {}))
-    head_rows = None
-    if weights:
-        if os.path.isfile(os.path.join(weights, "metrics.json")):  # a run's output folder
-            w = json.load(open(os.path.join(weights, "metrics.json")))["weights"]
-            weights = os.path.join(weights, w)
-        if weights.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            head_rows = load_file(weights)
-        elif os.path.exists(os.path.join(weights, "adapter_config.json")):
-            pass
-        elif os.path.exists(os.path.join(weights, "config.json")):
-            model_spec, weights = weights, None
-        else:
-            raise TaskError("--weights", f"{weights!r} is not a zoengine output folder, "
-                                         "head .safetensors, adapter or model folder")
-    model, tok = load_model(model_spec)
-    if weights and head_rows is None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, weights)
-        model.eval()
-    if task.kind == "lm":
-        blocks = lm_blocks(tok, task.splits[split]["text"][0], block_size)
-        return {"task": task.name, "split": split, **lm_eval(model, blocks, batch_size)}
-    scorer = OptionScorer(tok, task.options)
-    dev_seqs, dev_y = _split_seqs(task, tok, "dev", max_length)
-    seqs, y = _split_seqs(task, tok, split, max_length)
-    if head_rows is not None:
-        f = last_features(model, dev_seqs + seqs, scorer.pad_id, batch_size)
-        s = f @ head_rows["head_rows"].T + head_rows["head_bias"]
-        d, t = s[:len(dev_seqs)], s[len(dev_seqs):]
-    else:
-        d = scorer.score_all(model, dev_seqs, batch_size)
-        t = scorer.score_all(model, seqs, batch_size)
-    m = evaluate_scores(d, dev_y, t, y)
-    return {"task": task.name, "split": split, **m["test"]}

@@ -1,0 +1,138 @@
+"""Run outputs written so that an interrupted run never leaves a half-written file: atomic files
+and folders (temp + ``os.replace``), the metrics JSON, the curve PNG and the printed summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+
+import numpy as np
+
+
+def _tmp_name(path: str) -> str:
+    d, base = os.path.split(os.path.abspath(path))
+    return os.path.join(d, f".{base}.tmp-{os.getpid()}")
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``path`` completely or not at all (temp file in the same folder, fsync, rename)."""
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextmanager
+def atomic_dir(path: str):
+    """Yield a temp folder; on success it replaces ``path`` as a whole, on error it is removed."""
+    tmp = _tmp_name(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        old = path + ".old-" + str(os.getpid())
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clean_stale_temps(folder: str) -> None:
+    """Remove temp files left by a killed run (``.<name>.tmp-<pid>``)."""
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith(".") and ".tmp-" in name:
+                p = os.path.join(folder, name)
+                shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
+
+
+def run_summary_json(obj) -> bytes:
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return (json.dumps(clean(obj), indent=2) + "\n").encode()
+
+
+def make_tmpdir() -> str:
+    return tempfile.mkdtemp(prefix="zoengine-")
+
+
+def plot_curve(report: dict) -> bytes:
+    """Training loss (raw and moving average) and dev metrics against steps, as PNG bytes."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loss = np.asarray(report["curve"]["loss"], dtype=float)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps = np.arange(1, len(loss) + 1)
+    a1.plot(steps, loss, lw=0.5, alpha=0.35, label="batch loss")
+    w = max(1, len(loss) // 50)
+    if len(loss) >= w:
+        ma = np.convolve(loss, np.ones(w) / w, mode="valid")
+        a1.plot(steps[w - 1:], ma, lw=1.5, label=f"moving avg ({w})")
+    a1.set_xlabel("step")
+    a1.set_ylabel("loss")
+    a1.set_title("training loss")
+    a1.legend(fontsize=8)
+    dev = report["curve"]["dev"]
+    xs = [d["step"] for d in dev]
+    if "dev_accuracy" in dev[0]:
+        a2.plot(xs, [d["dev_accuracy"] for d in dev], "o-", ms=3, label="dev accuracy")
+        a2.plot(xs, [d["dev_auc"] for d in dev], "s-", ms=3, label="dev AUC")
+        base = report["before"]["dev"].get("calibrated_accuracy")
+        if base is not None:
+            a2.axhline(base, ls="--", c="gray", lw=1, label="zero-shot, bias fitted on dev")
+        a2.set_title("held-out dev")
+    else:
+        a2.plot(xs, [d["dev_loss"] for d in dev], "o-", ms=3, label="dev loss")
+        a2.set_title("held-out dev loss")
+    a2.set_xlabel("step")
+    a2.legend(fontsize=8)
+    fig.suptitle(f"{report['config']['task']} · {report['config']['train']} · "
+                 f"{report['config']['method']}", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def summary_lines(report: dict) -> list[str]:
+    b, a = report["before"], report["after"]
+    c = report["config"]
+    head = (f"zoengine: task {c['task']}, train {c['train']} "
+            f"({report['trainable_params']:,} params), method {c['method']}, {c['steps']} steps, "
+            f"{report['timing']['total_s']:.0f} s")
+    if "test" in b and "loss" in b["test"]:
+        return [head, f"  test loss {b['test']['loss']:.4f} -> {a['test']['loss']:.4f}   "
+                      f"perplexity {b['test']['perplexity']:.2f} -> {a['test']['perplexity']:.2f}"]
+    g = report["gain"]
+    return [head,
+            "  held-out test           accuracy    AUC",
+            f"  zero-shot (before)        {b['test']['accuracy']:.3f}    {b['test']['auc']:.3f}",
+            f"  dev-calibrated zero-shot  {b['test']['calibrated_accuracy']:.3f}      -",
+            f"  after ZO training         {a['test']['accuracy']:.3f}    {a['test']['auc']:.3f}",
+            f"  gain: AUC {g['auc']:+.3f}; accuracy {g['accuracy_vs_calibrated_baseline']:+.3f} "
+            f"over the dev-calibrated baseline "
+            f"({'beats' if g['beats_calibrated_baseline'] else 'does NOT beat'} it)"]
