@@ -35,6 +35,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from zoengine.hwsim.distributions import (  # noqa: F401  (re-exported)
+    DISTS,
+    _parse_dist,
+    _to_float,
+    icdf_rom,
+    sample_bits,
+)
+from zoengine.hwsim.stats import check_stream  # noqa: F401  (re-exported)
+
 __all__ = [
     "DISTS",
     "SOURCES",
@@ -51,7 +60,6 @@ __all__ = [
 SOURCES = ("lfsr", "lutsr", "taus88", "xoshiro128ss", "philox")
 # bits one instance of each source delivers per clock (lfsr: W, i.e. leap = sample width)
 SOURCE_BITS = {"lutsr": 32, "taus88": 32, "xoshiro128ss": 32, "philox": 128}
-DISTS = ("uniform", "rademacher", "clt<k>", "icdf<m>", "boxmuller")
 REUSE_MODES = ("none", "otf", "pool")
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -273,92 +281,6 @@ def source_words(source: str, *, seed: int, instances: int, clocks: int, bits: i
     return cut.reshape(clocks, instances, -1)
 
 
-# ---------------------------------------------------------------------------------------------
-# distributions
-# ---------------------------------------------------------------------------------------------
-def _norm_ppf(p: np.ndarray) -> np.ndarray:
-    """Inverse standard-normal CDF by bisection on math.erfc (float64, ~1e-15); no scipy."""
-    p = np.asarray(p, dtype=np.float64)
-    lo = np.full_like(p, -40.0)
-    hi = np.full_like(p, 40.0)
-    cdf = np.vectorize(lambda x: 0.5 * math.erfc(-x / math.sqrt(2.0)))
-    for _ in range(80):
-        mid = 0.5 * (lo + hi)
-        below = cdf(mid) < p
-        lo = np.where(below, mid, lo)
-        hi = np.where(below, hi, mid)
-    return 0.5 * (lo + hi)
-
-
-def icdf_rom(m: int, w: int) -> np.ndarray:
-    """Half-normal ICDF ROM: word i = round(Phi^-1(0.5 + (i+0.5)/2^(m+1)) * 2^(w-4)),
-    saturated to w-1 bits (dossier Appendix A, module ``icdf``)."""
-    i = np.arange(1 << m, dtype=np.float64)
-    v = np.round(_norm_ppf(0.5 + (i + 0.5) / float(1 << (m + 1))) * float(1 << (w - 4)))
-    return np.minimum(v, (1 << (w - 1)) - 1).astype(np.int64)
-
-
-_DIST_RE = re.compile(r"^(uniform|rademacher|boxmuller|clt(\d+)|icdf(\d+))$")
-
-
-def _parse_dist(dist: str) -> tuple[str, int]:
-    m = _DIST_RE.match(dist)
-    if not m:
-        raise ValueError(f"dist={dist!r}: must be one of {DISTS} (e.g. 'clt4', 'icdf10')")
-    if m.group(2):
-        k = int(m.group(2))
-        if not 1 <= k <= 64:
-            raise ValueError(f"dist={dist!r}: CLT terms k must be in 1..64")
-        return "clt", k
-    if m.group(3):
-        k = int(m.group(3))
-        if not 2 <= k <= 16:
-            raise ValueError(f"dist={dist!r}: ICDF address bits m must be in 2..16")
-        return "icdf", k
-    return m.group(1), 0
-
-
-def sample_bits(dist: str, bits: int) -> int:
-    """Uniform bits one output sample of ``dist`` consumes."""
-    kind, k = _parse_dist(dist)
-    return {"uniform": bits, "rademacher": bits, "clt": k * bits, "icdf": k + 1,
-            "boxmuller": bits}[kind]
-
-
-def _to_float(u, dist: str, bits: int, xp) -> np.ndarray:
-    """Map ``(..., per_sample)`` integer words to unit-variance float32 samples."""
-    kind, k = _parse_dist(dist)
-    if kind == "uniform":  # midpoints of 2^W cells on (-1, 1); var = (1 - 4^-W)/3
-        scale = 1.0 / math.sqrt((1.0 - 4.0 ** -bits) / 3.0)
-        x = (u.astype(xp.float64) + 0.5) * (2.0 / (1 << bits)) - 1.0
-        return (x * scale).astype(xp.float32)
-    if kind == "rademacher":
-        return xp.where((u >> xp.uint64(bits - 1)) & xp.uint64(1), 1.0, -1.0).astype(xp.float32)
-    if kind == "clt":  # u: (..., k) words of W bits
-        s = u.sum(axis=-1).astype(xp.float64)
-        mean = k * ((1 << bits) - 1) / 2.0
-        sd = math.sqrt(k * (4.0 ** bits - 1.0) / 12.0)
-        return ((s - mean) / sd).astype(xp.float32)
-    if kind == "icdf":  # u: m+1 bits, bit m = sign, low m bits = address
-        rom = icdf_rom(k, bits)
-        rms = math.sqrt(float(np.mean(rom.astype(np.float64) ** 2)))
-        mag = xp.asarray(rom)[(u & xp.uint64((1 << k) - 1)).astype(xp.int64)]
-        sgn = (u >> xp.uint64(k)) & xp.uint64(1)
-        return (xp.where(sgn == 1, -mag, mag) / rms).astype(xp.float32)
-    # Box–Muller on pairs of W-bit words: (..., 2) -> two outputs, rounded to W bits, W-4 frac
-    n = float(1 << bits)
-    u1 = (u[..., 0].astype(xp.float64) + 0.5) / n
-    u2 = (u[..., 1].astype(xp.float64) + 0.5) / n
-    r = xp.sqrt(-2.0 * xp.log(u1))
-    frac = float(1 << max(bits - 4, 0))
-    lim = (1 << (bits - 1)) - 1
-    a = xp.clip(xp.round(r * xp.cos(2 * math.pi * u2) * frac), -lim, lim) / frac
-    b = xp.clip(xp.round(r * xp.sin(2 * math.pi * u2) * frac), -lim, lim) / frac
-    grid = (np.arange(1 << bits, dtype=np.float64) + 0.5) / n
-    sd = math.sqrt(float(np.mean(-2.0 * np.log(grid))) / 2.0)
-    return (xp.stack([a, b], axis=-1).reshape(*u.shape[:-1], 2) / sd).astype(xp.float32)
-
-
 def _samples(source: str, dist: str, bits: int, *, seed: int, instances: int, count: int,
              xp_device: str) -> np.ndarray:
     """``(clocks, instances * per_clock)`` unit-variance samples, clock-major, >= count."""
@@ -535,53 +457,3 @@ def hw_noise(spec: str, numel: int, *, seed: int, step: int, key: int, sample: i
     return stream(spec, numel, seed=mix_seed(seed, step, sample, key), offset=offset,
                   device=device)
 
-
-# ---------------------------------------------------------------------------------------------
-# statistics (numpy only)
-# ---------------------------------------------------------------------------------------------
-def _kolmogorov_sf(t: float) -> float:
-    """P(K > t) for the Kolmogorov distribution (asymptotic KS p-value)."""
-    if t < 0.2:
-        return 1.0
-    k = np.arange(1, 101)
-    return float(min(1.0, max(0.0, 2.0 * np.sum((-1.0) ** (k - 1) * np.exp(-2.0 * k * k * t * t)))))
-
-
-def _chi2_sf(x: float, dof: int) -> float:
-    """Chi-square upper tail via the Wilson–Hilferty normal approximation."""
-    z = ((x / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
-    return 0.5 * math.erfc(z / math.sqrt(2))
-
-
-def check_stream(x, *, reference: str = "normal", bins: int = 64) -> dict:
-    """Mean, variance, lag-1 correlation, KS (vs N(0,1) or unit-variance uniform) and a
-    chi-square on ``bins`` equiprobable cells of the reference distribution.
-
-    KS against a continuous reference also measures the quantisation of a W-bit stream
-    (a 2^W-level grid is at least 2^-(W+1) away in CDF), so read ``ks_stat`` next to it.
-    """
-    x = np.asarray(x.get() if hasattr(x, "get") else x, dtype=np.float64).ravel()
-    n = x.size
-    if n < 100:
-        raise ValueError(f"x: need >= 100 samples, got {n}")
-    if reference == "normal":
-        cdf = np.vectorize(lambda v: 0.5 * math.erfc(-v / math.sqrt(2.0)))
-    elif reference == "uniform":
-        a = math.sqrt(3.0)
-        cdf = lambda v: np.clip((v + a) / (2 * a), 0.0, 1.0)
-    else:
-        raise ValueError(f"reference={reference!r}: must be 'normal' or 'uniform'")
-    xs = np.sort(x[: min(n, 200_000)])
-    m = xs.size
-    f = cdf(xs)
-    d = float(max(np.max(np.arange(1, m + 1) / m - f), np.max(f - np.arange(m) / m)))
-    p_ks = _kolmogorov_sf(d * (math.sqrt(m) + 0.12 + 0.11 / math.sqrt(m)))
-    cells = np.minimum((cdf(xs) * bins).astype(np.int64), bins - 1)
-    counts = np.bincount(cells, minlength=bins)
-    exp = m / bins
-    chi2 = float(np.sum((counts - exp) ** 2 / exp))
-    xc = x - x.mean()
-    lag1 = float(np.dot(xc[:-1], xc[1:]) / max(np.dot(xc, xc), 1e-300))
-    return {"n": n, "mean": float(x.mean()), "var": float(x.var()), "lag1": lag1,
-            "ks_stat": d, "ks_p": p_ks, "chi2": chi2, "chi2_dof": bins - 1,
-            "chi2_p": _chi2_sf(chi2, bins - 1)}
