@@ -23,6 +23,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 _MARK = "@@BENCH_RESULT@@ "  # a worker's result line on stdout: marker + JSON
 
 
+def cache_dir(*parts: str) -> Path:
+    """A folder under zoengine's cache ($ZOENGINE_CACHE_DIR, else $XDG_CACHE_HOME/zoengine, else
+    ~/.cache/zoengine): benchmarks keep dumped weights there, never in the repository."""
+    base = os.environ.get("ZOENGINE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "zoengine")
+    return Path(base).joinpath(*parts)
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:

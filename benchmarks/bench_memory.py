@@ -35,10 +35,7 @@ import _common as C  # noqa: E402
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("ZOENGINE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "zoengine")
-    return Path(base) / "bench_memory" / "smollm2-135m"
+    return C.cache_dir("bench_memory", "smollm2-135m")
 
 
 def prepare() -> None:

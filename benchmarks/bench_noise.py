@@ -44,9 +44,9 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
 
     import torch
-    from zoengine.kernels import native_ops
 
     from zoengine import noise
+    from zoengine.kernels import native_ops
 
     torch.set_num_threads(a.threads)
     n = a.numel

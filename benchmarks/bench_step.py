@@ -35,10 +35,7 @@ LR, EPS, WD = 1e-6, 1e-3, 0.0
 
 
 def weights_dir() -> Path:
-    base = os.environ.get("ZOENGINE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "zoengine")
-    return Path(base) / "bench" / "smollm2-135m-fp32"
+    return C.cache_dir("bench", "smollm2-135m-fp32")
 
 
 # ---- model dump / load (worker side) -----------------------------------------------------
