@@ -19,8 +19,8 @@ import math
 from collections.abc import Sequence
 
 import torch
-from zoengine.kernels.philox import MASK32, philox4x32
 
+from zoengine.kernels.philox import MASK32, philox4x32
 from zoengine.seeds import stream_key
 
 CHUNK_ELEMENTS = 1 << 16

@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+
 from zoengine.hwsim import Workload, estimate, generator_cost
 from zoengine.hwsim.calibration import PEZO_PUBLISHED, pezo_comparison
 from zoengine.hwsim.cli import main

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+
 from zoengine.hwsim import generators as G
 
 HWSIM_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hwsim")

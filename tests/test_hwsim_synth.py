@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from zoengine.hwsim import rtl
 
 HAVE_YOSYS = rtl.yosys_command() is not None

@@ -7,10 +7,10 @@ import warnings
 import pytest
 import sympy as sp
 import torch
-from zoengine.kernels.reuse import RotateSource, lane_uniform
 
 import zoengine
 from zoengine.estimators import KERNELS, kernel_weight
+from zoengine.kernels.reuse import RotateSource, lane_uniform
 from zoengine.seeds import stream_key
 
 

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 from helpers import mse_closure, regression_batch, tiny_llama, tiny_mlp, ulp
-from zoengine.kernels.dispatch import resolve_backend
 
 import zoengine
 from zoengine import noise
+from zoengine.kernels.dispatch import resolve_backend
 from zoengine.seeds import tensor_keys
 
 

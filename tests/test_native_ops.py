@@ -13,10 +13,10 @@ import copy
 
 import pytest
 import torch
-from zoengine.kernels import dispatch, reference
-from zoengine.kernels.philox import noise_blocks
 
 import zoengine
+from zoengine.kernels import dispatch, reference
+from zoengine.kernels.philox import noise_blocks
 from zoengine.seeds import stream_key
 
 native_ops = pytest.importorskip("zoengine.kernels.native_ops")

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-from zoengine.kernels.philox import philox4x32
 
 from zoengine import noise
+from zoengine.kernels.philox import philox4x32
 from zoengine.seeds import splitmix64, stream_key, tensor_key, tensor_keys
 
 

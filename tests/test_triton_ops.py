@@ -19,13 +19,12 @@ import sys
 
 import pytest
 import torch
+from helpers import mse_closure, regression_batch, tiny_mlp, ulp
 
 import zoengine
 from zoengine.kernels import reference as R
 from zoengine.kernels.philox import philox4x32
 from zoengine.seeds import stream_key
-
-from helpers import mse_closure, regression_batch, tiny_mlp, ulp
 
 pytestmark = pytest.mark.interpreter
 
