@@ -408,6 +408,7 @@ def _prune_and_plan(cfg: RunConfig, task, model, tok):
                                seq_len=cfg.block_size if lm else cfg.max_length,
                                masks=masks, log=_log)
     cfg.batch_size = plan.batch_size
+    cfg.eval_batch_size = min(cfg.eval_batch_size, plan.batch_size)  # the budget covers eval too
     if lm:
         cfg.block_size = plan.seq_len
     else:
