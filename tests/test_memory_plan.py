@@ -109,3 +109,20 @@ def test_activation_model_matches_measured_rss(dims):
     assert 0.6 * act_pred <= act_measured <= 1.35 * act_pred, (act_measured, act_pred)
     total_pred = r["pred"]["predicted"]
     assert abs(r["peak"] - total_pred) <= 0.2 * total_pred, (r["peak"], total_pred)
+
+
+def test_resident_runtime_excludes_the_model():
+    import torch
+
+    from zoengine.memory import resident_runtime
+
+    small = torch.nn.Linear(4, 4)
+    big = torch.nn.Linear(2048, 4096)  # 32 MiB of fp32 weights
+    base = resident_runtime(small)
+    if base is None:
+        pytest.skip("no /proc/self/statm on this platform")
+    assert base > 50 * 2**20  # at least the interpreter and torch
+    # both models are resident; only the one passed is subtracted, so the difference is its size
+    big_bytes = sum(p.numel() * 4 for p in big.parameters())
+    diff = resident_runtime(small) - resident_runtime(big)
+    assert abs(diff - big_bytes) < 4 * 2**20

@@ -21,6 +21,7 @@ peak is inference's peak plus the method's persistent extras:
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -269,6 +270,23 @@ def peak_memory() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def resident_runtime(model) -> int | None:
+    """This process's resident memory minus the model's tensors: the real ``runtime`` term of a
+    plan made in the process that will train (it counts whatever else is loaded: datasets,
+    tokenizer, caches). None where /proc is not available."""
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+    seen, tensors = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "cpu" and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            tensors += t.numel() * t.element_size()
+    return max(0, rss - tensors)
+
+
 # ---- command line (wired into zoengine/cli.py's train command) ----------------------------------
 
 def add_train_args(p) -> None:
@@ -291,8 +309,10 @@ def plan_for_run(model, max_memory, *, method: str, batch_size: int, seq_len: in
     elif masks == "zeros":
         masked = None
     name = method if method in METHODS else "mezo"
+    # the runtime term measured in this process, never below the bare-interpreter constant
+    rt = max(RUNTIME_CPU, resident_runtime(model) or 0) if not torch.cuda.is_available() else None
     p = plan(model, max_memory, name, batch_size=batch_size, seq_len=seq_len,
-             masks=masks is not None, masked=masked if masks is not None else 0)
+             masks=masks is not None, masked=masked if masks is not None else 0, runtime=rt)
     log(str(p))
     return p
 
