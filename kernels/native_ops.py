@@ -355,11 +355,7 @@ def restore_update_(
         return
     reference._check_lists(params, keys, masks)
     n = len(grads)
-    if n == 0:
-        raise ValueError("grads is empty: need one projected gradient per sample")
-    r = n - 1 if restore_sample is None else restore_sample
-    if not 0 <= r < n:
-        raise ValueError(f"restore_sample={restore_sample}: must be in [0, {n})")
+    r = reference.restore_index(grads, restore_sample)
     key64s = (ctypes.c_uint64 * n)(*[stream_key(seed, step, k) for k in range(n)])
     d = _check_dist(dist)
     gs = (ctypes.c_float * n)(*[float(g) for g in grads])

@@ -81,6 +81,17 @@ def _check_lists(params, keys, masks):
             raise ValueError(f"params[{i}] is not contiguous; ZO ops update tensors in place")
 
 
+def restore_index(grads: Sequence[float], restore_sample: int | None) -> int:
+    """The sample restore_update_ restores (default: the last), validated against ``grads``."""
+    n = len(grads)
+    if n == 0:
+        raise ValueError("grads is empty: need one projected gradient per sample")
+    r = n - 1 if restore_sample is None else restore_sample
+    if not 0 <= r < n:
+        raise ValueError(f"restore_sample={restore_sample}: must be in [0, {n})")
+    return r
+
+
 def perturb_(
     params: Sequence[torch.Tensor],
     keys: Sequence[int],
@@ -141,11 +152,7 @@ def restore_update_(
     """
     _check_lists(params, keys, masks)
     n = len(grads)
-    if n == 0:
-        raise ValueError("grads is empty: need one projected gradient per sample")
-    r = n - 1 if restore_sample is None else restore_sample
-    if not 0 <= r < n:
-        raise ValueError(f"restore_sample={restore_sample}: must be in [0, {n})")
+    r = restore_index(grads, restore_sample)
     key64s = [stream_key(seed, step, k) for k in range(n)]
     for i, (p, key) in enumerate(zip(params, keys)):
         sr = stochastic_rounding and p.dtype in (torch.float16, torch.bfloat16)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from zoengine.kernels.philox import MASK32, philox4x32
+from zoengine.kernels.reference import restore_index
 from zoengine.seeds import stream_key
 
 CHUNK_ELEMENTS = 1 << 16
@@ -135,7 +136,7 @@ class ReuseOps:
                         restore_sample: int | None = None, weight_decay: float = 0.0,
                         dist: str = "uniform", masks=None) -> None:
         n = len(grads)
-        r = n - 1 if restore_sample is None else restore_sample
+        r = restore_index(grads, restore_sample)
         for x, base, s, e, m in self._chunks(params, keys, masks, seed=seed, step=step,
                                              sample=r):
             zs = [self._z(base, s, e, m, seed=seed, step=step, sample=k, device=x.device)

@@ -27,7 +27,7 @@ import triton.language as tl
 from torch.autograd.graph import increment_version
 
 from zoengine.kernels.philox import DISTRIBUTIONS, SQRT3_F32, TWO_PI_F32
-from zoengine.kernels.reference import _check_lists
+from zoengine.kernels.reference import _check_lists, restore_index
 from zoengine.seeds import stream_key
 
 __all__ = ["perturb_", "restore_update_", "is_interpreted", "clear_table_cache"]
@@ -426,11 +426,7 @@ def restore_update_(
     _check_lists(params, keys, masks)
     code = _check_dist(dist)
     n = len(grads)
-    if n == 0:
-        raise ValueError("grads is empty: need one projected gradient per sample")
-    r = n - 1 if restore_sample is None else restore_sample
-    if not 0 <= r < n:
-        raise ValueError(f"restore_sample={restore_sample}: must be in [0, {n})")
+    r = restore_index(grads, restore_sample)
     key64s = [stream_key(seed, step, k) for k in range(n)]
     if not params or all(p.numel() == 0 for p in params):
         return
