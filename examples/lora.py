@@ -14,8 +14,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import zoengine
-from zoengine.data import load_task
-from zoengine.train import lm_blocks, lm_eval, lm_loss, load_model
+from zoengine.run import load_model
+from zoengine.tasks import lm_blocks, lm_eval, lm_loss, load_task
 
 
 def main(argv=None):

@@ -4,7 +4,7 @@
 
 1. load the embedded model; measure held-out Shakespeare perplexity
 2. Wanda-prune 50 % (unstructured, 2:4 or 4:8), calibrated on the *train* split; measure
-3. plan the recovery under the memory budget (zoengine.memory.plan), refuse if nothing fits
+3. plan the recovery under the memory budget (zoengine.sparsity.memory.plan), refuse if nothing fits
 4. MeZO recovery on the LM loss with ``masks=`` from the pruner; measure, and check that the
    sparsity at the end is exactly the sparsity after pruning
 
@@ -19,10 +19,11 @@ import argparse
 import torch
 
 import zoengine
-from zoengine import memory, sparsity
-from zoengine.data import shakespeare
+from zoengine import sparsity
 from zoengine.models import load_default_model
-from zoengine.train import lm_blocks, lm_eval
+from zoengine.run.pruning import calibration_blocks
+from zoengine.sparsity import memory
+from zoengine.tasks import lm_blocks, lm_eval, shakespeare
 
 
 def main(argv=None) -> int:
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     test = lm_blocks(tok, task.splits["test"]["text"][0], 128)
     print(f"dense:   perplexity {lm_eval(model, test, 4)['perplexity']:.2f}")
 
-    calib = sparsity.calibration_blocks(tok, "shakespeare", n_blocks=4, block_size=128)
+    calib = calibration_blocks(tok, "shakespeare", n_blocks=4, block_size=128)
     masks = sparsity.prune(model, "wanda", 0.5, a.pattern, calib=[calib])
     after_prune = sparsity.sparsity_report(model, masks)
     print(f"pruned:  perplexity {lm_eval(model, test, 4)['perplexity']:.2f}, sparsity "

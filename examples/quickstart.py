@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import zoengine
-from zoengine.data import load_task
-from zoengine.train import OptionScorer, class_metrics, encode_prompts, load_model
+from zoengine.run import load_model
+from zoengine.tasks import OptionScorer, class_metrics, encode_prompts, load_task
 
 
 def main(argv=None):

@@ -10,9 +10,13 @@ Co-simulation: ``zoengine.hwsim.generators.hw_noise(spec, numel, seed=, step=, k
 returns the float32 numbers a hardware generator would produce (``noise="hw:<spec>"``).
 """
 
-from zoengine.hwsim.costs import CATALOGUE, PLATFORMS, Coef, generator_cost, get_platform
+from zoengine.hwsim.catalogue import CATALOGUE, Coef
+from zoengine.hwsim.costs import generator_cost
 from zoengine.hwsim.estimate import Budget, estimate, unit_cost
-from zoengine.hwsim.generators import check_stream, hw_noise, parse_spec, stream
+from zoengine.hwsim.generators import hw_noise, stream
+from zoengine.hwsim.platforms import PLATFORMS, get_platform
+from zoengine.hwsim.specs import parse_spec
+from zoengine.hwsim.stats import check_stream
 from zoengine.hwsim.workload import PRESETS, Workload
 
 __all__ = ["CATALOGUE", "PLATFORMS", "PRESETS", "Budget", "Coef", "Workload", "check_stream",

@@ -69,7 +69,7 @@ _FIELD_FLAG = {field: flag for flag, field, _, _ in _EST_FLAGS}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from zoengine.hwsim.costs import PLATFORMS  # noqa: PLC0415
+    from zoengine.hwsim.platforms import PLATFORMS  # noqa: PLC0415
     from zoengine.hwsim.workload import PRESETS  # noqa: PLC0415
 
     p = _Parser(prog="zoengine hwsim", description="Hardware RNG cost of a ZO workload.")
@@ -175,8 +175,8 @@ def _workload(args):
 
 
 def cmd_estimate(args) -> int:
-    from zoengine.hwsim.costs import PLATFORMS  # noqa: PLC0415
     from zoengine.hwsim.estimate import estimate  # noqa: PLC0415
+    from zoengine.hwsim.platforms import PLATFORMS  # noqa: PLC0415
     from zoengine.hwsim.report import (  # noqa: PLC0415
         budget_json,
         format_budget,
@@ -215,7 +215,7 @@ def cmd_estimate(args) -> int:
 
 def cmd_pezo(args) -> int:
     from zoengine.hwsim.calibration import PEZO_PUBLISHED, pezo_comparison  # noqa: PLC0415
-    from zoengine.hwsim.costs import PLATFORMS  # noqa: PLC0415
+    from zoengine.hwsim.platforms import PLATFORMS  # noqa: PLC0415
 
     if args.platform not in PLATFORMS:
         raise UsageError("--platform", f"{args.platform!r}: must be one of {tuple(PLATFORMS)}")
@@ -237,7 +237,7 @@ def cmd_pezo(args) -> int:
 def cmd_catalogue(args) -> int:
     from dataclasses import asdict  # noqa: PLC0415
 
-    from zoengine.hwsim.costs import CATALOGUE  # noqa: PLC0415
+    from zoengine.hwsim.catalogue import CATALOGUE  # noqa: PLC0415
 
     if args.json:
         print(json.dumps([asdict(r) for r in CATALOGUE], indent=2))

@@ -13,15 +13,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from zoengine.hwsim.costs import (
-    FF_GE,
-    MUX2_GE,
-    Coef,
-    GenCost,
+from zoengine.hwsim.catalogue import FF_GE, MUX2_GE, Coef
+from zoengine.hwsim.costs import GenCost, generator_cost
+from zoengine.hwsim.platforms import (
     Platform,
     asic_energy_per_cycle_fj,
     fpga_energy_per_cycle_fj,
-    generator_cost,
     get_platform,
 )
 from zoengine.hwsim.workload import Workload
@@ -108,21 +105,10 @@ def _dedup(coefs):
     return out
 
 
-def estimate(workload: Workload, platform: str | Platform = "fpga-xc7") -> Budget:
-    """Price ``workload`` on ``platform`` (``fpga-xc7``, ``fpga-xc7z020``, ``asic-45nm``,
-    ``asic-130nm``, ``asic-7nm``)."""
-    if not isinstance(workload, Workload):
-        raise ValueError(f"workload={workload!r}: must be a zoengine.hwsim.Workload")
-    p = get_platform(platform)
-    w = workload
-    u = unit_cost(w)
-    prov: list[Coef] = list(u.provenance)
-    notes = list(u.notes)
+def _instances(w: Workload, u: GenCost) -> tuple[float, int]:
+    """Fresh numbers the lanes see per clock (L / R) and the generator units n (dossier §7.2)."""
     lanes = w.lanes
     f = float(w.clock_hz)
-    W = w.bits
-
-    # ---- instances ----------------------------------------------------------------------
     if w.reuse == "none":
         distinct = float(lanes)
     elif w.reuse == "on-the-fly":
@@ -137,9 +123,26 @@ def estimate(workload: Workload, platform: str | Platform = "fpga-xc7") -> Budge
             n = max(1, math.ceil(w.pool_size / (u.spc * f * t_avail)))
     else:
         n = max(1, math.ceil(distinct / u.spc))
-    total = u.times(n)
+    return distinct, n
 
-    # ---- glue (dossier §7.2) --------------------------------------------------------------
+
+def _pool_sram_bits(w: Workload, p: Platform) -> float:
+    """Pool memory in bits (x2 when double-buffered); an error if the platform cannot hold it."""
+    W = w.bits
+    sram_bits = float(w.pool_size * W) * (2 if w.double_buffer else 1)
+    cap = p.limits.get("memory_bits")
+    if cap is not None and sram_bits > cap.value:
+        raise ValueError(
+            f"Workload.pool_size={w.pool_size}: pool of {sram_bits:.3g} bits exceeds "
+            f"{p.name} memory ({cap.value:.3g} bits, {cap.tag}: {cap.source}); allowed "
+            f"pool_size <= {int(cap.value // (W * (2 if w.double_buffer else 1)))}")
+    return sram_bits
+
+
+def _glue(w: Workload, p: Platform, distinct: float, prov: list) -> tuple[dict, float]:
+    """Glue logic (dossier §7.2): rotation network, pool pointer, lane registers; and the pool's
+    memory bits. Appends the coefficients used to ``prov``."""
+    W = w.bits
     glue = {"lut": 0.0, "ff": 0.0, "ge": 0.0}
     if w.reuse == "on-the-fly" and distinct > 1:
         lv = math.ceil(math.log2(distinct))
@@ -152,31 +155,26 @@ def estimate(workload: Workload, platform: str | Platform = "fpga-xc7") -> Budge
                  Coef("rotation network GE = 2.33*n*W*ceil(log2 n) (mux2 tree)",
                       MUX2_GE.value * distinct * W * lv, "GE", "E", MUX2_GE.source)]
     sram_bits = 0.0
-    b18_cap = b18_bw = 0.0
     if w.reuse == "pool":
-        ab = pool_pointer_bits(w.pool_size, lanes)
+        ab = pool_pointer_bits(w.pool_size, w.lanes)
         glue["lut"] += ab
         glue["ff"] += ab
         glue["ge"] += (FF_GE.value + 3.3) * ab
         glue["pool_address_bits"] = ab
         prov.append(Coef("pool pointer: ceil(log2 P) - tz(gcd(L, P)) FF and LUT, 3.3 GE/bit", ab,
                          "bit", "E", "our estimate"))
-        sram_bits = float(w.pool_size * W) * (2 if w.double_buffer else 1)
-        cap = p.limits.get("memory_bits")
-        if cap is not None and sram_bits > cap.value:
-            raise ValueError(
-                f"Workload.pool_size={w.pool_size}: pool of {sram_bits:.3g} bits exceeds "
-                f"{p.name} memory ({cap.value:.3g} bits, {cap.tag}: {cap.source}); allowed "
-                f"pool_size <= {int(cap.value // (W * (2 if w.double_buffer else 1)))}")
+        sram_bits = _pool_sram_bits(w, p)
     if w.register_lanes:
-        glue["ff"] += W * lanes
-        glue["ge"] += FF_GE.value * W * lanes
+        glue["ff"] += W * w.lanes
+        glue["ge"] += FF_GE.value * W * w.lanes
+    return glue, sram_bits
 
-    b = Budget(platform=p.name, kind=p.kind, workload=w.to_dict(), n_generators=n,
-               samples_per_clock_per_unit=u.spc, distinct_per_clock=distinct,
-               n_use=w.n_use, n_gen=w.n_gen, n_read=w.n_read, glue=glue, sram_bits=sram_bits)
 
-    # ---- energy per number ----------------------------------------------------------------
+def _energy_per_number(w: Workload, u: GenCost, p: Platform,
+                       prov: list) -> tuple[float, float, float]:
+    """(J per generated sample, J per pool read, J per distributed number) on ``p`` (§7.3).
+    Appends the coefficients used to ``prov``."""
+    W = w.bits
     if p.kind == "asic":
         e_cycle = asic_energy_per_cycle_fj(u, p) * 1e-15
         e_read = p.c("e_sram_read_pj_32b") * 1e-12 * W / 32.0
@@ -197,7 +195,12 @@ def estimate(workload: Workload, platform: str | Platform = "fpga-xc7") -> Budge
                          "fJ", "E", "zoengine research/hwsim.md §6.1, §7.3"))
         if w.reuse == "pool" or u.bram_reads_per_clock:
             prov += [p.coefs["e_bram_pj"], p.coefs["bram_port_bits"]]
-    e_gen = e_cycle / u.spc
+    return e_cycle / u.spc, e_read, e_dist
+
+
+def _charge_energy(b: Budget, w: Workload, u: GenCost, p: Platform, prov: list) -> None:
+    """E_step = N_gen*E_gen + N_read*E_read + N_use*E_dist (dossier §7.3), into ``b``."""
+    e_gen, e_read, e_dist = _energy_per_number(w, u, p, prov)
     b.e_gen_per_sample_j = e_gen
     b.e_read_per_number_j = e_read if w.reuse == "pool" else 0.0
     b.e_dist_per_number_j = e_dist
@@ -206,9 +209,12 @@ def estimate(workload: Workload, platform: str | Platform = "fpga-xc7") -> Budge
     b.e_dist_j = w.n_use * e_dist
     b.e_step_j = b.e_gen_j + b.e_read_j + b.e_dist_j
 
-    # ---- throughput and time ----------------------------------------------------------------
+
+def _timing(b: Budget, w: Workload, u: GenCost, n: int, notes: list) -> None:
+    """Throughput, step time max(RNG-bound, lane-bound) + refill, P_dyn and the lanes target."""
+    f = float(w.clock_hz)
     b.samples_per_s = n * u.spc * f
-    b.t_lanes_step_s = w.n_use / (lanes * f)
+    b.t_lanes_step_s = w.n_use / (w.lanes * f)
     if w.reuse == "pool":
         b.t_rng_step_s = 0.0
         refill = (w.pool_size / b.samples_per_s) if w.refresh_every is not None else 0.0
@@ -224,34 +230,65 @@ def estimate(workload: Workload, platform: str | Platform = "fpga-xc7") -> Budge
         b.lanes_for_target = math.ceil(w.n_use / (w.target_step_s * f))
         b.meets_target = b.t_step_s <= w.target_step_s
 
-    # ---- resources ----------------------------------------------------------------------------
+
+def _fpga_resources(b: Budget, w: Workload, p: Platform, total: GenCost, glue: dict,
+                    prov: list, notes: list) -> None:
+    """LUT/FF/DSP/BRAM18 (pool BRAM = max(capacity, bandwidth)) and utilisation of the part."""
+    W = w.bits
+    b.lut = total.lut + glue["lut"]
+    b.ff = total.ff + glue["ff"]
+    b.dsp = total.dsp
+    b.bram18 = total.bram18
+    if w.reuse == "pool":
+        b18_cap = math.ceil(w.pool_size * W / p.c("bram18_bits"))
+        b18_bw = math.ceil(w.lanes * W / p.c("bram_port_bits"))
+        mult = 2 if w.double_buffer else 1
+        b.bram18_capacity, b.bram18_bandwidth = b18_cap * mult, b18_bw * mult
+        b.bram18 += max(b18_cap, b18_bw) * mult
+        prov += [p.coefs["bram18_bits"], p.coefs["bram_port_bits"]]
+    for r in ("lut", "ff", "dsp", "bram18"):
+        lim = p.limits.get(r)
+        if lim is not None:
+            b.utilisation[r] = getattr(b, r) / lim.value
+            if getattr(b, r) > lim.value:
+                notes.append(f"{r} = {getattr(b, r):.4g} exceeds the {lim.name} "
+                             f"({lim.value:.4g}, {lim.tag})")
+    b.p_static_w = None
+    notes.append("FPGA static power is a device property (Xilinx XPE), not modelled [?]")
+
+
+def _asic_resources(b: Budget, p: Platform, total: GenCost, glue: dict, sram_bits: float,
+                    notes: list) -> None:
+    """Gate equivalents, area and leakage power (the pool SRAM macro is not in the area)."""
+    b.ge = total.ge + glue["ge"]
+    b.area_um2 = b.ge * p.c("a_nand2_um2")
+    b.p_static_w = b.ge * p.c("leak_nw_per_ge") * 1e-9
+    if sram_bits:
+        notes.append(f"pool SRAM macro of {sram_bits:.4g} bits not included in area [?]")
+
+
+def estimate(workload: Workload, platform: str | Platform = "fpga-xc7") -> Budget:
+    """Price ``workload`` on ``platform`` (``fpga-xc7``, ``fpga-xc7z020``, ``asic-45nm``,
+    ``asic-130nm``, ``asic-7nm``)."""
+    if not isinstance(workload, Workload):
+        raise ValueError(f"workload={workload!r}: must be a zoengine.hwsim.Workload")
+    p = get_platform(platform)
+    w = workload
+    u = unit_cost(w)
+    prov: list[Coef] = list(u.provenance)
+    notes = list(u.notes)
+    distinct, n = _instances(w, u)
+    total = u.times(n)
+    glue, sram_bits = _glue(w, p, distinct, prov)
+    b = Budget(platform=p.name, kind=p.kind, workload=w.to_dict(), n_generators=n,
+               samples_per_clock_per_unit=u.spc, distinct_per_clock=distinct,
+               n_use=w.n_use, n_gen=w.n_gen, n_read=w.n_read, glue=glue, sram_bits=sram_bits)
+    _charge_energy(b, w, u, p, prov)
+    _timing(b, w, u, n, notes)
     if p.kind == "fpga":
-        b.lut = total.lut + glue["lut"]
-        b.ff = total.ff + glue["ff"]
-        b.dsp = total.dsp
-        b.bram18 = total.bram18
-        if w.reuse == "pool":
-            b18_cap = math.ceil(w.pool_size * W / p.c("bram18_bits"))
-            b18_bw = math.ceil(lanes * W / p.c("bram_port_bits"))
-            mult = 2 if w.double_buffer else 1
-            b.bram18_capacity, b.bram18_bandwidth = b18_cap * mult, b18_bw * mult
-            b.bram18 += max(b18_cap, b18_bw) * mult
-            prov += [p.coefs["bram18_bits"], p.coefs["bram_port_bits"]]
-        for r in ("lut", "ff", "dsp", "bram18"):
-            lim = p.limits.get(r)
-            if lim is not None:
-                b.utilisation[r] = getattr(b, r) / lim.value
-                if getattr(b, r) > lim.value:
-                    notes.append(f"{r} = {getattr(b, r):.4g} exceeds the {lim.name} "
-                                 f"({lim.value:.4g}, {lim.tag})")
-        b.p_static_w = None
-        notes.append("FPGA static power is a device property (Xilinx XPE), not modelled [?]")
+        _fpga_resources(b, w, p, total, glue, prov, notes)
     else:
-        b.ge = total.ge + glue["ge"]
-        b.area_um2 = b.ge * p.c("a_nand2_um2")
-        b.p_static_w = b.ge * p.c("leak_nw_per_ge") * 1e-9
-        if sram_bits:
-            notes.append(f"pool SRAM macro of {sram_bits:.4g} bits not included in area [?]")
+        _asic_resources(b, p, total, glue, sram_bits, notes)
     b.rows = sorted(set(u.rows))
     b.interpolated = list(dict.fromkeys(u.interpolated))
     b.provenance = _dedup(prov)

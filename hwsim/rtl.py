@@ -24,7 +24,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from zoengine.hwsim.generators import icdf_rom
+from zoengine.hwsim.distributions import icdf_rom
 
 __all__ = ["DESIGNS", "SynthResult", "emit", "model_cost", "synthesize", "yosys_command"]
 
@@ -67,24 +67,18 @@ def _state_bits(bits_per_clock: int) -> int:
     return 64 if bits_per_clock <= 60 else 128
 
 
-def emit(design: str, *, bits: int = 8, k: int = 4, m: int = 8, n: int = 16,
-         lanes: int = 256, pool: int = 65536) -> tuple[str, str]:
-    """Verilog source and top-module name of ``design`` (one of ``DESIGNS``)."""
-    if design not in DESIGNS:
-        raise ValueError(f"design={design!r}: must be one of {DESIGNS}")
-    if not 1 <= bits <= 32:
-        raise ValueError(f"bits={bits}: must be in 1..32")
-    lf = _lfsr_module()
-    if design == "lfsr":
-        top = f"""module top (input clk, input rst, output [{bits - 1}:0] q);
+def _top_lfsr(bits: int) -> str:
+    return f"""module top (input clk, input rst, output [{bits - 1}:0] q);
   lfsr_leap #(.N({_state_bits(bits)}), .W({bits})) g (.clk(clk), .rst(rst), .q(q));
 endmodule
 """
-    elif design == "clt":
-        if not 2 <= k <= 64:
-            raise ValueError(f"k={k}: must be in 2..64")
-        ow = bits + math.ceil(math.log2(k))
-        top = f"""// CLT (Irwin-Hall) Gaussian: sum of K uniform W-bit words from one leaping LFSR.
+
+
+def _top_clt(bits: int, k: int) -> str:
+    if not 2 <= k <= 64:
+        raise ValueError(f"k={k}: must be in 2..64")
+    ow = bits + math.ceil(math.log2(k))
+    return f"""// CLT (Irwin-Hall) Gaussian: sum of K uniform W-bit words from one leaping LFSR.
 module top (input clk, input rst, output reg [{ow - 1}:0] q);
   localparam K = {k}, W = {bits};
   wire [K*W-1:0] u;
@@ -95,8 +89,10 @@ module top (input clk, input rst, output reg [{ow - 1}:0] q);
   always @(posedge clk) q <= acc;   // offset and scale folded downstream
 endmodule
 """
-    elif design == "uscale":
-        top = f"""// PeZO-style uniform perturbation with a run-time (adaptive) scale.
+
+
+def _top_uscale(bits: int) -> str:
+    return f"""// PeZO-style uniform perturbation with a run-time (adaptive) scale.
 module top (input clk, input rst, input [{bits - 1}:0] scale, output reg signed [{bits - 1}:0] q);
   localparam W = {bits};
   wire [W-1:0] u;
@@ -105,12 +101,14 @@ module top (input clk, input rst, input [{bits - 1}:0] scale, output reg signed 
   always @(posedge clk) q <= p[2*W-2 -: W];
 endmodule
 """
-    elif design == "icdf":
-        if not 2 <= m <= 14 or bits < 5:
-            raise ValueError(f"m={m}, bits={bits}: need 2 <= m <= 14 and bits >= 5")
-        rom = icdf_rom(m, bits)
-        init = "\n".join(f"    rom[{i}] = {bits - 1}'d{int(v)};" for i, v in enumerate(rom))
-        top = f"""// Inversion GRNG: M uniform bits index a half-normal ICDF ROM, one more bit is the sign.
+
+
+def _top_icdf(bits: int, m: int) -> str:
+    if not 2 <= m <= 14 or bits < 5:
+        raise ValueError(f"m={m}, bits={bits}: need 2 <= m <= 14 and bits >= 5")
+    rom = icdf_rom(m, bits)
+    init = "\n".join(f"    rom[{i}] = {bits - 1}'d{int(v)};" for i, v in enumerate(rom))
+    return f"""// Inversion GRNG: M uniform bits index a half-normal ICDF ROM, one more bit is the sign.
 module top (input clk, input rst, output reg signed [{bits - 1}:0] q);
   localparam M = {m}, W = {bits};
   wire [M:0] u;
@@ -128,11 +126,13 @@ module top (input clk, input rst, output reg signed [{bits - 1}:0] q);
   end
 endmodule
 """
-    elif design == "otf_array":
-        if not 2 <= n <= 1024:
-            raise ValueError(f"n={n}: must be in 2..1024")
-        lg = max(1, math.ceil(math.log2(n)))
-        top = f"""// PeZO on-the-fly reuse: n generators, rotated by one position every clock.
+
+
+def _top_otf_array(bits: int, n: int) -> str:
+    if not 2 <= n <= 1024:
+        raise ValueError(f"n={n}: must be in 2..1024")
+    lg = max(1, math.ceil(math.log2(n)))
+    return f"""// PeZO on-the-fly reuse: n generators, rotated by one position every clock.
 // Lane i of the datapath reads word (i mod n) of r; r[j] = x[(j + c) mod n].
 module top (input clk, input rst, output [{n * bits - 1}:0] r);
   localparam NG = {n}, W = {bits};
@@ -147,15 +147,39 @@ module top (input clk, input rst, output [{n * bits - 1}:0] r);
   assign r = xx[c*W +: NG*W];
 endmodule
 """
-    else:  # pool_ptr
-        ab = max(1, math.ceil(math.log2(pool)))
-        top = f"""// Pool address pointer: advances L numbers a clock and wraps at P.
+
+
+def _top_pool_ptr(lanes: int, pool: int) -> str:
+    ab = max(1, math.ceil(math.log2(pool)))
+    return f"""// Pool address pointer: advances L numbers a clock and wraps at P.
 module top (input clk, input rst, output reg [{ab - 1}:0] p);
   localparam P = {pool}, L = {lanes};
   wire [{ab}:0] nx = p + L;
   always @(posedge clk) if (rst) p <= 0; else p <= (nx >= P) ? nx - P : nx;
 endmodule
 """
+
+
+def emit(design: str, *, bits: int = 8, k: int = 4, m: int = 8, n: int = 16,
+         lanes: int = 256, pool: int = 65536) -> tuple[str, str]:
+    """Verilog source and top-module name of ``design`` (one of ``DESIGNS``)."""
+    if design not in DESIGNS:
+        raise ValueError(f"design={design!r}: must be one of {DESIGNS}")
+    if not 1 <= bits <= 32:
+        raise ValueError(f"bits={bits}: must be in 1..32")
+    lf = _lfsr_module()
+    if design == "lfsr":
+        top = _top_lfsr(bits)
+    elif design == "clt":
+        top = _top_clt(bits, k)
+    elif design == "uscale":
+        top = _top_uscale(bits)
+    elif design == "icdf":
+        top = _top_icdf(bits, m)
+    elif design == "otf_array":
+        top = _top_otf_array(bits, n)
+    else:  # pool_ptr
+        top = _top_pool_ptr(lanes, pool)
     return lf + "\n" + top, "top"
 
 

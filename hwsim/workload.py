@@ -44,6 +44,66 @@ def _as_count(name: str, v):
     return v
 
 
+def _trainable_count(param_groups) -> int:
+    """Trainable entries of an optimizer's ``param_groups``; masked groups (``group["masks"]``)
+    count only their unmasked entries."""
+    d = 0
+    for g in param_groups:
+        masks = g.get("masks") or [None] * len(g["params"])
+        if len(masks) != len(g["params"]):
+            raise ValueError(f"opt.param_groups: {len(masks)} masks for "
+                             f"{len(g['params'])} params; must match")
+        for p, m in zip(g["params"], masks, strict=True):
+            if not getattr(p, "requires_grad", True):
+                continue
+            d += int(m.sum()) if m is not None else int(p.numel())
+    return d
+
+
+def _spec_fields(spec: str) -> dict:
+    """Workload fields of a ``hw:<spec>``: source, bits, dist (and Gaussian method) and reuse."""
+    from zoengine.hwsim.specs import parse_spec  # noqa: PLC0415
+    sp = parse_spec(spec)
+    kw: dict = dict(source=sp.source, bits=sp.bits)
+    if sp.dist in ("uniform", "rademacher"):
+        kw["dist"] = sp.dist
+    else:
+        kw["dist"] = "normal"
+        kind = "clt" if sp.dist.startswith("clt") else \
+            "icdf" if sp.dist.startswith("icdf") else "boxmuller"
+        kw["method"] = kind
+        if kind == "clt":
+            kw["clt_k"] = int(sp.dist[3:])
+        if kind == "icdf":
+            kw["icdf_bits"] = int(sp.dist[4:])
+    if sp.reuse == "otf":
+        kw.update(reuse="on-the-fly", lanes=sp.lanes, reuse_factor=sp.lanes // sp.n_generators)
+    elif sp.reuse == "pool":
+        kw.update(reuse="pool", pool_size=sp.pool_size)
+    return kw
+
+
+def _noise_fields(opt, overrides: dict) -> dict:
+    """dist and reuse fields from an optimizer's ``noise`` (``pool``, ``rotate``, ``hw:<spec>``,
+    as on ``zoengine.optim.ZO``) or else its ``dist``."""
+    dist = getattr(opt, "dist", "normal")
+    noise = getattr(opt, "noise", None)  # zoengine.optim.ZO: PeZO's pool / rotating lanes
+    if isinstance(noise, str) and noise.startswith("hw:"):  # ZO keeps hw specs in .noise
+        dist = noise
+    if noise == "pool":
+        return dict(dist="uniform", reuse="pool", pool_size=int(opt.pool_size))
+    if noise == "rotate":
+        n = int(opt.lanes)  # generator lanes n; the datapath keeps L (default 256) lanes
+        lanes = overrides.get("lanes", 256)
+        lanes = lanes if lanes % n == 0 else n * max(1, lanes // n)
+        return dict(dist="uniform", reuse="on-the-fly", lanes=lanes, reuse_factor=lanes // n)
+    if isinstance(dist, str) and dist.startswith("hw:"):
+        return _spec_fields(dist)
+    if dist in DISTS:
+        return {"dist": dist}
+    raise ValueError(f"opt.dist={dist!r}: must be one of {DISTS} or 'hw:<spec>'")
+
+
 @dataclass(frozen=True)
 class Workload:
     """A ZO workload as the RNG hardware sees it. All fields are validated on creation.
@@ -214,58 +274,12 @@ class Workload:
         unmasked entries. A ``dist`` of ``"hw:<spec>"`` sets source, bits, dist and reuse.
         """
         budget = opt.rng_budget() if callable(getattr(opt, "rng_budget", None)) else None
-        d = 0
-        for g in ([] if budget else opt.param_groups):
-            masks = g.get("masks") or [None] * len(g["params"])
-            if len(masks) != len(g["params"]):
-                raise ValueError(f"opt.param_groups: {len(masks)} masks for "
-                                 f"{len(g['params'])} params; must match")
-            for p, m in zip(g["params"], masks, strict=True):
-                if not getattr(p, "requires_grad", True):
-                    continue
-                d += int(m.sum()) if m is not None else int(p.numel())
-        if budget:
-            d = int(budget["d"])
+        d = int(budget["d"]) if budget else _trainable_count(opt.param_groups)
         if d < 1:
             raise ValueError("opt: no trainable parameters (requires_grad=True) in param_groups")
         q = int(getattr(opt, "n_samples", 1))
         kw: dict = dict(q=q, uses=(4 * q - 1) / q, label=type(opt).__name__)
-        dist = getattr(opt, "dist", "normal")
-        noise = getattr(opt, "noise", None)  # zoengine.optim.ZO: PeZO's pool / rotating lanes
-        if isinstance(noise, str) and noise.startswith("hw:"):  # ZO keeps hw specs in .noise
-            dist = noise
-        if noise == "pool":
-            kw.update(dist="uniform", reuse="pool", pool_size=int(opt.pool_size))
-        elif noise == "rotate":
-            n = int(opt.lanes)  # generator lanes n; the datapath keeps L (default 256) lanes
-            lanes = overrides.get("lanes", 256)
-            lanes = lanes if lanes % n == 0 else n * max(1, lanes // n)
-            kw.update(dist="uniform", reuse="on-the-fly", lanes=lanes,
-                      reuse_factor=lanes // n)
-        elif isinstance(dist, str) and dist.startswith("hw:"):
-            from zoengine.hwsim.generators import parse_spec  # noqa: PLC0415
-            sp = parse_spec(dist)
-            kw.update(source=sp.source, bits=sp.bits)
-            if sp.dist in ("uniform", "rademacher"):
-                kw["dist"] = sp.dist
-            else:
-                kw["dist"] = "normal"
-                kind = "clt" if sp.dist.startswith("clt") else \
-                    "icdf" if sp.dist.startswith("icdf") else "boxmuller"
-                kw["method"] = kind
-                if kind == "clt":
-                    kw["clt_k"] = int(sp.dist[3:])
-                if kind == "icdf":
-                    kw["icdf_bits"] = int(sp.dist[4:])
-            if sp.reuse == "otf":
-                kw.update(reuse="on-the-fly", lanes=sp.lanes,
-                          reuse_factor=sp.lanes // sp.n_generators)
-            elif sp.reuse == "pool":
-                kw.update(reuse="pool", pool_size=sp.pool_size)
-        elif dist in DISTS:
-            kw["dist"] = dist
-        else:
-            raise ValueError(f"opt.dist={dist!r}: must be one of {DISTS} or 'hw:<spec>'")
+        kw.update(_noise_fields(opt, overrides))
         kw.update(overrides)
         return cls(d=d, **kw)
 

@@ -1,13 +1,19 @@
 """Compiled CPU backend ("native"): the ZO ops of kernels/reference.py in C, built on first use.
 
 ``kernels/native.c`` (plain C, no torch headers) is compiled with the system C compiler (``$CC``
-if set, else ``cc``, ``gcc`` or ``clang``) into a shared library cached under
-``$ZOENGINE_CACHE_DIR``, else ``$XDG_CACHE_HOME/zoengine``, else ``~/.cache/zoengine`` (a
-per-user temp dir if that is not writable); the file
-name carries a hash of the source, the compiler, its version, the flags and the CPU, so a change
-to any of them builds a new file. The build writes to a temporary file and ``os.replace``s it,
-so concurrent processes never load a half-written library. It is loaded with ctypes and called on
-the tensors' ``data_ptr()``; ctypes releases the GIL for the call.
+if set, else ``cc``, ``gcc`` or ``clang``) into a shared library cached in a private folder
+(``$ZOENGINE_CACHE_DIR``, else ``$XDG_CACHE_HOME/zoengine``, else ``~/.cache/zoengine``, else a
+per-user temp dir; kernels/native_build.py has the rules: nothing is loaded from a folder or
+file that another user could have written). The file name carries a hash of the source, the
+compiler, its version, the flags and the CPU, so a change to any of them builds a new file. The
+build writes to a temporary file and ``os.replace``s it, so concurrent processes never load a
+half-written library. It is loaded with ctypes and called on the tensors' ``data_ptr()``; ctypes
+releases the GIL for the call.
+
+Anything that makes the build not the fast one it should be (no compiler, a compiler error, a
+slower variant, a broken cached library that had to be rebuilt, a refused cache folder) is
+reported once per build attempt, i.e. once per process for a given ($CC, cache dir, variant), by
+a ``NativeBuildWarning`` that names the backend or variant actually used and the reason.
 
 Semantics and rounding are those of the reference (same signatures, same validation errors):
 fp32 arithmetic with each operation rounded separately (``-ffp-contract=off``), one rounding to
@@ -28,36 +34,39 @@ results do not depend on the thread count.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shlex
-import shutil
 import subprocess
-import tempfile
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from zoengine.kernels import reference
-from zoengine.kernels.philox import DISTRIBUTIONS
-from zoengine.seeds import stream_key
-
-ABI_VERSION = 1
-_SOURCE = Path(__file__).with_name("native.c")
-_BASE_FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno",
-               "-fno-strict-aliasing"]
-# Tried in order; the first that compiles, loads and passes the self-test is used.
-_VARIANTS = (
-    ("native-arch+libmvec", ["-march=native", "-fopenmp-simd"], ["-lmvec", "-lm", "-lpthread"]),
-    ("generic+libmvec", ["-fopenmp-simd"], ["-lmvec", "-lm", "-lpthread"]),
-    ("generic+libm", ["-DZO_NO_MVEC"], ["-lm", "-lpthread"]),
+from zoengine.kernels.keys import stream_key
+from zoengine.kernels.native_build import (  # noqa: F401  (re-exported: the public names)
+    _BASE_FLAGS,
+    _VARIANTS,
+    ABI_VERSION,
+    NativeBuildError,
+    NativeBuildWarning,
+    _clean_stale_tmp,
+    _compile,
+    _compiler,
+    _compiler_version,
+    _lib_path,
+    _trust_problem,
+    _usable_cache_dir,
+    cache_dir,
 )
+from zoengine.kernels.philox import DISTRIBUTIONS
+
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _DISTS = {name: i for i, name in enumerate(DISTRIBUTIONS)}  # normal 0, uniform 1, rademacher 2
 _MASK_U8, _MASK_F32 = 1, 2
+# what a failed compile, load or self-test raises: the variant is given up, never the process
+_LOAD_ERRORS = (OSError, subprocess.SubprocessError, NativeBuildError, AttributeError)
 
 
 class _ZoTensor(ctypes.Structure):
@@ -66,99 +75,39 @@ class _ZoTensor(ctypes.Structure):
                 ("mask_type", ctypes.c_int32), ("reserved", ctypes.c_int32)]
 
 
-class NativeBuildError(RuntimeError):
-    """The native library could not be built or loaded; the message says why."""
-
-
 # ---- build and load ------------------------------------------------------------------------
-
-def cache_dir() -> Path:
-    """Where built libraries are kept (see the module docstring)."""
-    if os.environ.get("ZOENGINE_CACHE_DIR"):
-        return Path(os.environ["ZOENGINE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "zoengine"
-
-
-def _compiler() -> list[str]:
-    cc = os.environ.get("CC")
-    if cc:  # respected as given: no silent fallback to another compiler
-        cmd = shlex.split(cc)
-        if not cmd or shutil.which(cmd[0]) is None:
-            raise NativeBuildError(f"the C compiler $CC={cc!r} was not found")
-        return cmd
-    for name in ("cc", "gcc", "clang"):
-        if shutil.which(name):
-            return [name]
-    raise NativeBuildError("no C compiler found (tried $CC, cc, gcc, clang); install gcc or "
-                           "set CC, or use backend='reference'")
-
-
-def _cpu_fingerprint() -> str:
-    """-march=native code is only valid on this CPU: the library name must depend on it."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _usable_cache_dir() -> Path:
-    """cache_dir(), or a per-user temp dir when it cannot be created or written."""
-    d = cache_dir()
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        if os.access(d, os.W_OK | os.X_OK):
-            return d
-    except OSError:
-        pass
-    uid = os.getuid() if hasattr(os, "getuid") else "user"
-    return Path(tempfile.gettempdir()) / f"zoengine-{uid}"
-
-
-def _lib_path(folder: Path, cc: list[str], version: str, cflags: list[str],
-              ldflags: list[str]) -> Path:
-    h = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), " ".join(cc).encode(), version.encode(),
-                 " ".join(cflags + ldflags).encode(), platform.machine().encode(),
-                 _cpu_fingerprint().encode() if "-march=native" in cflags else b"",
-                 str(ABI_VERSION).encode()):
-        h.update(part)
-        h.update(b"\0")
-    return folder / f"zo_native_{h.hexdigest()[:16]}.so"
-
-
-def _compile(cc: list[str], cflags: list[str], ldflags: list[str], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
-    os.close(fd)
-    try:
-        cmd = [*cc, *_BASE_FLAGS, *cflags, str(_SOURCE), "-o", tmp, *ldflags]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            raise NativeBuildError(f"{' '.join(cmd)} failed: {' | '.join(tail)}")
-        os.replace(tmp, out)  # atomic: other processes see the old name or the whole file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
 
 def _bind(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    if lib.zo_abi_version() != ABI_VERSION:
-        raise NativeBuildError(f"{path} has ABI {lib.zo_abi_version()}, expected {ABI_VERSION}")
-    P, i64, u64, u32, i32, f32 = (ctypes.POINTER(_ZoTensor), ctypes.c_int64, ctypes.c_uint64,
-                                  ctypes.c_uint32, ctypes.c_int, ctypes.c_float)
-    lib.zo_perturb.argtypes = [P, i64, u64, i32, f32, i32]
-    lib.zo_restore_update.argtypes = [P, i64, ctypes.POINTER(u64), ctypes.POINTER(f32), i32, i32,
-                                      f32, f32, f32, i32, i32, i32]
-    lib.zo_noise.argtypes = [ctypes.c_void_p, i64, i64, u32, u64, i32]
-    for fn in (lib.zo_perturb, lib.zo_restore_update, lib.zo_noise):
-        fn.restype = ctypes.c_int
-    _self_test(lib)
+    try:
+        if lib.zo_abi_version() != ABI_VERSION:
+            raise NativeBuildError(f"{path} has ABI {lib.zo_abi_version()}, "
+                                   f"expected {ABI_VERSION}")
+        P, i64, u64, u32, i32, f32 = (ctypes.POINTER(_ZoTensor), ctypes.c_int64,
+                                      ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int,
+                                      ctypes.c_float)
+        lib.zo_perturb.argtypes = [P, i64, u64, i32, f32, i32]
+        lib.zo_restore_update.argtypes = [P, i64, ctypes.POINTER(u64), ctypes.POINTER(f32), i32,
+                                          i32, f32, f32, f32, i32, i32, i32]
+        lib.zo_noise.argtypes = [ctypes.c_void_p, i64, i64, u32, u64, i32]
+        for fn in (lib.zo_perturb, lib.zo_restore_update, lib.zo_noise):
+            fn.restype = ctypes.c_int
+        _self_test(lib)
+    except BaseException:
+        _unload(lib)
+        raise
     return lib
+
+
+def _unload(lib: ctypes.CDLL) -> None:
+    """dlclose a rejected library: the dynamic loader hands out the library already mapped
+    under a path, so without this a rebuilt file at the same path would never be read."""
+    try:
+        import _ctypes
+
+        _ctypes.dlclose(lib._handle)  # no threads outlive a call into the library
+    except (ImportError, AttributeError, OSError):
+        pass
 
 
 def _self_test(lib: ctypes.CDLL) -> None:
@@ -175,15 +124,42 @@ def _self_test(lib: ctypes.CDLL) -> None:
                                    f"{(out - want).abs().max().item():.3g}")
 
 
-def _build_and_load() -> tuple[ctypes.CDLL, dict]:
-    cc = _compiler()
+def _load_variant(cc: list[str], cflags: list[str], ldflags: list[str], path: Path,
+                  notes: list[str]) -> ctypes.CDLL:
+    """The library at ``path``, loaded from the cache or built.
+
+    A cached file that is not trusted (another owner, group/other-writable), does not load or
+    fails the self-test is rebuilt once, the new file ``os.replace``-ing it (no moment without
+    a complete file for concurrent processes); a library that still fails is deleted.
+    """
+    if os.path.lexists(path):
+        try:
+            problem = _trust_problem(path, "cached library")
+        except OSError as exc:
+            problem = f"cached library {path} cannot be inspected ({exc})"
+        if problem is None:
+            try:
+                return _bind(path)
+            except _LOAD_ERRORS as exc:
+                problem = f"cached library {path} is broken ({exc})"
+        notes.append(f"{problem}: deleted and rebuilt")
     try:
-        proc = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise NativeBuildError(f"the C compiler {' '.join(cc)!r} cannot run: {exc}") from exc
-    lines = (proc.stdout or proc.stderr or "").strip().splitlines()
-    version = lines[0] if lines else ""
-    folder = _usable_cache_dir()
+        _compile(cc, cflags, ldflags, path)
+        return _bind(path)
+    except _LOAD_ERRORS:
+        try:  # never leave a library known to be bad in the cache
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+
+
+def _build_and_load(notes: list[str]) -> tuple[ctypes.CDLL, dict]:
+    """Load or build the best variant; what a user should know goes to ``notes``."""
+    cc = _compiler()
+    version = _compiler_version(cc)
+    folder = _usable_cache_dir(notes)
+    _clean_stale_tmp(folder)
     only = os.environ.get("ZOENGINE_NATIVE_VARIANT")  # pin one variant (tests, debugging)
     variants = [v for v in _VARIANTS if not only or v[0] == only]
     if not variants:
@@ -197,13 +173,15 @@ def _build_and_load() -> tuple[ctypes.CDLL, dict]:
     problems = []
     for name, cflags, ldflags, path in ordered:
         try:
-            if not path.exists():
-                _compile(cc, cflags, ldflags, path)
-            lib = _bind(path)
-            return lib, {"variant": name, "path": str(path), "compiler": " ".join(cc),
-                         "compiler_version": version, "flags": _BASE_FLAGS + cflags + ldflags}
-        except (OSError, subprocess.SubprocessError, NativeBuildError, AttributeError) as exc:
+            lib = _load_variant(cc, cflags, ldflags, path, notes)
+        except _LOAD_ERRORS as exc:
             problems.append(f"[{name}] {exc}")
+            continue
+        if problems:
+            notes.append(f"fell back to the slower variant {name!r}: " + "; ".join(problems))
+        return lib, {"variant": name, "path": str(path), "compiler": " ".join(cc),
+                     "compiler_version": version, "flags": _BASE_FLAGS + cflags + ldflags,
+                     "notes": list(notes)}
     raise NativeBuildError("could not build the native CPU kernels: " + "; ".join(problems))
 
 
@@ -215,40 +193,68 @@ def _state_key() -> tuple:
     return (os.environ.get("CC"), str(cache_dir()), os.environ.get("ZOENGINE_NATIVE_VARIANT"))
 
 
+def _reset() -> None:
+    """Forget every remembered build outcome (tests): the next call builds or loads again."""
+    with _lock:
+        _loaded.clear()
+
+
+def _warn(lib: ctypes.CDLL | None, info: dict | None, reason: str | None,
+          notes: list[str]) -> None:
+    if lib is None:
+        head = ("native CPU kernels unavailable, so backend='auto' uses the 'reference' backend "
+                f"(an order of magnitude slower): {reason}")
+    elif notes:
+        head = f"backend 'native' uses variant {info['variant']!r} from {info['path']}"
+    else:
+        return
+    warnings.warn("; ".join([head, *notes]), NativeBuildWarning, stacklevel=4)
+
+
 def _lib() -> ctypes.CDLL:
     """The loaded library (built on first use), or NativeBuildError saying why not.
 
-    The outcome is remembered per ($CC, cache dir, pinned variant), so a failed build is not retried on every
-    call, and a test that changes either gets a fresh attempt.
+    The outcome is remembered per ($CC, cache dir, pinned variant), so a failed build is not
+    retried (nor warned about) on every call, and a test that changes either gets a fresh
+    attempt. The thread that made the attempt warns once if it was not a clean success.
     """
     key = _state_key()
+    notes: list[str] = []
     with _lock:
-        if key not in _loaded:
+        fresh = key not in _loaded
+        if fresh:
             try:
-                lib, info = _build_and_load()
+                lib, info = _build_and_load(notes)
                 _loaded[key] = (lib, info, None)
             except Exception as exc:  # auto dispatch must never fail: keep the reason
                 _loaded[key] = (None, None, str(exc) or type(exc).__name__)
-        lib, _, reason = _loaded[key]
+        lib, info, reason = _loaded[key]
+    if fresh:
+        _warn(lib, info, reason, notes)
     if lib is None:
         raise NativeBuildError(reason)
     return lib
 
 
 def build_info() -> dict:
-    """How the library in use was built (variant, path, compiler, flags); builds it if needed."""
+    """How the library in use was built (variant, path, compiler, flags, notes); builds it if
+    needed."""
     _lib()
     return dict(_loaded[_state_key()][1])
 
 
 def unavailable_reason(tensors: Sequence[torch.Tensor]) -> str | None:
-    """Why this backend cannot run on ``tensors``, or None if it can. Never raises."""
+    """Why this backend cannot run on ``tensors``, or None if it can. Never raises, but may
+    warn once (module docstring); a warnings filter that turns NativeBuildWarning into an
+    error makes that error propagate, as asked."""
     try:
         devices = sorted({t.device.type for t in tensors})
         if devices and devices != ["cpu"]:
             return f"it needs CPU tensors; got devices {devices}"
         _lib()
         return None
+    except NativeBuildWarning:
+        raise
     except Exception as exc:
         return str(exc) or type(exc).__name__
 

@@ -31,6 +31,23 @@ PHILOX_ROUNDS = 10
 # (|n| < 2**25), which is why uniform and Rademacher values are bit-identical on every backend.
 _TWO_POW_M24 = 2.0**-24
 _TWO_POW_M25 = 2.0**-25
+# Counter word 3 ("stream word") of every Philox stream zoengine draws. One table, so two
+# consumers can never share a stream by accident (tests/test_layers.py checks uniqueness).
+STREAM_WORDS = {
+    "z": 0,  # the perturbation z itself (every backend)
+    "rounding": 1,  # stochastic-rounding bits of fp16/bf16 updates
+    "kerzoo_r": 2,  # KerZOO's per-sample scalar radius r
+    "pezo_lanes": 3,  # PeZO's rotating lane generators (and its pool, on lane POOL_LANE)
+    "dizo_zeta": 4,  # DiZO's per-tensor projection perturbation ζ
+}
+STREAM_Z = STREAM_WORDS["z"]
+STREAM_ROUNDING = STREAM_WORDS["rounding"]
+STREAM_KERZOO_R = STREAM_WORDS["kerzoo_r"]
+STREAM_PEZO_LANES = STREAM_WORDS["pezo_lanes"]
+STREAM_DIZO_ZETA = STREAM_WORDS["dizo_zeta"]
+# Counter word 2 of PeZO's pool: the lane id no rotate lane can take (lanes < 2**32 - 1).
+POOL_LANE = 0xFFFFFFFF
+
 SQRT3_F32 = float(torch.tensor(math.sqrt(3.0), dtype=torch.float32))
 TWO_PI_F32 = float(torch.tensor(2.0 * math.pi, dtype=torch.float32))
 

@@ -12,11 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
-from zoengine.kernels.philox import MASK32, noise_blocks, philox4x32
-from zoengine.seeds import stream_key
+from zoengine.kernels.keys import stream_key
+from zoengine.kernels.philox import MASK32, STREAM_ROUNDING, noise_blocks, philox4x32
 
 CHUNK_ELEMENTS = 1 << 16
-STREAM_ROUNDING = 1  # Philox counter word 3 of the stochastic-rounding bits (z uses 0)
 _TWO_POW_M24 = 2.0**-24
 
 

@@ -20,22 +20,21 @@ from collections.abc import Sequence
 
 import torch
 
-from zoengine.kernels.philox import MASK32, philox4x32
+from zoengine.kernels.keys import stream_key
+from zoengine.kernels.philox import MASK32, STREAM_PEZO_LANES, philox4x32
 from zoengine.kernels.reference import restore_index
-from zoengine.seeds import stream_key
 
 CHUNK_ELEMENTS = 1 << 16
-STREAM_LANES = 3  # Philox counter word 3 for PeZO's lane generators
 
 
 def lane_uniform(index: torch.Tensor, lane: torch.Tensor | int, key64: int) -> torch.Tensor:
     """Element ``index`` of lane ``lane``'s U(-1, 1) stream: odd multiples of 2^-24, exact.
 
     A lane is the noise contract's stream with counter word 2 = lane and word 3 =
-    ``STREAM_LANES``; the value is the contract's uniform map before its √3 scaling.
+    ``STREAM_PEZO_LANES``; the value is the contract's uniform map before its √3 scaling.
     """
     block = index >> 2
-    words = torch.stack(philox4x32(block & MASK32, block >> 32, lane, STREAM_LANES,
+    words = torch.stack(philox4x32(block & MASK32, block >> 32, lane, STREAM_PEZO_LANES,
                                    key64 & MASK32, key64 >> 32), dim=1)
     w = words.gather(1, (index & 3).unsqueeze(1)).squeeze(1)
     return ((w >> 8) * 2 + 1 - (1 << 24)).to(torch.float32) * 2.0**-24

@@ -26,9 +26,15 @@ import triton
 import triton.language as tl
 from torch.autograd.graph import increment_version
 
-from zoengine.kernels.philox import DISTRIBUTIONS, SQRT3_F32, TWO_PI_F32
+from zoengine.kernels.keys import stream_key
+from zoengine.kernels.philox import (
+    DISTRIBUTIONS,
+    SQRT3_F32,
+    STREAM_ROUNDING,
+    STREAM_Z,
+    TWO_PI_F32,
+)
 from zoengine.kernels.reference import _check_lists, restore_index
-from zoengine.seeds import stream_key
 
 __all__ = ["perturb_", "restore_update_", "is_interpreted", "clear_table_cache"]
 
@@ -45,8 +51,8 @@ _TWO_PI: tl.constexpr = tl.constexpr(TWO_PI_F32)
 _TWO_POW_M24: tl.constexpr = tl.constexpr(2.0**-24)
 _TWO_POW_M25: tl.constexpr = tl.constexpr(2.0**-25)
 _INF: tl.constexpr = tl.constexpr(float("inf"))
-_STREAM_Z: tl.constexpr = tl.constexpr(0)  # Philox counter word 3 of z
-_STREAM_ROUNDING: tl.constexpr = tl.constexpr(1)  # ... and of the stochastic-rounding bits
+_STREAM_Z: tl.constexpr = tl.constexpr(STREAM_Z)  # Philox counter word 3 of z
+_STREAM_ROUNDING: tl.constexpr = tl.constexpr(STREAM_ROUNDING)  # ... of the rounding bits
 
 # Table rows (int64, shape (6, T)): what each program needs to find its tensor.
 _ROW_ADDR: tl.constexpr = tl.constexpr(0)  # data_ptr of the tensor

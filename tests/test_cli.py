@@ -210,7 +210,8 @@ def test_option_scores_match_unpadded_mean_loglik(tiny):
     (multi-token options take the general path, single-token ones the fast path)."""
     import torch
 
-    from zoengine.train import OptionScorer, load_model
+    from zoengine.run import load_model
+    from zoengine.tasks import OptionScorer
 
     model, tok = load_model(tiny["model"])
     prompts = [tok("the movie is")["input_ids"], tok("i love this flight day")["input_ids"]]

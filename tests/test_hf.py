@@ -112,9 +112,8 @@ def test_smollm2_few_steps_lora(tmp_path):
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
 
-    from zoengine.data import shakespeare
     from zoengine.models import load_default_model
-    from zoengine.train import lm_blocks
+    from zoengine.tasks import lm_blocks, shakespeare
 
     model, tok = load_default_model()
     blocks = lm_blocks(tok, shakespeare().splits["train"]["text"][0], 16)[:8].tolist()

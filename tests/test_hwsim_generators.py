@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from zoengine.hwsim import generators as G
+from zoengine.hwsim import sources as S
 
 HWSIM_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hwsim")
 
@@ -32,7 +33,7 @@ def _lfsr_rtl_outputs(state: int, w: int, clocks: int) -> list[int]:
 def test_lfsr_model_matches_bit_serial_rtl(w):
     seed, inst, clocks = 7, 3, 25
     words = G.source_words("lfsr", seed=seed, instances=inst, clocks=clocks, bits=w)
-    s0 = G._seed_words(seed, inst, 1)[0]
+    s0 = S._seed_words(seed, inst, 1)[0]
     for i in range(inst):
         assert words[:, i, 0].tolist() == _lfsr_rtl_outputs(int(s0[i]), w, clocks)
 
@@ -41,7 +42,7 @@ def test_lfsr_leap_equals_repeated_single_steps():
     rng = np.random.default_rng(0)
     s = rng.integers(0, 2**63, size=16, dtype=np.uint64)
     for j in (1, 7, 31, 60):
-        got = G._lfsr_leap(s, j, np)
+        got = S._lfsr_leap(s, j, np)
         for a, b in zip(s, got, strict=True):
             x = int(a)
             for _ in range(j):
@@ -81,7 +82,7 @@ def _xoshiro_ref(s, n):
 
 
 def test_word_sources_match_scalar_references():
-    init = G._seed_words(5, 2, 4) & np.uint64(0xFFFFFFFF)
+    init = S._seed_words(5, 2, 4) & np.uint64(0xFFFFFFFF)
     w = G.source_words("taus88", seed=5, instances=2, clocks=20, bits=32)
     for i in range(2):
         s = [int(init[k, i]) | m for k, m in enumerate((2, 8, 16))]

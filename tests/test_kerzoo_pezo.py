@@ -9,9 +9,9 @@ import sympy as sp
 import torch
 
 import zoengine
-from zoengine.estimators import KERNELS, kernel_weight
+from zoengine.kernels.keys import stream_key
 from zoengine.kernels.reuse import RotateSource, lane_uniform
-from zoengine.seeds import stream_key
+from zoengine.optim.estimators import KERNELS, kernel_weight
 
 
 # ------------------------------------------------------------------ KerZOO kernel moments

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from zoengine import memory as M
+from zoengine.sparsity import memory as M
 
 SMOL = {"hidden_size": 576, "intermediate_size": 1536, "vocab_size": 49152,
         "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
@@ -73,7 +73,7 @@ _WORKER = r"""
 import json, sys, torch
 torch.set_num_threads(1)
 from transformers import LlamaConfig, LlamaForCausalLM
-from zoengine import memory
+from zoengine.sparsity import memory
 V, D, I, B, T = map(int, sys.argv[1:6])
 cfg = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=I, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T)
@@ -114,7 +114,7 @@ def test_activation_model_matches_measured_rss(dims):
 def test_resident_runtime_excludes_the_model():
     import torch
 
-    from zoengine.memory import resident_runtime
+    from zoengine.sparsity.memory import resident_runtime
 
     small = torch.nn.Linear(4, 4)
     big = torch.nn.Linear(2048, 4096)  # 32 MiB of fp32 weights

@@ -10,7 +10,7 @@ from helpers import mse_closure, regression_batch, tiny_llama, tiny_mlp, ulp
 import zoengine
 from zoengine import noise
 from zoengine.kernels.dispatch import resolve_backend
-from zoengine.seeds import tensor_keys
+from zoengine.kernels.keys import tensor_keys
 
 
 def backends():

@@ -16,8 +16,8 @@ import torch
 
 import zoengine
 from zoengine.kernels import dispatch, reference
+from zoengine.kernels.keys import stream_key
 from zoengine.kernels.philox import noise_blocks
-from zoengine.seeds import stream_key
 
 native_ops = pytest.importorskip("zoengine.kernels.native_ops")
 _REASON = native_ops.unavailable_reason([torch.zeros(1)])

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from zoengine import noise
+from zoengine.kernels.keys import splitmix64, stream_key, tensor_key, tensor_keys
 from zoengine.kernels.philox import philox4x32
-from zoengine.seeds import splitmix64, stream_key, tensor_key, tensor_keys
 
 
 @pytest.mark.parametrize(
@@ -54,7 +54,7 @@ def test_tensor_keys_stable_and_distinct():
 
 
 def test_tensor_key_collision_is_rehashed(monkeypatch):
-    import zoengine.seeds as seeds
+    import zoengine.kernels.keys as seeds
 
     monkeypatch.setattr(seeds, "tensor_key", lambda name: 5 if "#" not in name else len(name))
     assert seeds.tensor_keys(["x", "y"]) == [5, len("y#1")]

@@ -15,6 +15,7 @@ import zoengine
 from zoengine import sparsity as S
 from zoengine.optim import ZO
 from zoengine.optim.dizo import DiZO
+from zoengine.optim.masks import pack_mask, unpack_mask
 
 BACKENDS = ["reference", "native"]
 STEPS = 12
@@ -204,7 +205,7 @@ def test_old_bool_state_dict_still_loads():
     for i, p in enumerate(params):
         st = sd["state"].get(i)
         if st and "mask_bits" in st:
-            st["mask"] = S.unpack_mask(st.pop("mask_bits"), p.shape)
+            st["mask"] = unpack_mask(st.pop("mask_bits"), p.shape)
     ob = zoengine.MeZO(a.named_parameters(), lr=0.05)
     ob.load_state_dict(sd)
     ob.step(_closure(a))
@@ -215,9 +216,9 @@ def test_old_bool_state_dict_still_loads():
 @pytest.mark.parametrize("shape", [(1,), (7,), (8,), (9,), (3, 5, 7), (64, 40)])
 def test_pack_unpack_round_trip(shape):
     m = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.5
-    bits = S.pack_mask(m)
+    bits = pack_mask(m)
     assert bits.dtype == torch.uint8 and bits.numel() == (m.numel() + 7) // 8
-    assert torch.equal(S.unpack_mask(bits, m.shape), m)
+    assert torch.equal(unpack_mask(bits, m.shape), m)
 
 
 # ---- pruners -------------------------------------------------------------------------------

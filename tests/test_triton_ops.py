@@ -12,9 +12,9 @@ Tolerances (declared once, used everywhere):
 """
 
 import importlib
-import importlib.util
 import inspect
 import os
+import subprocess
 import sys
 
 import pytest
@@ -23,8 +23,8 @@ from helpers import mse_closure, regression_batch, tiny_mlp, ulp
 
 import zoengine
 from zoengine.kernels import reference as R
+from zoengine.kernels.keys import stream_key
 from zoengine.kernels.philox import philox4x32
-from zoengine.seeds import stream_key
 
 pytestmark = pytest.mark.interpreter
 
@@ -337,59 +337,119 @@ def test_mezo_triton_matches_reference(tops, dist):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-# ---------------------------------------------------------------- GPU code, without a GPU
-def _fresh_compiled_module():
-    """A separate copy of triton_ops whose kernels are compiled ones (TRITON_INTERPRET unset)."""
-    saved = os.environ.pop("TRITON_INTERPRET", None)
+# ---------------------------------------------------------------- compiled kernels (subprocess)
+# Never compile in this process: conftest sets TRITON_INTERPRET=1 before triton is first
+# imported, so triton.language's own @jit helpers are interpreter objects here and
+# triton.compile() of a compiled copy of the kernels fails on them ("'block_argument' object
+# has no attribute 'get_element_ty'"); a warm Triton cache used to hide that by skipping code
+# generation. Each compile runs in a fresh interpreter, TRITON_INTERPRET unset, with an empty
+# private TRITON_CACHE_DIR, and writes what the test then checks here.
+NO_TOOLCHAIN = 3  # exit status of a child whose triton install cannot build for CUDA
+
+
+def _run_compiled(code: str, workdir, *args, cache_dir=None, timeout: int = 240):
+    """Run ``code`` (argv[1:] = ``args``) in a fresh Python whose Triton kernels are compiled."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(cache_dir or workdir / "triton-cache")
+    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=workdir, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    if out.returncode == NO_TOOLCHAIN:
+        pytest.skip(out.stdout.strip().splitlines()[-1])
+    assert out.returncode == 0, f"child exited {out.returncode}:\n{out.stderr[-4000:]}"
+    return out
+
+
+_COMPILE_SM90 = r"""
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from zoengine.kernels import triton_ops as T
+
+assert not T.is_interpreted(), "TRITON_INTERPRET leaked into the compile process"
+table = {"tab_ptr": "*i64", "prog_ptr": "*i32", "T": "i32"}
+kernels = {
+    "perturb": (T._perturb_kernel,
+                {**table, "k_lo": "i64", "k_hi": "i64", "scale": "fp32", "DIST": "constexpr",
+                 "BLOCK": "constexpr"},
+                {"DIST": 1, "BLOCK": 1024}),
+    "restore_update": (T._restore_update_kernel,
+                       {**table, "samp_ptr": "*i64", "n": "i32", "r": "i32", "eps": "fp32",
+                        "lr": "fp32", "wd": "fp32", "DIST": "constexpr", "SR": "constexpr",
+                        "BLOCK": "constexpr"},
+                       {"DIST": 1, "SR": True, "BLOCK": 1024}),
+}
+for name, (fn, sig, constexprs) in kernels.items():
     try:
-        spec = importlib.util.find_spec(MOD)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
-    assert not mod.is_interpreted()
-    return mod
-
-
-def test_kernels_compile_for_sm90_with_separate_roundings():
-    """Both kernels lower to PTX for an H100 (sm_90) on this CPU machine; with fp fusion off the
-    parameter arithmetic has no fma (mul.rn/add.rn: two roundings, as the reference)."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    mod = _fresh_compiled_module()
-    sig = {"tab_ptr": "*i64", "prog_ptr": "*i32", "T": "i32", "samp_ptr": "*i64", "n": "i32",
-           "r": "i32", "eps": "fp32", "lr": "fp32", "wd": "fp32", "DIST": "constexpr",
-           "SR": "constexpr", "BLOCK": "constexpr"}
-    src = ASTSource(mod._restore_update_kernel, sig,
-                    constexprs={"DIST": 1, "SR": True, "BLOCK": 1024})
-    try:
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+        k = triton.compile(ASTSource(fn, sig, constexprs=constexprs),
+                           target=GPUTarget("cuda", 90, 32),
                            options={"enable_fp_fusion": False, "num_warps": 4})
     except FileNotFoundError as exc:  # a triton build without its bundled ptxas
-        pytest.skip(f"no CUDA toolchain in this triton install: {exc}")
-    ptx = k.asm["ptx"]
-    assert "fma.rn.f32" not in ptx and "mul.rn.f32" in ptx and "add.rn.f32" in ptx
+        print(f"no CUDA toolchain in this triton install: {exc}")
+        sys.exit(3)
+    with open(f"{name}.ptx", "w") as f:
+        f.write(k.asm["ptx"])
+print("compiled", *kernels)
+"""
+
+
+def test_kernels_compile_for_sm90_with_separate_roundings(tmp_path):
+    """Both kernels lower to PTX for an H100 (sm_90) on this CPU machine; with fp fusion off the
+    parameter arithmetic has no fma (mul.rn/add.rn: two roundings, as the reference)."""
+    pytest.importorskip("triton")
+    _run_compiled(_COMPILE_SM90, tmp_path)
+    for name in ("perturb", "restore_update"):
+        ptx = (tmp_path / f"{name}.ptx").read_text()
+        assert ".target sm_90" in ptx, name
+        assert "fma.rn.f32" not in ptx, f"{name}: fused multiply-add (one rounding, not two)"
+        assert "mul.rn.f32" in ptx and "add.rn.f32" in ptx, name
 
 
 # ---------------------------------------------------------------- real GPU
+_GPU_LAUNCH = r"""
+import sys
+
+import torch
+
+from zoengine.kernels import reference as R
+from zoengine.kernels import triton_ops as T
+
+device = sys.argv[3] if len(sys.argv) > 3 else "cuda"
+assert T.is_interpreted() == (device == "cpu")
+case = torch.load(sys.argv[1])
+ps = [p.to(device) for p in case["params"]]
+masks = [None if m is None else m.to(device) for m in case["masks"]]
+qs = [p.clone() for p in ps]
+T.perturb_(ps, case["keys"], masks=masks, **case["perturb"])
+R.perturb_(qs, case["keys"], masks=masks, **case["perturb"])
+T.restore_update_(ps, case["keys"], masks=masks, **case["restore_update"])
+R.restore_update_(qs, case["keys"], masks=masks, **case["restore_update"])
+torch.save({"triton": [p.cpu() for p in ps], "reference": [q.cpu() for q in qs]}, sys.argv[2])
+"""
+
+
+@pytest.fixture(scope="module")
+def gpu_cache(tmp_path_factory):
+    """One empty Triton cache for the real-GPU launches of this module (compiled once each)."""
+    return tmp_path_factory.mktemp("triton-cache")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (real launch)")
 @pytest.mark.parametrize("dist", DISTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_launch_matches_reference(dtype, dist):
-    """Compiled kernels on CUDA against the reference on the same CUDA tensors."""
-    mod = _fresh_compiled_module()
+def test_gpu_launch_matches_reference(dtype, dist, tmp_path, gpu_cache):
+    """Compiled kernels on CUDA against the reference on the same CUDA tensors (in a fresh
+    process, like every compile: see _run_compiled)."""
     ps, masks = _params(dtype, masked=True)
-    ps = [p.cuda() for p in ps]
-    masks = [None if m is None else m.cuda() for m in masks]
-    qs = [p.clone() for p in ps]
-    mod.perturb_(ps, KEYS, seed=1, step=2, scale=1e-2, dist=dist, masks=masks)
-    R.perturb_(qs, KEYS, seed=1, step=2, scale=1e-2, dist=dist, masks=masks)
-    kw = dict(seed=1, step=2, eps=1e-2, lr=1e-2, grads=[1.0, -0.5], dist=dist, masks=masks,
-              stochastic_rounding=dtype != torch.float32)
-    mod.restore_update_(ps, KEYS, **kw)
-    R.restore_update_(qs, KEYS, **kw)
-    _assert_close([p.cpu() for p in ps], [q.cpu() for q in qs], dist, 2e-2)
+    case = {"params": ps, "masks": masks, "keys": KEYS,
+            "perturb": dict(seed=1, step=2, scale=1e-2, dist=dist),
+            "restore_update": dict(seed=1, step=2, eps=1e-2, lr=1e-2, grads=[1.0, -0.5],
+                                   dist=dist, stochastic_rounding=dtype != torch.float32)}
+    torch.save(case, tmp_path / "case.pt")
+    _run_compiled(_GPU_LAUNCH, tmp_path, tmp_path / "case.pt", tmp_path / "out.pt",
+                  cache_dir=gpu_cache)
+    out = torch.load(tmp_path / "out.pt")
+    _assert_close(out["triton"], out["reference"], dist, 2e-2)

@@ -22,7 +22,7 @@ _LAZY = {
     "create": "zoengine.optim",
     "available_methods": "zoengine.optim",
 }
-_SUBMODULES = ("noise", "optim", "seeds", "models", "kernels", "hwsim")
+_SUBMODULES = ("noise", "optim", "models", "kernels", "hwsim", "sparsity", "tasks", "run")
 __all__ = sorted(_LAZY) + ["__version__", *_SUBMODULES]
 
 

@@ -70,6 +70,38 @@ TRAIN_FLAGS = [  # (flag, dest, type, help)
 _FLAG_OF = {dest: flag for flag, dest, _, _ in TRAIN_FLAGS}
 
 
+def _add_prune_command(subparsers) -> None:
+    """Register ``zoengine prune``: prune a model and save it (zeros in a dense checkpoint)."""
+    p = subparsers.add_parser("prune", help="prune a model (magnitude or Wanda, unstructured "
+                                            "or N:M) and save it")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--output-dir", required=True, help="folder for the pruned model")
+    p.add_argument("--method", choices=("magnitude", "wanda"), default="wanda")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="fraction removed per layer (default 0.5; N:M fixes it)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured | 2:4 | 4:8")
+    p.add_argument("--calib-task", default="shakespeare",
+                   help="task whose *train* split calibrates Wanda (default shakespeare)")
+    p.add_argument("--calib-blocks", type=int, default=16, help="128-token blocks (default 16)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_sparsity_args(p) -> None:
+    """``zoengine train`` flags: ``--prune``, ``--prune-sparsity``, ``--keep-zeros``,
+    ``--max-memory``."""
+    p.add_argument("--prune", dest="prune", default=None, metavar="METHOD[:PATTERN]",
+                   help="prune before training: wanda | magnitude, optionally :2:4 / :4:8 "
+                        "(e.g. wanda:2:4); the training keeps the pruned zeros")
+    p.add_argument("--prune-sparsity", dest="prune_sparsity", type=float, default=None,
+                   help="fraction removed per layer for --prune (default 0.5)")
+    p.add_argument("--keep-zeros", dest="keep_zeros", action="store_true", default=None,
+                   help="the model is already pruned: keep its exact zeros (masks='zeros')")
+    p.add_argument("--max-memory", dest="max_memory", default=None, metavar="SIZE",
+                   help="memory budget (e.g. 2GiB, 800MiB): plan batch size, sequence length "
+                        "and dtype to fit, print the plan, refuse if nothing fits; the "
+                        "measured peak is reported after the run")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="zoengine", description="Zeroth-order (forward-only) LLM fine-tuning.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
@@ -80,11 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lora", action="store_true", default=None, help="same as --train lora")
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bar")
-    from zoengine import memory, sparsity
-
-    sparsity.add_train_args(t)
-    memory.add_train_args(t)
-    sparsity.add_cli(sub)
+    _add_sparsity_args(t)
+    _add_prune_command(sub)
     e = sub.add_parser("eval", help="score a model on a task")
     e.add_argument("--model", default="smollm2-135m")
     e.add_argument("--task", default="sentiment")
@@ -131,7 +160,7 @@ def read_config(path: str) -> dict:
 
 
 def make_run_config(args):
-    from zoengine.train import RunConfig
+    from zoengine.run.config import RunConfig
 
     known = {f.name for f in fields(RunConfig)}
     values = {}
@@ -164,7 +193,7 @@ def _flag(dest: str) -> str:
 def validate(cfg) -> None:
     """Reject bad input before any work starts; each error names its flag."""
     from zoengine.optim import available_methods
-    from zoengine.train import DEFAULT_MODEL, TRAIN_MODES
+    from zoengine.run.config import DEFAULT_MODEL, TRAIN_MODES
 
     def need(dest, ok, what):
         v = getattr(cfg, dest)
@@ -194,16 +223,17 @@ def validate(cfg) -> None:
     need("model", lambda v: v == DEFAULT_MODEL or os.path.isfile(os.path.join(str(v),
                                                                                  "config.json")),
          f"not {DEFAULT_MODEL!r} and not a local Hugging Face model folder with config.json")
-    from zoengine.data import BUNDLED
+    from zoengine.tasks import BUNDLED
 
     need("task", lambda v: isinstance(v, str) and (v in BUNDLED or os.path.isfile(v)),
          f"neither a bundled task ({', '.join(BUNDLED)}) nor an existing file")
     need("template", lambda v: v is None or "{text}" in v, "must contain {text}")
     need("prune_sparsity", lambda v: v is None or (is_num(v) and 0 < v < 1),
          "must be a fraction in (0, 1)")
-    from zoengine import memory, sparsity
+    from zoengine.sparsity import parse_prune_spec
+    from zoengine.sparsity.memory import parse_size
 
-    for dest, parse in (("prune", sparsity.parse_prune_spec), ("max_memory", memory.parse_size)):
+    for dest, parse in (("prune", parse_prune_spec), ("max_memory", parse_size)):
         if getattr(cfg, dest) is not None:
             try:
                 parse(getattr(cfg, dest))
@@ -214,7 +244,7 @@ def validate(cfg) -> None:
 # ---- commands ---------------------------------------------------------------------------------
 
 def cmd_train(args) -> int:
-    from zoengine.train import run_train
+    from zoengine.run.job import run_train
 
     cfg = make_run_config(args)
     run_train(cfg)
@@ -222,7 +252,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from zoengine.evaluate import run_eval
+    from zoengine.run.evaluate import run_eval
 
     if args.weights is not None and not os.path.exists(args.weights):
         raise UsageError("--weights", f"{args.weights!r}: no such file or folder")
@@ -234,6 +264,15 @@ def cmd_eval(args) -> int:
                    split=args.split, seed=args.seed, max_length=args.max_length,
                    batch_size=args.batch_size, block_size=args.block_size, task_kw=kw)
     print(json.dumps(res, indent=2))
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from zoengine.run.pruning import run_prune
+
+    run_prune(model_spec=args.model, output_dir=args.output_dir, method=args.method,
+              pattern=args.pattern, sparsity=args.sparsity, calib_task=args.calib_task,
+              calib_blocks=args.calib_blocks, seed=args.seed)
     return 0
 
 
@@ -277,7 +316,7 @@ def _main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return EXIT_USAGE
         commands = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods,
-                    "prune": lambda a: a.handler(a)}
+                    "prune": cmd_prune}
         return commands[args.command](args)
     except UsageError as exc:
         print(f"zoengine {command}: error: {exc}", file=sys.stderr)

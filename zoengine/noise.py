@@ -3,7 +3,7 @@
 
 Element ``i`` of the stream of tensor ``key`` for perturbation ``sample`` at ``step`` is
 
-    key64          = stream_key(seed, step, sample)                # SplitMix64, zoengine.seeds
+    key64          = stream_key(seed, step, sample)                # SplitMix64, zoengine.kernels.keys
     w0, w1, w2, w3 = Philox4x32-10(key=(key64_lo, key64_hi),
                                    counter=(b_lo, b_hi, key, stream_word))   with b = i // 4
     z_i            = lane i % 4 of dist(w0, w1, w2, w3)
@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import torch
 
-from zoengine.kernels.philox import DISTRIBUTIONS, noise_blocks
-from zoengine.seeds import stream_key, tensor_key, tensor_keys
+from zoengine.kernels.keys import stream_key, tensor_key, tensor_keys
+from zoengine.kernels.philox import (  # noqa: F401  (STREAM_ROUNDING: documented here)
+    DISTRIBUTIONS,
+    STREAM_ROUNDING,
+    STREAM_Z,
+    noise_blocks,
+)
 
 __all__ = ["DISTRIBUTIONS", "generate", "stream_key", "tensor_key", "tensor_keys", "CHUNK_ELEMENTS"]
 
 # 65,536 elements per chunk: the int64 Philox temporaries are ~10 tensors of 16,384 words
 # (~1.3 MiB in all), whatever the tensor size.
 CHUNK_ELEMENTS = 1 << 16
-STREAM_Z = 0  # counter word 3: the perturbation itself
-STREAM_ROUNDING = 1  # counter word 3: stochastic rounding of updates
 
 
 def _check_int(name: str, value, lo: int, hi: int) -> int:

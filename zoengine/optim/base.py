@@ -7,15 +7,15 @@ seed, step counter, last projected gradients) lives in ``self.state["zo"]``, whi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
 from zoengine.kernels.dispatch import BACKENDS, get_ops, resolve_backend
+from zoengine.kernels.keys import tensor_keys
 from zoengine.kernels.philox import DISTRIBUTIONS
 from zoengine.optim.functional import ZOGroup
-from zoengine.seeds import tensor_keys
-from zoengine.sparsity import pack_mask, unpack_mask
+from zoengine.optim.masks import LazyMask, pack_mask
 
 NONFINITE_MODES = ("raise", "skip")
 
@@ -44,21 +44,6 @@ def check_choice(name: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name}={value!r}: must be one of {tuple(choices)}")
     return value
-
-
-class _LazyMask(Sequence):
-    """A one-tensor ``masks`` list whose bool mask is unpacked from bits when a kernel reads it."""
-
-    def __init__(self, bits: torch.Tensor, shape):
-        self.bits, self.shape = bits, shape
-
-    def __len__(self) -> int:
-        return 1
-
-    def __getitem__(self, i):
-        if i not in (0, -1):
-            raise IndexError(i)
-        return unpack_mask(self.bits, self.shape)
 
 
 class ZOOptimizer(torch.optim.Optimizer):
@@ -171,7 +156,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                     out.append(ZOGroup(params=[q for q, _ in run], keys=[j for _, j in run],
                                        **hyper))
                     run = []
-                out.append(ZOGroup(params=[p], keys=[k], masks=_LazyMask(bits, p.shape),
+                out.append(ZOGroup(params=[p], keys=[k], masks=LazyMask(bits, p.shape),
                                    **hyper))
             if run:
                 out.append(ZOGroup(params=[q for q, _ in run], keys=[j for _, j in run], **hyper))

@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-from zoengine.estimators import scalar_normal
+from zoengine.kernels.philox import STREAM_DIZO_ZETA
 from zoengine.optim.base import check_float, check_int
+from zoengine.optim.estimators import scalar_normal
 from zoengine.optim.functional import NonFiniteLossError, loss_value
 from zoengine.optim.registry import register_method
 from zoengine.optim.zo import ZO
@@ -27,7 +28,6 @@ PROJECTED_PRESETS = {
     "paper": r"self_attn\.(q_proj|v_proj)\.weight$",
     "lora": r"lora_[AB]\b",
 }
-STREAM_ZETA = 4  # Philox stream word for DiZO's per-tensor ζ
 
 
 def _projected_regex(projected: str, names: list[str]) -> str:
@@ -157,7 +157,7 @@ class DiZO(ZO):
                 gamma = list(ts)  # re-initialisation: ratio 1
             zeta = []
             for (_, _, key), t in zip(self.projected, ts):
-                z = scalar_normal(seed, step, m, STREAM_ZETA, key)
+                z = scalar_normal(seed, step, m, STREAM_DIZO_ZETA, key)
                 bound = tau * t / eps_p
                 zeta.append(max(-bound, min(bound, z)))
                 self.last_draws.append((eps_p * zeta[-1], tau * t))

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-from zoengine.estimators import KERNELS, clip_value, kernel_weight, scalar_uniform
-from zoengine.kernels.philox import DISTRIBUTIONS
+from zoengine.kernels.keys import stream_key
+from zoengine.kernels.philox import DISTRIBUTIONS, POOL_LANE
 from zoengine.kernels.reuse import (
     HardwareSource,
     PoolSource,
@@ -24,13 +24,12 @@ from zoengine.kernels.reuse import (
     lane_uniform,
 )
 from zoengine.optim.base import ZOOptimizer, check_choice, check_float, check_int
+from zoengine.optim.estimators import KERNELS, clip_value, kernel_weight, scalar_uniform
 from zoengine.optim.functional import zo_step
-from zoengine.seeds import stream_key
 
 NOISES = DISTRIBUTIONS + ("pool", "rotate")
 ESTIMATORS = ("spsa", "kernel")
 SCALINGS = ("adaptive", "static")
-POOL_LANE = 0xFFFFFFFF  # the pool's own lane (counter word 2), never a rotate lane
 
 
 class ZO(ZOOptimizer):

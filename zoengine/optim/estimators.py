@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
-from zoengine.kernels.philox import MASK32, philox4x32
-from zoengine.seeds import stream_key
+from zoengine.kernels.keys import stream_key
+from zoengine.kernels.philox import MASK32, STREAM_KERZOO_R, philox4x32
 
 # K(r) = r * Σ_i c_i r^(2i) on U[-1, 1], coefficients exact. The order-5 constant is 105/64:
 # the 195/64 printed in the literature gives E[rK] = 13/7, not 1 (research/algorithms.md §3).
@@ -21,7 +21,6 @@ KERNELS: dict[int, tuple[Fraction, ...]] = {
     3: (Fraction(75, 4), Fraction(-105, 4)),  # (15/4)·r·(5 − 7r²)
     5: (Fraction(105 * 35, 64), Fraction(-105 * 126, 64), Fraction(105 * 99, 64)),
 }
-STREAM_R = 2  # Philox counter word 3 reserved for KerZOO's scalar r
 
 
 def kernel_weight(r: float, order: int, a: float = 1.0) -> float:
@@ -48,7 +47,7 @@ def _unit_open(w: int) -> float:
     return ((w >> 8) * 2 + 1) * 2.0**-25  # the contract's (0, 1) map, exact in float64
 
 
-def scalar_uniform(seed: int, step: int, sample: int, stream_word: int = STREAM_R,
+def scalar_uniform(seed: int, step: int, sample: int, stream_word: int = STREAM_KERZOO_R,
                    key: int = 0) -> float:
     """One value in (-1, 1) from the noise contract, for per-sample scalars such as r.
 

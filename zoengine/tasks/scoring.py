@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from zoengine.data import TaskError
+from zoengine.tasks.data import TaskError
 
 
 def encode_prompts(tok, prompts, max_length: int) -> list[list[int]]:

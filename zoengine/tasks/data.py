@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-CORPORA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpora")
+CORPORA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "corpora")
 SENTIMENT_TEMPLATE = "Tweet: {text}\nSentiment:"  # best dev accuracy of 3 templates (feasibility §1)
 
 

@@ -287,15 +287,7 @@ def resident_runtime(model) -> int | None:
     return max(0, rss - tensors)
 
 
-# ---- command line (wired into zoengine/cli.py's train command) ----------------------------------
-
-def add_train_args(p) -> None:
-    """``zoengine train --max-memory SIZE``."""
-    p.add_argument("--max-memory", dest="max_memory", default=None, metavar="SIZE",
-                   help="memory budget (e.g. 2GiB, 800MiB): plan batch size, sequence length "
-                        "and dtype to fit, print the plan, refuse if nothing fits; the "
-                        "measured peak is reported after the run")
-
+# ---- for zoengine train ----------------------------------------------------------------------
 
 def plan_for_run(model, max_memory, *, method: str, batch_size: int, seq_len: int,
                  masks=None, log=print) -> Plan:

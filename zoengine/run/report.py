@@ -1,61 +1,11 @@
-"""Run outputs written so that an interrupted run never leaves a half-written file: atomic files
-and folders (temp + ``os.replace``), the metrics JSON, the curve PNG and the printed summary."""
+"""What a finished run reports: ``metrics.json``, ``curve.png`` and the printed summary."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 
 import numpy as np
-
-
-def _tmp_name(path: str) -> str:
-    d, base = os.path.split(os.path.abspath(path))
-    return os.path.join(d, f".{base}.tmp-{os.getpid()}")
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write ``path`` completely or not at all (temp file in the same folder, fsync, rename)."""
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@contextmanager
-def atomic_dir(path: str):
-    """Yield a temp folder; on success it replaces ``path`` as a whole, on error it is removed."""
-    tmp = _tmp_name(path)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-        old = path + ".old-" + str(os.getpid())
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def clean_stale_temps(folder: str) -> None:
-    """Remove temp files left by a killed run (``.<name>.tmp-<pid>``)."""
-    if os.path.isdir(folder):
-        for name in os.listdir(folder):
-            if name.startswith(".") and ".tmp-" in name:
-                p = os.path.join(folder, name)
-                shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
 
 
 def run_summary_json(obj) -> bytes:
@@ -68,10 +18,6 @@ def run_summary_json(obj) -> bytes:
             return [clean(x) for x in v]
         return v
     return (json.dumps(clean(obj), indent=2) + "\n").encode()
-
-
-def make_tmpdir() -> str:
-    return tempfile.mkdtemp(prefix="zoengine-")
 
 
 def plot_curve(report: dict) -> bytes:

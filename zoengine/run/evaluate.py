@@ -7,10 +7,17 @@ import os
 
 import torch
 
-from zoengine.data import TaskError, load_task
-from zoengine.metrics import evaluate_scores
-from zoengine.scoring import OptionScorer, last_features, lm_blocks, lm_eval
-from zoengine.train import _split_seqs, auto_threads, load_model
+from zoengine.run.job import auto_threads, load_model
+from zoengine.run.strategies import split_seqs
+from zoengine.tasks import (
+    OptionScorer,
+    TaskError,
+    evaluate_scores,
+    last_features,
+    lm_blocks,
+    lm_eval,
+    load_task,
+)
 
 
 def run_eval(*, model_spec: str, task_name: str, weights: str | None, split: str, seed: int,
@@ -46,8 +53,8 @@ def run_eval(*, model_spec: str, task_name: str, weights: str | None, split: str
         blocks = lm_blocks(tok, task.splits[split]["text"][0], block_size)
         return {"task": task.name, "split": split, **lm_eval(model, blocks, batch_size)}
     scorer = OptionScorer(tok, task.options)
-    dev_seqs, dev_y = _split_seqs(task, tok, "dev", max_length)
-    seqs, y = _split_seqs(task, tok, split, max_length)
+    dev_seqs, dev_y = split_seqs(task, tok, "dev", max_length)
+    seqs, y = split_seqs(task, tok, split, max_length)
     if head_rows is not None:
         f = last_features(model, dev_seqs + seqs, scorer.pad_id, batch_size)
         s = f @ head_rows["head_rows"].T + head_rows["head_bias"]

@@ -1,0 +1,48 @@
+"""Sparsity masks as the optimizers hold them: one bit per weight.
+
+A keep-mask is True where a weight lives and False where it was pruned (and is exactly 0).
+Optimizers store it packed (``pack_mask``): 1/32 of an fp32 weight, 1/16 of a bf16 one, and
+unpack one tensor's mask only while a kernel reads it (``LazyMask``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A keep-mask as bits: uint8 of ceil(numel / 8) bytes, element i in bit i % 8 of byte i // 8."""
+    flat = mask.reshape(-1).to(torch.bool)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    bits = _BITS.to(flat.device)
+    return (flat.view(-1, 8).to(torch.uint8) * bits).sum(1, dtype=torch.uint8)
+
+
+def unpack_mask(bits: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of ``pack_mask``: a bool tensor of ``shape``."""
+    shape = torch.Size(shape)
+    n = shape.numel()
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    flat = (bits.to(torch.uint8).unsqueeze(1) >> shifts).bitwise_and_(1).view(-1)[:n]
+    return flat.view(torch.bool).view(shape)  # 0/1 bytes are valid bools: no copy
+
+
+class LazyMask(Sequence):
+    """A one-tensor ``masks`` list whose bool mask is unpacked from bits when a kernel reads it."""
+
+    def __init__(self, bits: torch.Tensor, shape):
+        self.bits, self.shape = bits, shape
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i):
+        if i not in (0, -1):
+            raise IndexError(i)
+        return unpack_mask(self.bits, self.shape)

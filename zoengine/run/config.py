@@ -1,0 +1,64 @@
+"""``RunConfig``: everything a ``zoengine train`` run needs, and the per-mode defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+DEFAULT_MODEL = "smollm2-135m"
+# per trainable set: (lr, eps) defaults, from research/feasibility.md §2-4 and our runs
+MODE_DEFAULTS = {"head": (1e-4, 1e-3), "full": (1e-5, 1e-3), "lora": (1e-3, 1e-2)}
+DEFAULT_STEPS = {"head": 8000, "full": 60, "lora": 100}
+TRAIN_MODES = ("auto", "head", "full", "lora")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; ``zoengine train`` flags and ``--config`` keys have these names."""
+
+    model: str = DEFAULT_MODEL
+    task: str = "sentiment"
+    method: str = "mezo"
+    train: str = "auto"  # auto | head | full | lora  (auto: head for classification, lora for LM)
+    steps: int | None = None  # default per mode: DEFAULT_STEPS
+    batch_size: int = 16
+    lr: float | None = None  # default per mode (MODE_DEFAULTS)
+    eps: float | None = None
+    seed: int = 0
+    output_dir: str | None = None  # default outputs/<task>-<train>
+    train_examples: int = 512  # head mode: balanced training tweets whose features are cached
+    eval_limit: int = 0  # score only the first N dev and test rows (0: all; for quick checks)
+    eval_every: int = 0  # dev evaluation every N steps (0: head mode 250, others before/after only)
+    max_length: int = 128
+    eval_batch_size: int = 16
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
+    template: str | None = None
+    options: list | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    block_size: int = 128
+    threads: int | None = None  # None: torch's default, fewer if other processes keep cores busy
+    progress: bool = True
+    prune: str | None = None  # METHOD[:PATTERN]: prune before training, keep the zeros
+    prune_sparsity: float | None = None
+    keep_zeros: bool | None = None  # the model is already pruned: masks="zeros"
+    max_memory: str | None = None  # plan batch/sequence/dtype to fit, refuse if nothing fits
+    dizo_interval: int | None = None  # DiZO: steps between projections (None: the method's 50)
+
+    def resolved(self, task) -> RunConfig:
+        """A copy with every ``None``/``auto`` replaced by the default for ``task``."""
+        c = RunConfig(**asdict(self))
+        if c.train == "auto":
+            c.train = "head" if task.kind == "classification" else "lora"
+        lr, eps = MODE_DEFAULTS[c.train]
+        c.lr = lr if c.lr is None else c.lr
+        c.eps = eps if c.eps is None else c.eps
+        if c.steps is None:
+            c.steps = DEFAULT_STEPS[c.train]
+        if c.eval_every == 0 and c.train == "head":
+            c.eval_every = 250
+        if c.output_dir is None:
+            c.output_dir = os.path.join("outputs", f"{os.path.basename(str(c.task))}-{c.train}")
+        return c

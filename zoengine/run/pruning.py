@@ -1,0 +1,62 @@
+"""Pruning as a job: calibration data from a task, masks for ``zoengine train --prune``, and
+``zoengine prune`` (prune a model and save it with its zeros in a dense checkpoint)."""
+
+from __future__ import annotations
+
+import torch
+
+from zoengine.run.folder import atomic_dir
+from zoengine.sparsity import mask_memory, parse_prune_spec, prune, sparsity_report
+from zoengine.tasks import load_task
+
+
+def calibration_blocks(tok, task_name: str = "shakespeare", n_blocks: int = 16,
+                       block_size: int = 128, seed: int = 0) -> torch.Tensor:
+    """(n_blocks, block_size) token ids from a task's *train* split (never dev/test)."""
+    task = load_task(task_name, seed=seed, block_size=block_size)
+    split = task.splits["train"]
+    text = (split["text"][0] if task.kind == "lm" else
+            "\n".join(task.prompt(t) for t in split[: 8 * n_blocks]["text"]))
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    n = min(n_blocks, len(ids) // block_size)
+    if n == 0:
+        raise ValueError(f"calibration text of {task_name!r} has only {len(ids)} tokens")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(len(ids) // block_size, generator=g)[:n] * block_size
+    return torch.stack([torch.tensor(ids[s:s + block_size]) for s in starts.tolist()])
+
+
+def masks_for_run(model, tok, *, prune_spec: str | None = None, sparsity: float | None = None,
+                  keep_zeros: bool = False, calib_task: str = "shakespeare",
+                  calib_blocks: int = 16, seed: int = 0, log=print):
+    """What ``zoengine train`` passes as ``masks=``: None, ``"zeros"``, or the masks of a fresh
+    ``prune`` (Wanda calibrated on ``calib_task``'s train split). Logs a one-line summary."""
+    if prune_spec is None:
+        return "zeros" if keep_zeros else None
+    method, pattern = parse_prune_spec(prune_spec)
+    calib = None
+    if method == "wanda":
+        calib = list(calibration_blocks(tok, calib_task, calib_blocks, seed=seed).split(4))
+    masks = prune(model, method, sparsity, pattern, calib)
+    rep, mem = sparsity_report(model, masks), mask_memory(masks)
+    log(f"pruned {len(masks)} Linear weights ({method}, {pattern}): sparsity "
+        f"{rep['sparsity']:.4f} of {rep['numel']:,} weights; masks as bits "
+        f"{mem['bit_bytes'] / 2**20:.1f} MiB")
+    return masks
+
+
+def run_prune(*, model_spec: str, output_dir: str, method: str, pattern: str,
+              sparsity: float | None, calib_task: str, calib_blocks: int, seed: int) -> str:
+    """``zoengine prune``: prune ``model_spec`` and save it (tokenizer included) atomically."""
+    from zoengine.run.job import load_model
+
+    torch.manual_seed(seed)
+    model, tok = load_model(model_spec)
+    masks_for_run(model, tok, prune_spec=f"{method}:{pattern}", sparsity=sparsity,
+                  calib_task=calib_task, calib_blocks=calib_blocks, seed=seed)
+    with atomic_dir(output_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    print(f"wrote {output_dir}; recover it with: zoengine train --model "
+          f"{output_dir} --train full --keep-zeros", flush=True)
+    return output_dir

@@ -1,0 +1,34 @@
+"""Tasks: loading data sets (``datasets``, local files only), scoring prompts with a causal LM,
+and the metrics of a run (accuracy, AUC, the dev-calibrated baseline, perplexity).
+
+Sits beside ``zoengine.sparsity``, above ``zoengine.optim`` (it needs none of it) and below
+``zoengine.run``.
+"""
+
+from zoengine.tasks.data import (
+    BUNDLED,
+    ClassificationTask,
+    LMTask,
+    TaskError,
+    column,
+    load_task,
+    shakespeare,
+    task_from_file,
+    tweet_sentiment,
+)
+from zoengine.tasks.metrics import auc, auc_binary, class_metrics, evaluate_scores, fit_bias
+from zoengine.tasks.scoring import (
+    OptionScorer,
+    encode_prompts,
+    last_features,
+    left_pad,
+    length_batches,
+    lm_blocks,
+    lm_eval,
+    lm_loss,
+)
+
+__all__ = ["BUNDLED", "ClassificationTask", "LMTask", "OptionScorer", "TaskError", "auc",
+           "auc_binary", "class_metrics", "column", "encode_prompts", "evaluate_scores",
+           "fit_bias", "last_features", "left_pad", "length_batches", "lm_blocks", "lm_eval",
+           "lm_loss", "load_task", "shakespeare", "task_from_file", "tweet_sentiment"]
