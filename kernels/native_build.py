@@ -109,9 +109,11 @@ def _writable_dir(d: Path) -> bool:
 def _usable_cache_dir(notes: list[str] | None = None) -> Path:
     """The folder to build into and load from (module docstring); refusals go to ``notes``."""
     notes = [] if notes is None else notes
+    unwritable = []
     for d in (cache_dir(), _user_temp_dir()):
         if not _writable_dir(d):
-            continue  # silently, as before: an unwritable home is a normal set-up
+            unwritable.append(str(d))  # said only if no folder is usable: a normal set-up
+            continue
         try:
             problem = _trust_problem(d, "cache dir")
         except OSError as exc:
@@ -122,7 +124,9 @@ def _usable_cache_dir(notes: list[str] | None = None) -> Path:
                      "and chmod 700, or set ZOENGINE_CACHE_DIR)")
     d = Path(tempfile.mkdtemp(prefix="zoengine-native-"))  # mode 0700, ours, new
     atexit.register(shutil.rmtree, d, True)
-    notes.append(f"built in the private temp dir {d} instead (removed at exit)")
+    why = f" ({', '.join(unwritable)} not writable)" if unwritable else ""
+    notes.append(f"built in the private temp dir {d} instead{why}; it is removed at exit, so "
+                 "every process builds again")
     return d
 
 
@@ -169,7 +173,7 @@ def _clean_stale_tmp(folder: Path, now: float | None = None) -> list[str]:
         parts = p.name.split(".")
         pid, _, tag = parts[1].partition("-") if len(parts) == 5 else ("", "", "")
         try:
-            dead = pid.isdigit() and not _pid_alive(int(pid))
+            dead = tag == _host_tag() and pid.isdigit() and not _pid_alive(int(pid))
             if dead or now - p.lstat().st_mtime > _STALE_TMP_S:
                 p.unlink()
                 removed.append(p.name)
@@ -238,7 +242,7 @@ def _compile(cc: list[str], cflags: list[str], ldflags: list[str], out: Path) ->
             said = " | ".join(tail) if tail else "no output"
             raise NativeBuildError(f"{' '.join(cmd)} failed (exit status {proc.returncode}): "
                                    f"{said}")
-        os.chmod(tmp, 0o755)  # the linker's mode follows the umask; the loader checks go-w
+        os.chmod(tmp, 0o755)  # whatever the linker left: the loader refuses go-w files
         os.replace(tmp, out)  # atomic: other processes see the old name or the whole file
     finally:
         if os.path.exists(tmp):

@@ -2,8 +2,10 @@
 
 Both ops walk each tensor in chunks of ``CHUNK_ELEMENTS``, regenerate z for the chunk from the
 noise contract, and write the chunk back: memory beyond the parameters is O(one chunk).
-Arithmetic is fp32 whatever the parameter dtype, with each operation rounded separately
-(no fused multiply-add), and the result is rounded once to the parameter dtype on store.
+Arithmetic is in max(fp32, parameter dtype) (``compute_dtype``: fp32 for fp32/fp16/bf16,
+fp64 for float64 weights, so an fp64 restore or a 1e-9 update is exact to fp64 rounding), with
+each operation rounded separately (no fused multiply-add), and the result is rounded once to the
+parameter dtype on store. z itself is the contract's fp32 value, widened exactly.
 """
 
 from __future__ import annotations
@@ -17,6 +19,17 @@ from zoengine.kernels.philox import MASK32, STREAM_ROUNDING, noise_blocks, philo
 
 CHUNK_ELEMENTS = 1 << 16
 _TWO_POW_M24 = 2.0**-24
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The arithmetic dtype for weights of ``dtype``: max(fp32, dtype)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def philox_blocks(numel: int) -> int:
+    """Philox blocks one pass of a stream over a tensor of ``numel`` elements generates: whole
+    blocks of 4 values (chunks are multiples of 4, so no block is made twice)."""
+    return -(-numel // 4)
 
 
 def _flat_chunks(p: torch.Tensor):
@@ -111,11 +124,12 @@ def perturb_(
     key64 = stream_key(seed, step, sample)
     for i, (p, key) in enumerate(zip(params, keys)):
         m = None if masks is None or masks[i] is None else masks[i].reshape(-1)
+        ct = compute_dtype(p.dtype)
         for s, e, x in _flat_chunks(p):
-            z = _chunk_noise(s, e, key64, key, dist, p.device)
+            z = _chunk_noise(s, e, key64, key, dist, p.device).to(ct)
             if m is not None:
                 z = z * m[s:e]
-            x.copy_(x.to(torch.float32) + z * scale)
+            x.copy_(x.to(ct) + z * scale)
 
 
 def restore_update_(
@@ -156,16 +170,17 @@ def restore_update_(
     for i, (p, key) in enumerate(zip(params, keys)):
         sr = stochastic_rounding and p.dtype in (torch.float16, torch.bfloat16)
         m = None if masks is None or masks[i] is None else masks[i].reshape(-1)
+        ct = compute_dtype(p.dtype)
         for s, e, x in _flat_chunks(p):
-            zr = _chunk_noise(s, e, key64s[r], key, dist, p.device)
+            zr = _chunk_noise(s, e, key64s[r], key, dist, p.device).to(ct)
             acc = None
             for k in range(n):
-                zk = zr if k == r else _chunk_noise(s, e, key64s[k], key, dist, p.device)
+                zk = zr if k == r else _chunk_noise(s, e, key64s[k], key, dist, p.device).to(ct)
                 term = zk * float(grads[k])
                 acc = term if acc is None else acc + term
             if m is not None:
                 zr, acc = zr * m[s:e], acc * m[s:e]
-            theta = x.to(torch.float32) + zr * eps
+            theta = x.to(ct) + zr * eps
             if weight_decay != 0.0:
                 acc = acc + theta * weight_decay
             if sr:

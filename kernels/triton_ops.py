@@ -14,6 +14,10 @@ operations (bf16) or a plain fp16 cast: the Triton interpreter truncates fp32 ->
 Under ``TRITON_INTERPRET=1`` (set before this module is imported) the same kernels run on CPU
 tensors: the interpreter hands a kernel host memory, and CPU tensors' addresses in the table
 are host addresses, so the pointer table works there as well (tests/test_triton_ops.py).
+
+This module holds everything ``@triton.jit`` (so that one import decides compiled vs
+interpreted for all of it) and the public launchers; the host-side checks, launch geometry and
+table building are in kernels/triton_launch.py.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import triton
 import triton.language as tl
 from torch.autograd.graph import increment_version
 
+from zoengine.kernels import reference
 from zoengine.kernels.keys import stream_key
 from zoengine.kernels.philox import (
     DISTRIBUTIONS,
@@ -35,6 +40,15 @@ from zoengine.kernels.philox import (
     TWO_PI_F32,
 )
 from zoengine.kernels.reference import _check_lists, restore_index
+from zoengine.kernels.triton_launch import (
+    block_size,
+    build_table,
+    check_tensors,
+    launch_options,
+    split_wide,
+    table_ident,
+    uint8_masks,
+)
 
 __all__ = ["perturb_", "restore_update_", "is_interpreted", "clear_table_cache"]
 
@@ -44,7 +58,6 @@ _DIST_CODE = {"normal": 0, "uniform": 1, "rademacher": 2}
 # read z[j] = s * Q[(p_k + j) mod N], j = the tensor's global offset (a 7th table row) + element
 # index, in `_noise_tile` below; Q's address, N and s become runtime args and p_k joins the
 # sample table. Masks, restore, the n-sample sum and rounding stay as they are.
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _SQRT3: tl.constexpr = tl.constexpr(SQRT3_F32)
 _TWO_PI: tl.constexpr = tl.constexpr(TWO_PI_F32)
@@ -54,22 +67,14 @@ _INF: tl.constexpr = tl.constexpr(float("inf"))
 _STREAM_Z: tl.constexpr = tl.constexpr(STREAM_Z)  # Philox counter word 3 of z
 _STREAM_ROUNDING: tl.constexpr = tl.constexpr(STREAM_ROUNDING)  # ... of the rounding bits
 
-# Table rows (int64, shape (6, T)): what each program needs to find its tensor.
+# Table rows (int64, shape (6, T), built by triton_launch.build_table): what each program needs
+# to find its tensor.
 _ROW_ADDR: tl.constexpr = tl.constexpr(0)  # data_ptr of the tensor
 _ROW_NUMEL: tl.constexpr = tl.constexpr(1)
 _ROW_KEY: tl.constexpr = tl.constexpr(2)  # 32-bit tensor key (counter word 2)
 _ROW_FIRST: tl.constexpr = tl.constexpr(3)  # first program id of the tensor
 _ROW_MASK: tl.constexpr = tl.constexpr(4)  # data_ptr of its uint8 mask, 0 = none
-_ROW_DTYPE: tl.constexpr = tl.constexpr(5)  # 0 fp32, 1 fp16, 2 bf16
-
-# GPU: 1024 elements per program (256 Philox calls), 4 warps -- a common elementwise choice,
-# not yet tuned on a device. Interpreter: one program per tensor up to 64Ki elements, because
-# its cost is mostly per program (offline.md §3: 1e5 elements take 1.0 s at BLOCK 1024 and
-# 0.04 s at 65536).
-_GPU_BLOCK = 1024
-_GPU_WARPS = 4
-_INTERP_MAX_BLOCK = 1 << 16
-_INTERP_MIN_BLOCK = 64
+_ROW_DTYPE: tl.constexpr = tl.constexpr(5)  # 0 fp32, 1 fp16, 2 bf16 (triton_launch.DTYPE_CODE)
 
 
 # ------------------------------------------------------------------------------------------
@@ -295,86 +300,18 @@ def clear_table_cache() -> None:
     _TABLE_CACHE.clear()
 
 
-def _block_size(params: Sequence[torch.Tensor]) -> int:
-    if not is_interpreted():
-        return _GPU_BLOCK
-    largest = max(p.numel() for p in params)
-    return max(_INTERP_MIN_BLOCK, min(_INTERP_MAX_BLOCK, triton.next_power_of_2(largest)))
-
-
-def _uint8_masks(params, masks) -> list[torch.Tensor | None]:
-    """Masks as uint8 views (bool masks: no copy; others: ``m != 0``, a 0/1 copy per call)."""
-    out: list[torch.Tensor | None] = []
-    for i, p in enumerate(params):
-        m = None if masks is None else masks[i]
-        if m is not None:
-            if m.numel() != p.numel():
-                raise ValueError(f"masks[{i}] has {m.numel()} elements for a tensor of "
-                                 f"{p.numel()}")
-            if m.device != p.device:
-                raise ValueError(f"masks[{i}] is on {m.device}, its tensor on {p.device}")
-            m = m.reshape(-1)
-            m = m.view(torch.uint8) if m.dtype == torch.bool else (m != 0).view(torch.uint8)
-            m = m.contiguous()
-        out.append(m)
-    return out
-
-
-def _check_tensors(params: Sequence[torch.Tensor]) -> None:
-    devices = {p.device for p in params}
-    if len(devices) > 1:
-        raise ValueError(f"all tensors of one call must share a device; got {sorted(map(str, devices))}")
-    for i, p in enumerate(params):
-        if p.dtype not in _DTYPE_CODE:
-            raise ValueError(f"params[{i}] has dtype {p.dtype}; the Triton kernels take "
-                             "float32, float16 and bfloat16")
-    device = next(iter(devices))
-    if is_interpreted() and device.type != "cpu":
-        raise RuntimeError(
-            f"zoengine.kernels.triton_ops was imported under TRITON_INTERPRET=1, so its kernels "
-            f"run in the interpreter, which reaches tensors through host addresses; got "
-            f"{device} tensors. Unset TRITON_INTERPRET (before import) to launch on the GPU.")
-    if not is_interpreted() and device.type != "cuda":
-        raise RuntimeError(
-            f"the Triton kernels need CUDA tensors (got {device}); for CPU tensors set "
-            "TRITON_INTERPRET=1 before importing zoengine.kernels.triton_ops, or use the "
-            "reference backend")
-
-
 def _table(params, keys, masks8, block: int):
     """(table int64[6, T], program -> tensor int32[P], P) for these tensors, cached."""
-    live = [i for i, p in enumerate(params) if p.numel() > 0]
-    ident = (block, params[0].device, tuple(
-        (params[i].data_ptr(), params[i].numel(), params[i].dtype, int(keys[i]),
-         0 if masks8[i] is None else masks8[i].data_ptr()) for i in live))
+    ident = table_ident(params, keys, masks8, block)
     hit = _TABLE_CACHE.get(ident)
     if hit is not None:
         _TABLE_CACHE.move_to_end(ident)
         return hit
-    rows = [[], [], [], [], [], []]
-    programs, first = [], 0
-    for i in live:
-        p, m = params[i], masks8[i]
-        nprog = triton.cdiv(p.numel(), block)
-        for row, value in zip(rows, (p.data_ptr(), p.numel(), int(keys[i]) & 0xFFFFFFFF, first,
-                                     0 if m is None else m.data_ptr(), _DTYPE_CODE[p.dtype]), strict=True):
-            row.append(value)
-        programs.append(nprog)
-        first += nprog
-    device = params[0].device
-    tab = torch.tensor(rows, dtype=torch.int64, device=device)
-    prog = torch.repeat_interleave(torch.arange(len(live), dtype=torch.int32),
-                                   torch.tensor(programs, dtype=torch.int64)).to(device)
-    entry = (tab, prog, first)
+    entry = build_table(params, keys, masks8, block)
     _TABLE_CACHE[ident] = entry
     if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
         _TABLE_CACHE.popitem(last=False)
     return entry
-
-
-def _launch_options() -> dict:
-    # fp fusion off: p + s*z must round twice, as in the eager reference (style.md §2.3).
-    return {} if is_interpreted() else {"enable_fp_fusion": False, "num_warps": _GPU_WARPS}
 
 
 def _check_dist(dist: str) -> int:
@@ -397,15 +334,20 @@ def perturb_(
     """θ ← θ + scale·z for every tensor, in one kernel launch (see reference.perturb_)."""
     _check_lists(params, keys, masks)
     code = _check_dist(dist)
+    (params, keys, masks), wide = split_wide(params, keys, masks)
+    if wide[0]:
+        reference.perturb_(*wide[:2], seed=seed, step=step, sample=sample, scale=scale,
+                           dist=dist, masks=wide[2])
     key64 = stream_key(seed, step, sample)
     if not params or all(p.numel() == 0 for p in params):
         return
-    _check_tensors(params)
-    masks8 = _uint8_masks(params, masks)
-    block = _block_size(params)
+    check_tensors(params, is_interpreted())
+    masks8 = uint8_masks(params, masks)  # the table holds their addresses: keep them alive
+    block = block_size(params, is_interpreted())
     tab, prog, nprog = _table(params, keys, masks8, block)
     _perturb_kernel[(nprog,)](tab, prog, tab.shape[1], key64 & 0xFFFFFFFF, key64 >> 32,
-                              float(scale), DIST=code, BLOCK=block, **_launch_options())
+                              float(scale), DIST=code, BLOCK=block,
+                              **launch_options(is_interpreted()))
     increment_version(params)  # writes through raw addresses: tell autograd, as copy_ would
 
 
@@ -433,17 +375,22 @@ def restore_update_(
     code = _check_dist(dist)
     n = len(grads)
     r = restore_index(grads, restore_sample)
+    (params, keys, masks), wide = split_wide(params, keys, masks)
+    if wide[0]:
+        reference.restore_update_(*wide[:2], seed=seed, step=step, eps=eps, lr=lr, grads=grads,
+                                  restore_sample=r, weight_decay=weight_decay, dist=dist,
+                                  masks=wide[2])
     key64s = [stream_key(seed, step, k) for k in range(n)]
     if not params or all(p.numel() == 0 for p in params):
         return
-    _check_tensors(params)
-    masks8 = _uint8_masks(params, masks)
-    block = _block_size(params)
+    check_tensors(params, is_interpreted())
+    masks8 = uint8_masks(params, masks)  # the table holds their addresses: keep them alive
+    block = block_size(params, is_interpreted())
     tab, prog, nprog = _table(params, keys, masks8, block)
     signed = [k - (1 << 64) if k >= 1 << 63 else k for k in key64s]
     gbits = torch.tensor([float(g) for g in grads], dtype=torch.float32).view(torch.int32)
     samp = torch.tensor(signed + gbits.tolist(), dtype=torch.int64).to(params[0].device)
     _restore_update_kernel[(nprog,)](
         tab, prog, tab.shape[1], samp, n, r, float(eps), float(lr), float(weight_decay),
-        DIST=code, SR=bool(stochastic_rounding), BLOCK=block, **_launch_options())
+        DIST=code, SR=bool(stochastic_rounding), BLOCK=block, **launch_options(is_interpreted()))
     increment_version(params)

@@ -8,6 +8,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import random  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -27,17 +30,85 @@ _THREADS = torch.get_num_threads()
 _DTYPE = torch.get_default_dtype()
 
 
+def _native_memo():
+    """The native backend's memo of build outcomes, {state key: (lib, info, reason)}, and the
+    function giving the current key; (None, None) until that module is imported."""
+    mod = sys.modules.get("zoengine.kernels.native_ops")
+    memo, key = getattr(mod, "_loaded", None), getattr(mod, "_state_key", None)
+    return (memo, key) if isinstance(memo, dict) and callable(key) else (None, None)
+
+
+def _forget_native_outcomes(before: dict | None) -> None:
+    """Drop the build outcomes a test left behind, except a successful load for the default
+    setting: a failure (a test that broke $CC or the compiler on purpose) or an outcome for a
+    test's own cache dir must not decide what a later test gets."""
+    memo, key = _native_memo()
+    if memo is None:
+        return
+    before = before or {}
+    default = key()
+    for k, v in list(memo.items()):
+        if before.get(k) is v:
+            continue
+        ok = isinstance(v, tuple) and bool(v) and v[0] is not None
+        if k != default or not ok:
+            memo.pop(k, None)
+
+
+
+def _children() -> dict[int, bytes]:
+    """{pid: start time} of this process's running (not zombie) children; {} without /proc."""
+    me, out = os.getpid(), {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()  # state, ppid, ..., starttime = [19]
+        if int(fields[1]) == me and fields[0] != b"Z":
+            out[int(name)] = fields[19]
+    return out
+
+
+def _kill_leftover_children(before: dict[int, bytes], test: str) -> None:
+    """A child process that a test started and left running (a Popen not waited for, a test
+    stopped by pytest-timeout) would keep a core busy for the tests after it: kill it, say so."""
+    for pid, start in _children().items():
+        if before.get(pid) == start:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:160]
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (OSError, ChildProcessError):
+            continue
+        warnings.warn(f"{test} left child process {pid} running ({cmd}); killed it",
+                      pytest.PytestWarning, stacklevel=1)
+
+
 @pytest.fixture(autouse=True)
-def _same_start_state():
+def _same_start_state(request):
     """Each test starts from the same process state and puts back what it changed.
 
     In-process runs of the CLI (`zoengine train/eval`) set torch's thread count; a test may set
     environment variables (ZOENGINE_BACKEND, CC, ZOENGINE_CACHE_DIR, TRITON_INTERPRET...) or
-    change directory without monkeypatch. Any of these would make a later test's outcome depend
-    on the order. (Warning filters are already restored by pytest around each test.)
+    change directory without monkeypatch; the native backend remembers a failed build; a child
+    process left running slows every later test. Any of these would make a later test's outcome
+    depend on the order. (Warning filters are already restored by pytest around each test.)
     """
     env = dict(os.environ)
     cwd = os.getcwd()
+    children = _children()
+    memo, _ = _native_memo()
+    native_before = dict(memo) if memo is not None else None
     torch.set_num_threads(_THREADS)
     torch.set_default_dtype(_DTYPE)
     torch.set_grad_enabled(True)
@@ -52,6 +123,8 @@ def _same_start_state():
             os.environ[k] = v
     if os.getcwd() != cwd:
         os.chdir(cwd)
+    _forget_native_outcomes(native_before)
+    _kill_leftover_children(children, request.node.nodeid)
     torch.set_num_threads(_THREADS)
     torch.set_default_dtype(_DTYPE)
     torch.set_grad_enabled(True)

@@ -222,3 +222,122 @@ def test_errors():
     opt = DiZO(model.named_parameters(), lr=0.01, interval=1)
     with pytest.raises(RuntimeError, match="projection_closure"):
         opt.step(_closure(model))
+
+
+# ---- the search's data and non-finite losses ---------------------------------------------------
+
+def _nan_on(calls, bad, model, seed=7):
+    """A factory of closures whose n-th evaluation (over all closures) returns NaN if n in bad."""
+    inner = _closure(model, seed)
+
+    def make():
+        def closure():
+            calls.append(len(calls))
+            return torch.tensor(float("nan")) if len(calls) - 1 in bad else inner()
+        return closure
+    return make
+
+
+def _stepped(opt, model, n):
+    for s in range(n):
+        opt.step(_closure(model, s))
+
+
+def test_skip_mode_drops_a_nonfinite_search_iteration():
+    torch.manual_seed(0)
+    model = Attn()
+    calls = []
+    opt = DiZO(model.named_parameters(), lr=0.05, eps=1e-2, interval=2, search_iters=3,
+               nonfinite="skip", projection_closure=_nan_on(calls, {2}, model))
+    _stepped(opt, model, 2)  # search: iteration 0 (calls 0, 1), 1 (call 2: NaN, ℓ₋ spared), 2
+    zo = opt.state["zo"]
+    assert len(calls) == 5
+    assert (zo["dizo_searches"], zo["dizo_skipped_iters"], zo["dizo_pending"]) == (1, 1, False)
+    assert all(math.isfinite(p.sum().item()) for p in model.parameters())
+
+
+def test_all_skipped_search_leaves_weights_exact_and_is_retried():
+    torch.manual_seed(0)
+    model = Attn()
+    calls = []
+    opt = DiZO(model.named_parameters(), lr=0.05, eps=1e-2, interval=2, search_iters=3,
+               nonfinite="skip", projection_closure=_nan_on(calls, {0, 1, 2}, model))
+    _stepped(opt, model, 1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # replay step 2 alone on a copy to know the weights after the ZO step, before the search
+    ref = copy.deepcopy(model)
+    ref_opt = zoengine.MeZO(ref.named_parameters(), lr=0.05, eps=1e-2)
+    ref_opt.state["zo"]["step"] = 1
+    ref_opt.step(_closure(ref, 1))
+    opt.step(_closure(model, 1))  # step 2: every search iteration NaN, all skipped
+    zo = opt.state["zo"]
+    assert (zo["dizo_searches"], zo["dizo_skipped_iters"], zo["dizo_pending"]) == (0, 3, True)
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p, q), n  # bit-exact: the scaled evaluations were undone exactly
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    opt.step(_closure(model, 2))  # step 3: not a multiple of 2, but the projection is due
+    assert (zo["dizo_searches"], zo["dizo_skipped_iters"], zo["dizo_pending"]) == (1, 3, False)
+
+
+def test_raise_mode_restores_weights_and_keeps_the_projection_due():
+    torch.manual_seed(0)
+    model = Attn()
+    calls = []
+    opt = DiZO(model.named_parameters(), lr=0.05, eps=1e-2, interval=1, search_iters=2,
+               projection_closure=_nan_on(calls, {1}, model))
+    ref = copy.deepcopy(model)
+    zoengine.MeZO(ref.named_parameters(), lr=0.05, eps=1e-2).step(_closure(ref, 0))
+    with pytest.raises(zoengine.NonFiniteLossError, match="stays due"):
+        opt.step(_closure(model, 0))
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p, q), n
+    assert opt.state["zo"]["dizo_pending"] is True
+    opt.step(_closure(model, 1))
+    assert opt.state["zo"]["dizo_searches"] == 1 and opt.state["zo"]["dizo_pending"] is False
+
+
+def test_plain_loss_closure_is_accepted():
+    torch.manual_seed(0)
+    model = Attn()
+    calls = []
+    inner = _closure(model, 7)
+
+    def plain():  # returns the loss: a closure, not a factory of closures
+        calls.append(1)
+        return inner()
+
+    opt = DiZO(model.named_parameters(), lr=0.05, eps=1e-2, interval=2, search_iters=3,
+               projection_closure=plain)
+    _stepped(opt, model, 2)
+    assert opt.state["zo"]["dizo_searches"] == 1
+    assert len(calls) == 1 + 2 * 3  # the first call tells it apart (its loss is discarded)
+    _stepped(opt, model, 2)
+    assert opt.state["zo"]["dizo_searches"] == 2 and len(calls) == 1 + 2 * 2 * 3
+
+
+def test_iterators_of_closures_and_bad_sources():
+    torch.manual_seed(0)
+    model = Attn()
+    opt = DiZO(model.named_parameters(), lr=0.05, eps=1e-2, interval=1, search_iters=2,
+               projection_closure=[_closure(model, 3), _closure(model, 4)])
+    opt.step(_closure(model))
+    assert opt.state["zo"]["dizo_searches"] == 1
+    with pytest.raises(RuntimeError, match="exhausted"):
+        opt.step(_closure(model))
+    opt = DiZO(model.named_parameters(), lr=0.05, interval=1, projection_closure=[{"x": 1}])
+    with pytest.raises(TypeError, match="loss closures"):
+        opt.step(_closure(model))
+    opt = DiZO(model.named_parameters(), lr=0.05, interval=1, projection_closure=lambda: "x")
+    with pytest.raises(ValueError, match="projection_closure"):
+        opt.step(_closure(model))
+
+
+def test_all_preset_projects_every_trainable_tensor_and_auto_does_not():
+    head = torch.nn.Linear(4, 2)
+    named = list(head.named_parameters())
+    with pytest.raises(ValueError, match="'all'"):
+        DiZO(named)  # auto: no attention or LoRA names; never a silent full copy
+    opt = DiZO(named, projected="all")
+    assert [n for n, _, _ in opt.projected] == ["weight", "bias"]
+    with pytest.raises(ValueError, match="exact_restore"):
+        DiZO(named, projected="all", exact_restore=1)

@@ -128,3 +128,50 @@ def test_smollm2_few_steps_lora(tmp_path):
     assert any(not torch.equal(lora_before[n], p) for n, p in model.named_parameters()
                if n in lora_before)
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_resume_without_optimizer_state_is_refused(tmp_path):
+    """A checkpoint without optimizer.pt would restart the ZO step counter at 0 (and reuse the
+    noise of the first steps): resuming from it stops at the first step with a clear error."""
+    ds = lm_dataset()
+    ZOTrainer(model=tiny_model(), args=zo_args(tmp_path, save_strategy="steps", save_steps=3),
+              train_dataset=ds).train()
+    ckpt = tmp_path / "checkpoint-3"
+    (ckpt / "optimizer.pt").unlink()
+    tr = ZOTrainer(model=tiny_model(), args=zo_args(tmp_path), train_dataset=ds)
+    with pytest.raises(RuntimeError, match="optimizer.pt"):
+        tr.train(resume_from_checkpoint=str(ckpt))
+    assert _zo_of(tr).step_count == 0  # no ZO step was taken
+    assert tr.state.global_step == 3
+
+
+def _zo_of(tr):
+    return tr.optimizer.optimizer if hasattr(tr.optimizer, "optimizer") else tr.optimizer
+
+
+def test_journal_resume_replays_without_forward_passes(tmp_path):
+    """zo_journal=True: a run resumed from checkpoint-3 whose journal reaches step 6 replays
+    steps 3-5 from the journal (no forward pass) and ends where an uninterrupted run ends."""
+    ds = lm_dataset()
+    full = tiny_model()
+    ZOTrainer(model=full, args=zo_args(tmp_path / "a"), train_dataset=ds).train()
+
+    first = tiny_model()
+    ZOTrainer(model=first, args=zo_args(tmp_path / "b", save_strategy="steps", save_steps=3,
+                                        zo_journal=True), train_dataset=ds).train()
+    from zoengine.journal import read_records
+
+    _, records, _ = read_records(tmp_path / "b" / "zo_journal.zoj")
+    assert [r.step for r in records] == list(range(6))
+
+    resumed = tiny_model(seed=123)
+    calls = []
+    resumed.register_forward_hook(lambda *a: calls.append(1))
+    ZOTrainer(model=resumed, args=zo_args(tmp_path / "b", zo_journal=True),
+              train_dataset=ds).train(resume_from_checkpoint=str(tmp_path / "b" /
+                                                               "checkpoint-3"))
+    assert calls == []  # steps 3, 4, 5 came from the journal
+    for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(p, q), n
+    _, records, _ = read_records(tmp_path / "b" / "zo_journal.zoj")
+    assert [r.step for r in records] == list(range(6))  # replayed steps were not re-appended

@@ -10,7 +10,7 @@ import torch
 
 import zoengine
 from zoengine.kernels.keys import stream_key
-from zoengine.kernels.reuse import RotateSource, lane_uniform
+from zoengine.kernels.reuse import RotateSource, lane_uniform, pool_stride
 from zoengine.optim.estimators import KERNELS, kernel_weight
 
 
@@ -154,14 +154,69 @@ def test_pool_reuse_follows_the_aliasing_law(pool_size):
         assert (C - torch.eye(d, dtype=torch.float64)).abs().max() < 6 / math.sqrt(pool_size)
 
 
-def test_pool_warns_when_every_perturbation_is_identical():
-    opt = zoengine.PeZO([torch.nn.Parameter(torch.zeros(6))], pool_size=3)
-    with pytest.warns(UserWarning, match="every perturbation is identical"):
-        opt.step(lambda: torch.tensor(0.0))
-    ok = zoengine.PeZO([torch.nn.Parameter(torch.zeros(6))], pool_size=5)
+def _pool_offsets(opt, steps):
+    """The pointer at the start of each of ``steps`` steps (one sample per step)."""
+    p = opt.param_groups[0]["params"][0]
+    out = []
+    for _ in range(steps):
+        out.append(opt.state["zo"]["pool_pointer"])
+        opt.step(lambda: p.sum())
+    return out
+
+
+@pytest.mark.parametrize("d, n", [(6, 3), (8, 64), (12, 36), (9, 9)])
+def test_pool_pointer_visits_every_offset_whatever_d(d, n):
+    # gcd(d, N) > 1 used to cycle through N / gcd(N, d) offsets (d ≡ 0 mod N: one, forever)
+    opt = zoengine.PeZO([torch.nn.Parameter(torch.zeros(d))], pool_size=n)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ok.step(lambda: torch.tensor(0.0))
+        seen = _pool_offsets(opt, n)
+    assert sorted(seen) == list(range(n))
+    stride = pool_stride(d, n)
+    assert math.gcd(stride, n) == 1 and d <= stride < d + n
+    assert all(math.gcd(s, n) > 1 for s in range(d, stride))  # the smallest such stride
+    assert (seen[1] - seen[0]) % n == stride % n
+
+
+def _independent_ratio(err, a, n_steps):
+    """‖mean ĝ − a‖² over its value for independent unit-variance uniform z (E z⁴ = 9/5):
+    about 1 for an unbiased estimate, N / (offsets visited) when the pointer cycles early."""
+    d = a.numel()
+    return float(err @ err) / ((d - 0.2) * float(a @ a) / n_steps)
+
+
+@pytest.mark.parametrize("d", [8, 3072])
+def test_pool_run_is_unbiased_and_every_perturbation_distinct(d):
+    """N = 4096: advancing by d would visit 512 (d = 8) or 4 (d = 3072) offsets; the coprime
+    stride visits all 4096, and the mean estimate on a linear loss is unbiased."""
+    n, lr, eps = 4096, 1e-3, 1e-3
+    a = torch.randn(d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    p = torch.nn.Parameter(torch.zeros(d, dtype=torch.float64))
+    opt = zoengine.PeZO([p], lr=lr, eps=eps, pool_size=n, seed=0)
+    zo = opt.state["zo"]
+    seen, total = set(), torch.zeros(d, dtype=torch.float64)
+    step = {}
+
+    def closure():
+        if "z" not in step:  # θ + εz: the perturbation's first 4 numbers, as pool integers
+            z = (p.detach()[:4] - step["before"][:4]) / eps / zo["pool_scale"] * 2**24
+            step["z"] = tuple(z.round().long().tolist())
+        return a @ p
+
+    for _ in range(n):
+        step.clear()
+        step["before"] = before = p.detach().clone()
+        opt.step(closure)
+        seen.add(step["z"])
+        total += (before - p.detach()) / lr
+    assert len(seen) == n  # N steps, N distinct perturbations
+    assert _independent_ratio(total / n - a, a, n) < 3.0
+    # the test can fail: the old advance by d gives a ratio of 5-20 (d = 8), ~1000 (d = 3072)
+    q = zo["pool"].double() * zo["pool_scale"]
+    idx = ((torch.arange(n) * d).unsqueeze(1) + torch.arange(d).unsqueeze(0)) % n
+    z = q[idx]
+    old = (z * (z @ a).unsqueeze(1)).mean(0) - a
+    assert _independent_ratio(old, a, n) > 4.0
 
 
 def test_pool_and_pointer_resume_identically():
@@ -191,11 +246,17 @@ def test_rng_budget_for_hwsim():
     p = torch.nn.Parameter(torch.zeros(100))
     pool = zoengine.PeZO([p], pool_size=64).rng_budget()
     assert pool["numbers_generated_per_step"] == 0 and pool["numbers_reused_per_step"] == 300
-    assert pool["numbers_generated_once"] == 64
+    assert pool["numbers_generated_once"] == 64 and pool["philox_blocks_per_step"] == 0
+    assert pool["pool_stride"] == 101 and pool["pool_period"] == 64
     rot = zoengine.PeZO([p], reuse="rotate", lanes=8).rng_budget()
-    assert rot["numbers_generated_per_step"] == 300 and rot["lanes"] == 8
+    # adaptive lanes generate a whole 16,384-number window per pass, one Philox block each
+    assert rot["numbers_generated_per_step"] == 3 * 16384 and rot["lanes"] == 8
+    assert rot["philox_blocks_per_step"] == 3 * 16384 and rot["numbers_reused_per_step"] == 0
+    static = zoengine.PeZO([p], reuse="rotate", lanes=8, scaling="static").rng_budget()
+    assert static["numbers_generated_per_step"] == 300 == static["philox_blocks_per_step"]
     mezo = zoengine.MeZO([p], n_samples=2).rng_budget()
     assert mezo["numbers_used_per_step"] == 100 * 7
+    assert mezo["philox_blocks_per_step"] == 25 * 7 and mezo["numbers_generated_per_step"] == 700
 
 
 @pytest.mark.parametrize("kwargs, name", [

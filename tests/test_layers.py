@@ -15,6 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # not import each other (except a package importing itself).
 LAYERS = [
     ("zoengine.hwsim", 0),  # numpy-only leaf: imports nothing else from zoengine
+    ("zoengine.faults", 0),  # crash points for recovery tests: stdlib only
     ("zoengine.kernels", 1),
     ("zoengine.noise", 2),  # the contract's public face: generate() over the kernels
     ("zoengine.optim", 2),
@@ -136,3 +137,18 @@ def test_public_names_resolve():
         mod = importlib.import_module(package)
         for name in mod.__all__:
             assert getattr(mod, name) is not None, f"{package}.{name}"
+
+
+def test_small_rooms():
+    """One job per module: files <= 400 lines, functions <= 60 (the house rule of docs/design.md)."""
+    big = []
+    for module, path in _modules():
+        src = path.read_text()
+        if src.count("\n") > 400:
+            big.append(f"{module}: {src.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 60:
+                    big.append(f"{module}.{node.name}: {n} lines")
+    assert big == []

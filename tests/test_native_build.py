@@ -66,10 +66,22 @@ def _native_matches_reference():
 
 # ---------------------------------------------------------------- folders
 @needs_native
-def test_cache_dir_created_0700_and_library_trusted_under_any_umask(monkeypatch, tmp_path):
+def test_cache_dir_created_0700_and_own_library_trusted(monkeypatch, tmp_path):
+    """Under a group-writable umask, and with a compiler that leaves its output writable by
+    all, the folder is still 0700 and our own library is loaded from the cache next time."""
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        pytest.skip("no cc/gcc/clang to wrap")
+    wrapper = tmp_path / "loose-cc"
+    wrapper.write_text(f'#!/bin/sh\n"{cc}" "$@" || exit $?\n'
+                       'prev=; for a; do [ "$prev" = -o ] && chmod 666 "$a"; prev=$a; done\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
     cache = tmp_path / "a" / "cache"
     monkeypatch.setenv("ZOENGINE_CACHE_DIR", str(cache))
-    old = os.umask(0o002)  # a group-writable umask must not make our own files untrusted
+    (tmp_path / "t").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "t"))  # a refusal stays in here
+    old = os.umask(0o002)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", W)  # a clean build is silent

@@ -309,7 +309,7 @@ def test_errors_are_clear(T):
     with pytest.raises(ValueError, match="dist="):
         T.perturb_([p], [0], seed=0, step=0, scale=1.0, dist="cauchy")
     with pytest.raises(ValueError, match="float32, float16 and bfloat16"):
-        T.perturb_([p.double()], [0], seed=0, step=0, scale=1.0)
+        T.perturb_([p.to(torch.int32)], [0], seed=0, step=0, scale=1.0)
     with pytest.raises(ValueError, match="grads is empty"):
         T.restore_update_([p], [0], seed=0, step=0, eps=1.0, lr=1.0, grads=[])
     with pytest.raises(ValueError, match="masks\\[0\\] has 3 elements"):

@@ -51,7 +51,7 @@ TRAIN_FLAGS = [  # (flag, dest, type, help)
     ("--eps", "eps", float, "perturbation scale (default: head/full 1e-3, lora 1e-2)"),
     ("--seed", "seed", int, "seed of the data split, batches and noise (default 0)"),
     ("--output-dir", "output_dir", str, "where metrics.json, curve.png and weights go "
-                                        "(default outputs/<task>-<train>)"),
+                                        "(default outputs/<task>-<train>-<method>-s<seed>)"),
     ("--train-examples", "train_examples", int, "head: training prompts cached (default 512)"),
     ("--eval-limit", "eval_limit", int, "score only the first N dev/test rows (0: all)"),
     ("--eval-every", "eval_every", int, "dev evaluation every N steps (head default 250)"),
@@ -66,6 +66,15 @@ TRAIN_FLAGS = [  # (flag, dest, type, help)
     ("--label-column", "label_column", str, "column of the label in a task file (default label)"),
     ("--block-size", "block_size", int, "LM tasks: tokens per block (default 128)"),
     ("--threads", "threads", int, "torch threads (default: torch's choice)"),
+    ("--dizo-interval", "dizo_interval", int, "--method dizo: steps between projections "
+                                              "(default 50)"),
+    ("--checkpoint-every", "checkpoint_every", int, "steps between checkpoints (default: head "
+                                                    "1000, full 10, lora 50; 0: never)"),
+    ("--checkpoint-minutes", "checkpoint_minutes", float, "also checkpoint every N minutes "
+                                                          "(default 10; 0: never)"),
+    ("--journal-fsync", "journal_fsync", str, "journal durability: step | checkpoint | every "
+                                              "K steps (default 100; a kill -9 loses nothing "
+                                              "either way, a power cut at most K steps)"),
 ]
 _FLAG_OF = {dest: flag for flag, dest, _, _ in TRAIN_FLAGS}
 
@@ -110,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, dest, typ, hlp in TRAIN_FLAGS:
         t.add_argument(flag, dest=dest, type=typ, default=None, help=hlp)
     t.add_argument("--lora", action="store_true", default=None, help="same as --train lora")
+    t.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the interrupted run in DIR (its last checkpoint, then its "
+                        "journal, replayed without forward passes); other flags must match "
+                        "the run's, except --steps, --threads and --no-progress")
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bar")
     _add_sparsity_args(t)
@@ -129,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text-column", default="text")
     e.add_argument("--label-column", default="label")
     sub.add_parser("methods", help="list the registered ZO methods")
+    x = sub.add_parser("export-journal", help="copy a run's verified journal: the fine-tune as "
+                                              "kilobytes, to apply to the base model")
+    x.add_argument("run", help="a `zoengine train` output folder")
+    x.add_argument("out", help="the journal file to write")
+    a = sub.add_parser("apply-journal", help="rebuild a run's trained weights from the base "
+                                             "model and its journal (no forward pass)")
+    a.add_argument("base", help="the base model: 'smollm2-135m' or a local HF model folder")
+    a.add_argument("journal", help="a journal from `zoengine export-journal` (or a run's "
+                                   "journal.zoj)")
+    a.add_argument("out", help="output folder for the weights (head.safetensors, adapter/ or "
+                              "model/)")
     h = sub.add_parser("hwsim", help="hardware RNG cost simulator", add_help=False)
     h.add_argument("rest", nargs=argparse.REMAINDER)
     return p
@@ -159,7 +183,7 @@ def read_config(path: str) -> dict:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def make_run_config(args):
+def make_run_config(args, *, check: bool = True):
     from zoengine.run.config import RunConfig
 
     known = {f.name for f in fields(RunConfig)}
@@ -182,7 +206,8 @@ def make_run_config(args):
     if isinstance(values.get("lora_targets"), str):
         values["lora_targets"] = _csv_list(values["lora_targets"])
     cfg = RunConfig(**values)
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
@@ -215,6 +240,9 @@ def validate(cfg) -> None:
     need("eval_every", lambda v: is_int(v) and v >= 0, "must be an integer >= 0")
     need("seed", lambda v: is_int(v) and v >= 0, "must be an integer >= 0")
     need("threads", lambda v: v is None or (is_int(v) and v > 0), "must be an integer > 0")
+    need("dizo_interval", lambda v: v is None or (is_int(v) and v > 0), "must be an integer > 0")
+    need("dizo_interval", lambda v: v is None or cfg.method == "dizo",
+         "applies to --method dizo only")
     need("lr", lambda v: v is None or (is_num(v) and v >= 0), "must be a finite number >= 0")
     need("eps", lambda v: v is None or (is_num(v) and v > 0), "must be a finite number > 0")
     need("train", lambda v: v in TRAIN_MODES, f"must be one of {TRAIN_MODES}")
@@ -246,6 +274,13 @@ def validate(cfg) -> None:
 def cmd_train(args) -> int:
     from zoengine.run.job import run_train
 
+    if args.resume is not None:
+        from zoengine.run.resume import resume_config
+
+        cfg = resume_config(args.resume, make_run_config(args, check=False))
+        validate(cfg)
+        run_train(cfg, resume=True)
+        return 0
     cfg = make_run_config(args)
     run_train(cfg)
     return 0
@@ -273,6 +308,16 @@ def cmd_prune(args) -> int:
     run_prune(model_spec=args.model, output_dir=args.output_dir, method=args.method,
               pattern=args.pattern, sparsity=args.sparsity, calib_task=args.calib_task,
               calib_blocks=args.calib_blocks, seed=args.seed)
+    return 0
+
+
+def cmd_journal(args) -> int:
+    from zoengine.run import shipping
+
+    if args.command == "export-journal":
+        shipping.export_journal(args.run, args.out)
+    else:
+        shipping.apply_journal(args.base, args.journal, args.out)
     return 0
 
 
@@ -316,7 +361,8 @@ def _main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return EXIT_USAGE
         commands = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods,
-                    "prune": cmd_prune}
+                    "prune": cmd_prune, "export-journal": cmd_journal,
+                    "apply-journal": cmd_journal}
         return commands[args.command](args)
     except UsageError as exc:
         print(f"zoengine {command}: error: {exc}", file=sys.stderr)
@@ -328,7 +374,8 @@ def _main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE if flag else 1
     except KeyboardInterrupt:
         print(f"\nzoengine {command}: interrupted; outputs of this run were not written "
-              "(finished files are complete, unfinished ones absent)", file=sys.stderr)
+              "(finished files are complete, unfinished ones absent); a training run goes on "
+              "with `zoengine train --resume OUTPUT_DIR`", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - a short message; ZOENGINE_DEBUG=1 for the traceback
         if os.environ.get("ZOENGINE_DEBUG"):

@@ -20,8 +20,10 @@ Example:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
 
@@ -40,6 +42,9 @@ class ZOTrainingArguments(TrainingArguments):
     zo_kwargs: dict | None = field(default=None,
                                    metadata={"help": "extra keyword arguments for the method"})
     max_grad_norm: float = field(default=0.0, metadata={"help": "unused by ZO (no gradients)"})
+    zo_journal: bool = field(default=False, metadata={
+        "help": "journal every ZO step into <output_dir>/zo_journal.zoj; a resumed run then "
+                "replays the steps after its checkpoint without forward passes"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -97,6 +102,117 @@ def _unwrap_optimizer(opt):
     return opt
 
 
+def check_resumed_state(opt, global_step: int) -> None:
+    """Refuse a resumed run whose ZO optimizer is still at step 0.
+
+    The Trainer restores ``trainer_state.json`` (global step) but silently skips a missing
+    ``optimizer.pt`` (or ``scheduler.pt``): the ZO state would restart at step 0 and reuse the
+    noise of steps 0, 1, ... (DiZO's anchors and PeZO's pool pointer would be lost too)."""
+    step = getattr(opt, "step_count", None)
+    if global_step > 0 and step == 0:
+        raise RuntimeError(
+            f"resuming at global step {global_step}, but the ZO optimizer is at step 0: the "
+            "checkpoint's optimizer.pt (and scheduler.pt) were not restored (missing, or saved "
+            "with save_only_model=True). Its ZO state (seed, step counter, DiZO anchors, PeZO "
+            "pool pointer) is lost, and continuing would reuse the noise of the first steps. "
+            "Resume from a checkpoint that has optimizer.pt and scheduler.pt, or start a new "
+            "run from these weights (train() without resume_from_checkpoint)")
+
+
+class SearchBatches:
+    """DiZO's search data for ``ZOTrainer``: each call returns a loss closure on a fresh batch
+    of the training set (``train_dataset``, the Trainer's collator, its unused columns removed,
+    the training batch size).
+
+    The Trainer's own dataloader is not touched, so the training batches are the same with
+    and without projections. For a dataset with a length, the rows of a search batch are a
+    function of (ZO seed, ZO step, iteration), so a resumed run draws the same search batches
+    as an uninterrupted one; an iterable dataset is read by a separate plain DataLoader
+    (restarted when exhausted; not reproduced on resume).
+    """
+
+    def __init__(self, trainer, opt):
+        ds, collate = trainer.train_dataset, trainer.data_collator
+        if ds is None:
+            raise ValueError("DiZO's projection search needs train_dataset (or pass "
+                             "projection_closure in zo_kwargs)")
+        try:
+            import datasets
+
+            is_hf = isinstance(ds, datasets.Dataset)
+        except ImportError:
+            is_hf = False
+        if is_hf:
+            ds = trainer._remove_unused_columns(ds, description="DiZO search")
+        else:
+            collate = trainer._get_collator_with_removed_columns(collate, "DiZO search")
+        self.trainer, self.opt, self.ds, self.collate = trainer, opt, ds, collate
+        self.batch_size = trainer._train_batch_size
+        self.model = trainer.model
+        self.sized = not isinstance(ds, torch.utils.data.IterableDataset) and hasattr(ds, "__len__")
+        if self.sized and len(ds) == 0:
+            raise ValueError("train_dataset is empty: DiZO's projection search has no data")
+        self._at = (-1, 0)  # (ZO step, search batches drawn at that step)
+        self._it = None
+
+    def _batch(self):
+        zo = self.opt.state["zo"]
+        m = self._at[1] if self._at[0] == zo["step"] else 0
+        self._at = (zo["step"], m + 1)
+        rng = np.random.default_rng([zo["seed"], zo["step"], m, 0xD120])
+        # a collator that draws random numbers (e.g. masking) gets its own seeded stream, so
+        # the global torch RNG, and with it the training batches, is left as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(rng.integers(1 << 62)))
+            if self.sized:
+                n = len(self.ds)
+                rows = rng.choice(n, size=self.batch_size, replace=n < self.batch_size)
+                return self.collate([self.ds[int(i)] for i in rows])
+            for _ in range(2):
+                if self._it is None:
+                    self._it = iter(torch.utils.data.DataLoader(
+                        self.ds, batch_size=self.batch_size, collate_fn=self.collate))
+                try:
+                    return next(self._it)
+                except StopIteration:
+                    self._it = None
+        raise ValueError("train_dataset yields no batch: DiZO's projection search has no data")
+
+    def __call__(self):
+        trainer, model = self.trainer, self.model
+        inputs = trainer._prepare_inputs(self._batch())
+
+        def closure():
+            with trainer.compute_loss_context_manager():
+                return trainer.compute_loss(model, dict(inputs))
+
+        return closure
+
+
+def journal_or_replay(trainer, opt) -> torch.Tensor | None:
+    """With ``zo_journal``: open the journal once (a fresh run starts a new one; a resumed
+    run queues the records after its checkpoint), then replay a queued record instead of
+    computing this step (no forward pass: the loss values come from the journal)."""
+    from zoengine.journal import apply_record, read_records
+
+    if not hasattr(trainer, "_zo_queue"):
+        path = os.path.join(trainer.args.output_dir, "zo_journal.zoj")
+        trainer._zo_queue = []
+        if os.path.exists(path) and opt.state["zo"]["step"] == 0:
+            os.remove(path)  # a previous run's journal in this folder
+        elif os.path.exists(path):
+            _, records, _ = read_records(path)
+            trainer._zo_queue = [r for r in records if r.step >= opt.state["zo"]["step"]]
+        opt.set_journal(path)
+    if not trainer._zo_queue:
+        return None
+    record = trainer._zo_queue.pop(0)
+    apply_record(opt, record, path="zo_journal.zoj")
+    n = 2 * opt.n_samples
+    first = record.values[:n]
+    return torch.tensor(sum(first) / max(len(first), 1)).to(trainer.args.device)
+
+
 class ZOTrainer(Trainer):
     """A ``transformers.Trainer`` that trains with a zeroth-order method (forward passes only).
 
@@ -126,8 +242,20 @@ class ZOTrainer(Trainer):
         """One ZO step on this batch: loss at θ+εz and θ−εz, in-place update, no backward.
 
         The model runs in eval mode (dropout off) so both evaluations see the same function.
+        At a resumed run's first step, an optimizer still at step 0 (no ``optimizer.pt`` was
+        restored) is refused. DiZO without ``projection_closure`` gets one that draws its
+        search batches from the training set (``SearchBatches``).
         """
         opt = _unwrap_optimizer(self.optimizer)
+        check_resumed_state(opt, self.state.global_step)
+        if getattr(self.args, "zo_journal", False):
+            replayed = journal_or_replay(self, opt)
+            if replayed is not None:
+                return replayed
+        if getattr(opt, "projection_closure", False) is None:  # DiZO without its own data
+            opt.projection_closure = SearchBatches(self, opt)
+        if isinstance(getattr(opt, "projection_closure", None), SearchBatches):
+            opt.projection_closure.model = model
         inputs = self._prepare_inputs(inputs)
         was_training = model.training
         model.eval()

@@ -1,12 +1,17 @@
 """ZOOptimizer: the torch.optim contract for zeroth-order methods.
 
-Hyper-parameters live in ``param_groups`` (so LR schedulers work); the run-wide state (master
-seed, step counter, last projected gradients) lives in ``self.state["zo"]``, which
-``state_dict()`` carries, so a resumed run regenerates the same z.
+Hyper-parameters live in ``param_groups`` (so LR schedulers work) and are validated at every
+step; the run-wide state (master seed, step counter, last projected gradients) lives in
+``self.state["zo"]``, which ``state_dict()`` carries together with the run configuration
+(``_run_config()``: n_samples, noise, estimator, ...), so a resumed run regenerates the same z
+and a checkpoint of a differently configured optimizer is refused instead of loaded silently.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -15,20 +20,26 @@ from zoengine.kernels.dispatch import BACKENDS, get_ops, resolve_backend
 from zoengine.kernels.keys import tensor_keys
 from zoengine.kernels.philox import DISTRIBUTIONS
 from zoengine.optim.functional import ZOGroup
+from zoengine.optim.journaling import Journaling
 from zoengine.optim.masks import LazyMask, pack_mask
 
 NONFINITE_MODES = ("raise", "skip")
+KERNEL_SCRATCH = 4 * 2**20  # the kernels' chunk buffers: a 64 Ki-element chunk x ~6 fp32 temps
+_HYPER = (("lr", False), ("eps", True), ("weight_decay", False))  # (name, strictly > 0)
+_ABSENT = object()
 
 
 def check_float(name: str, value, *, low: float, strict: bool) -> float:
     """Validate a float hyper-parameter: ``value > low`` (strict) or ``value >= low``."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if ok:
         value = float(value)
-        ok = value == value and value != float("inf") and (value > low if strict else value >= low)
+        ok = math.isfinite(value) and (value > low if strict else value >= low)
     if not ok:
         rel = ">" if strict else ">="
-        raise ValueError(f"{name}={value!r}: must be a finite number {rel} {low}")
+        raise ValueError(f"{name}={value!r}: must be a finite number {rel} {low:g}")
     return value
 
 
@@ -46,8 +57,15 @@ def check_choice(name: str, value, choices) -> str:
     return value
 
 
-class ZOOptimizer(torch.optim.Optimizer):
-    """Base class: parameter keys, backend choice, closure contract and run state."""
+class ZOOptimizer(Journaling, torch.optim.Optimizer):
+    """Base class: parameter keys, backend choice, closure contract, run state and config."""
+
+    def __new__(cls, *args, **kwargs):
+        # remember the constructor call (after params): a journal's header stores it so that
+        # zoengine.journal.replay can build the same optimizer again
+        obj = super().__new__(cls)
+        obj._init_call = (args[1:], dict(kwargs))
+        return obj
 
     def __init__(self, params, defaults: dict, *, seed: int, n_samples: int, dist: str,
                  backend: str | None, nonfinite: str, masks=None):
@@ -62,9 +80,52 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.dist = dist
         self.backend = backend
         self.nonfinite = nonfinite
-        self.state["zo"] = {"seed": seed, "step": 0, "projected_grads": [], "skipped_steps": 0}
+        self.state["zo"] = {"seed": seed, "step": 0, "projected_grads": [],
+                            "projected_grads_per_group": [], "skipped_steps": 0}
         self._key_cache: tuple[tuple, list[list[int]]] | None = None
         self._set_masks(masks)
+
+    # ---- parameter groups -------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        """``torch.optim`` semantics, plus: finite lr >= 0, eps > 0, weight_decay >= 0; one
+        name per tensor in ``param_names``; each tensor once; real (not complex) tensors."""
+        where = f"param_groups[{len(self.param_groups)}]"
+        params = param_group.get("params") if isinstance(param_group, dict) else None
+        if params is not None and not isinstance(params, set):
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            param_group["params"] = params
+            self._check_new_tensors(where, params, param_group.get("param_names"))
+        for name, strict in _HYPER:
+            if name in param_group:
+                check_float(f"{where}[{name!r}]", param_group[name], low=0.0, strict=strict)
+        super().add_param_group(param_group)
+
+    def _check_new_tensors(self, where: str, params: list, names) -> None:
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+        if names is not None and len(names) != len(tensors):
+            raise ValueError(f"{where}['param_names'] has {len(names)} names for "
+                             f"{len(tensors)} tensors: must name every tensor, in order")
+        seen = {id(p): f"param_groups[{i}]" for i, g in enumerate(self.param_groups)
+                for p in g["params"]}
+        for j, p in enumerate(tensors):
+            if not isinstance(p, torch.Tensor):
+                continue  # torch.optim raises its TypeError
+            label = f"{where}['params'][{j}]"
+            if id(p) in seen:
+                raise ValueError(f"{label} is the same tensor as one in {seen[id(p)]}: each "
+                                 "tensor may appear once (it would be perturbed twice)")
+            seen[id(p)] = f"{where} (position {j})"
+            if p.is_complex():
+                raise ValueError(f"{label} has dtype {p.dtype}: must be a real floating-point "
+                                 "tensor (ZO noise is real; freeze it or split real/imag)")
+
+    def _check_group_values(self) -> None:
+        """Every group's lr/eps/weight_decay, checked before a step touches the weights (a
+        scheduler or a user can set any value in ``param_groups``)."""
+        for i, g in enumerate(self.param_groups):
+            for name, strict in _HYPER:
+                check_float(f"param_groups[{i}][{name!r}]", g.get(name, 0.0), low=0.0,
+                            strict=strict)
 
     # ---- sparsity masks ---------------------------------------------------------------
     def _set_masks(self, masks) -> None:
@@ -86,19 +147,20 @@ class ZOOptimizer(torch.optim.Optimizer):
             return
         if not isinstance(masks, dict):
             raise ValueError(f"masks={type(masks).__name__}: must be None, 'zeros' or a dict")
-        by_name = {}
-        for g in self.param_groups:
-            for n, p in zip(g.get("param_names", []), g["params"]):
-                by_name[n] = p
+        by_name = {n: p for g in self.param_groups
+                   for n, p in zip(g.get("param_names", []), g["params"])}
         by_id = {id(p): p for p in params}
         for k, m in masks.items():
+            label = repr(k) if isinstance(k, str) else "<tensor>"
             p = by_name.get(k) if isinstance(k, str) else by_id.get(id(k))
             if p is None:
-                raise ValueError(f"masks has an entry for {k if isinstance(k, str) else 'a tensor'}"
-                                 " that is not among the optimizer's parameters")
+                raise ValueError(f"masks[{label}]: not among the optimizer's parameters")
+            if not isinstance(m, torch.Tensor):
+                raise ValueError(f"masks[{label}]={type(m).__name__}: must be a bool (or 0/1) "
+                                 f"tensor of the parameter's shape {tuple(p.shape)}")
             if tuple(m.shape) != tuple(p.shape):
-                raise ValueError(f"masks[{k if isinstance(k, str) else '...'}] has shape "
-                                 f"{tuple(m.shape)}; the parameter has {tuple(p.shape)}")
+                raise ValueError(f"masks[{label}] has shape {tuple(m.shape)}; the parameter "
+                                 f"has {tuple(p.shape)}")
             self.state[p]["mask_bits"] = pack_mask(m.to(device=p.device) != 0)
 
     def _mask_bits(self, p) -> torch.Tensor | None:
@@ -136,18 +198,21 @@ class ZOOptimizer(torch.optim.Optimizer):
         return self._key_cache[1]
 
     def zo_groups(self) -> list[ZOGroup]:
-        """Trainable tensors per group (``requires_grad=False`` ones are frozen and skipped).
+        """Trainable tensors per group (``requires_grad=False`` ones are frozen and skipped),
+        after checking every group's lr/eps/weight_decay.
 
         A masked tensor gets a group of its own whose mask is unpacked from bits only when a
         kernel reads it, so at most one tensor's bool mask exists at a time (order, and hence
         every z, is unchanged: z depends on the tensor key, not on grouping)."""
+        self._check_group_values()
         out = []
-        for group, keys in zip(self.param_groups, self._group_keys()):
-            live = [(p, k) for p, k in zip(group["params"], keys) if p.requires_grad]
-            hyper = dict(lr=group["lr"], eps=group["eps"],
-                         weight_decay=group.get("weight_decay", 0.0))
+        for index, (group, keys) in enumerate(zip(self.param_groups, self._group_keys())):
+            hyper = dict(lr=float(group["lr"]), eps=float(group["eps"]),
+                         weight_decay=float(group.get("weight_decay", 0.0)), index=index)
             run: list = []
-            for p, k in live:
+            for p, k in zip(group["params"], keys):
+                if not p.requires_grad:
+                    continue
                 bits = self._mask_bits(p)
                 if bits is None:
                     run.append((p, k))
@@ -179,3 +244,65 @@ class ZOOptimizer(torch.optim.Optimizer):
     def step_count(self) -> int:
         """Steps taken so far (including skipped ones)."""
         return self.state["zo"]["step"]
+
+    # ---- run configuration: travels with the state --------------------------------------
+    def _run_config(self) -> dict:
+        """The options that shape the trajectory but live on the instance, not in
+        ``param_groups``: saved by ``state_dict()`` (``state["zo"]["config"]``) and compared
+        by ``load_state_dict()``. Subclasses extend it: ``{**super()._run_config(), ...}``."""
+        return {"n_samples": self.n_samples, "dist": self.dist,
+                "backend": self.backend or "auto"}
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        zo = dict(sd["state"]["zo"])
+        zo["config"] = {"class": type(self).__name__, **self._run_config()}
+        sd["state"] = {**sd["state"], "zo": zo}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim`` semantics, after checking the saved run configuration against this
+        optimizer's: a mismatch raises ``ValueError`` listing every differing option with both
+        values; a state_dict without one (older zoengine) loads with a warning."""
+        saved = state_dict.get("state", {}).get("zo") if isinstance(state_dict, dict) else None
+        if not isinstance(saved, dict):
+            raise ValueError("state_dict has no state['zo'] (seed, step, ...): it was not saved "
+                             "by a zoengine optimizer")
+        saved = dict(saved)
+        self._check_config(saved.pop("config", None))
+        missing = {k: v for k, v in self.state["zo"].items() if k not in saved}
+        if missing and "step" in saved:
+            saved = {**missing, **saved}  # keys newer than the checkpoint keep their defaults
+        state_dict = {**state_dict, "state": {**state_dict["state"], "zo": saved}}
+        super().load_state_dict(state_dict)
+
+    def _check_config(self, saved: dict | None) -> None:
+        mine = self._run_config()
+        if saved is None:
+            warnings.warn(f"state_dict has no run configuration (saved by an older zoengine): "
+                          f"its {', '.join(mine)} cannot be checked against this "
+                          f"{type(self).__name__}'s; loading it as is", UserWarning,
+                          stacklevel=3)
+            return
+        keys = [k for k in dict.fromkeys([*mine, *saved]) if k != "class"]
+        bad = [k for k in keys if saved.get(k, _ABSENT) != mine.get(k, _ABSENT)]
+        show = lambda cfg, k: repr(cfg[k]) if k in cfg else "(not set)"  # noqa: E731
+        if bad:
+            diff = "; ".join(f"{k}: saved {show(saved, k)}, this optimizer {show(mine, k)}"
+                             for k in bad)
+            raise ValueError(
+                f"state_dict: saved by {saved.get('class', '?')} with a different run "
+                f"configuration than this {type(self).__name__} ({diff}); construct the "
+                "optimizer with the saved options to resume from it")
+
+    # ---- accounting ---------------------------------------------------------------------
+    @classmethod
+    def memory_extras(cls, *, trainable_numel: int = 0, dtype_bytes: int = 4,
+                      masked_numel: int = 0, largest_masked: int = 0, **options) -> dict:
+        """Persistent bytes beyond the weights, for the memory planner: the kernels' chunk
+        buffers, and the mask bits (1/8 byte per masked weight, plus one tensor's 3 bytes per
+        weight while unpacked). Subclasses add theirs."""
+        out = {"kernels": KERNEL_SCRATCH}
+        if masked_numel:
+            out["masks"] = (masked_numel + 7) // 8 + 3 * largest_masked
+        return out

@@ -22,11 +22,14 @@ from zoengine.optim.zo import ZO
 
 # Which tensors are projected. The authors' code projects k_proj and v_proj of OPT; the paper
 # text and its reviewers say query and value. LLaMA uses the same k_proj/v_proj/q_proj names;
-# for LoRA every A and B tensor is projected separately (as the code does).
+# for LoRA every A and B tensor is projected separately (as the code does). "all" projects every
+# trainable tensor (e.g. a classification head trained alone): anchors = a copy of them all, so
+# "auto" never falls back to it silently.
 PROJECTED_PRESETS = {
     "code": r"self_attn\.(k_proj|v_proj)\.weight$",
     "paper": r"self_attn\.(q_proj|v_proj)\.weight$",
     "lora": r"lora_[AB]\b",
+    "all": r"",
 }
 
 
@@ -54,22 +57,44 @@ class DiZO(ZO):
         interval: κ, steps between projections (50).
         proj_eps, proj_lr, clip, search_iters: ε_p (0.1), α_p (2.0), τ (0.2), M (10).
         projected: ``"auto"`` (LoRA A/B if present, else attention k_proj/v_proj as the
-            authors' code), ``"code"``, ``"paper"`` (q_proj/v_proj), ``"lora"``, or a regex
-            matched against parameter names. An empty selection raises.
-        projection_closure: the search's data: a callable returning a fresh closure (bound to
-            a fresh batch) per call, or an iterator of such closures. Each closure is evaluated
-            twice (at γ ± ε_p ζ). Can be set later as ``opt.projection_closure``.
+            authors' code), ``"code"``, ``"paper"`` (q_proj/v_proj), ``"lora"``, ``"all"``
+            (every trainable tensor, e.g. a head trained alone), or a regex matched against
+            parameter names. An empty selection raises.
+        projection_closure: the search's data, one of
+            (a) a factory: ``fresh()`` returns a new loss closure bound to a fresh batch, called
+            once per search iteration;
+            (b) a plain loss closure: ``closure()`` returns the loss (tensor or float); every
+            iteration evaluates it as is (fresh data only if it draws a batch itself);
+            (c) an iterator (or iterable) of loss closures, one per iteration.
+            (a) and (b) are told apart by what the first call returns: a callable means a
+            factory, a scalar loss means a plain closure (that first loss, taken at the
+            unprojected weights, is discarded: one extra forward pass per run). Each closure
+            is evaluated twice per iteration (at γ ± ε_p ζ). Can be set later as
+            ``opt.projection_closure``.
+        exact_restore: keep a copy of the projected tensors during a search so every
+            evaluation puts the weights back bit-exactly (True, default; transient memory = the
+            anchors' size), or undo by the inverse scaling as the authors' code (False; no
+            copy, restores to rounding).
+
+    Non-finite losses in the search follow ``nonfinite``: ``"raise"`` raises
+    :class:`NonFiniteLossError` (weights restored); ``"skip"`` drops that iteration (γ
+    unchanged, ``state["zo"]["dizo_skipped_iters"]`` counts it). A projection is never lost: it
+    stays due (``state["zo"]["dizo_pending"]``) until a search with at least one finite
+    iteration is applied, so a search whose iterations were all skipped, or that raised, is
+    retried after the next step.
         **kwargs: any :class:`ZO` option: ``estimator="kernel"`` (KerZOO), ``noise="pool"``
             (PeZO), ``seed``, ``n_samples``, ...
 
     Memory: one anchor copy of the projected tensors (about 1/6 of an OPT decoder) and one
-    scalar per projected tensor; z is never stored.
+    scalar per projected tensor; z is never stored. During a search (``exact_restore=True``),
+    one more transient copy of the projected tensors.
     """
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  *, interval: int = 50, proj_eps: float = 0.1, proj_lr: float = 2.0,
                  clip: float = 0.2, search_iters: int = 10, projected: str = "auto",
-                 projection_closure: Callable | Iterable | None = None, **kwargs):
+                 projection_closure: Callable | Iterable | None = None,
+                 exact_restore: bool = True, **kwargs):
         self.interval = check_int("interval", interval, low=1)
         self.proj_eps = check_float("proj_eps", proj_eps, low=0.0, strict=True)
         self.proj_lr = check_float("proj_lr", proj_lr, low=0.0, strict=False)
@@ -77,8 +102,12 @@ class DiZO(ZO):
         if self.tau >= 1.0:
             raise ValueError(f"clip={clip!r}: must be in [0, 1) (ratios lie in [1-clip, 1+clip])")
         self.search_iters = check_int("search_iters", search_iters, low=1)
+        if not isinstance(exact_restore, bool):
+            raise ValueError(f"exact_restore={exact_restore!r}: must be True or False")
+        self.exact_restore = exact_restore
         super().__init__(params, lr, eps, weight_decay, **kwargs)
         self.projection_closure = projection_closure
+        self._closure_kind: tuple = (None, None)  # (source, "factory" | "loss"), see _next_closure
         self._select(projected)
 
     def _select(self, projected: str) -> None:
@@ -97,16 +126,45 @@ class DiZO(ZO):
                           if rx.search(n) and p.requires_grad]
         if not self.projected:
             raise ValueError(f"projected={projected!r} (regex {pattern!r}) matches no trainable "
-                             f"parameter; names look like {names[:3]}. Pass a regex that "
-                             "selects the tensors to project")
+                             f"parameter; names look like {names[:3]}. Pass projected= a "
+                             "preset ('code', 'paper', 'lora', 'all': every trainable tensor) "
+                             "or a regex that selects the tensors to project")
         for _, p, _ in self.projected:
             self.state[p]["dizo_anchor"] = p.detach().clone()
         self.state["zo"]["dizo_gamma"] = [0.0] * len(self.projected)
-        self.state["zo"]["dizo_searches"] = 0
+        self.state["zo"].update(dizo_searches=0, dizo_skipped_iters=0, dizo_pending=False)
 
     def anchor_bytes(self) -> int:
         """Extra persistent memory: the anchors of the projected tensors."""
         return sum(p.numel() * p.element_size() for _, p, _ in self.projected)
+
+    @classmethod
+    def memory_extras(cls, *, projected_numel: int = 0, dtype_bytes: int = 4,
+                      exact_restore: bool = True, **options) -> dict:
+        """ZO's extras, the anchors (ZO adds them for a class with ``anchor_bytes``) and, with
+        ``exact_restore`` (the default), the copy of the projected tensors a search keeps."""
+        out = super().memory_extras(projected_numel=projected_numel, dtype_bytes=dtype_bytes,
+                                    **options)
+        if exact_restore and projected_numel:
+            out["dizo_search_copy"] = projected_numel * dtype_bytes
+        return out
+
+    def rng_budget(self) -> dict:
+        """ZO's count plus the search's draws: one Philox block per projected tensor per
+        iteration (ζ_l), ``search_iters`` iterations every ``interval`` steps."""
+        out = super().rng_budget()
+        per_search = len(self.projected) * self.search_iters
+        out.update(dizo_philox_blocks_per_search=per_search,
+                   dizo_searches_per_step=1.0 / self.interval)
+        return out
+
+    def _run_config(self) -> dict:
+        """ZO's run configuration plus DiZO's (saved in state_dict, checked on load)."""
+        return {**super()._run_config(), "dizo.interval": self.interval,
+                "dizo.proj_eps": self.proj_eps, "dizo.proj_lr": self.proj_lr,
+                "dizo.clip": self.tau, "dizo.search_iters": self.search_iters,
+                "dizo.projected": [n for n, _, _ in self.projected],
+                "dizo.exact_restore": self.exact_restore}
 
     # ---- projection ---------------------------------------------------------------------
     def _deltas_norms(self) -> list[float]:
@@ -119,72 +177,129 @@ class DiZO(ZO):
             anchor = self.state[p]["dizo_anchor"]
             p.sub_(anchor).mul_(a).add_(anchor)
 
-    def _next_closure(self, m: int) -> Callable:
+    def _next_closure(self) -> Callable:
+        """The loss closure of the next search iteration, from ``projection_closure``."""
         src = self.projection_closure
         if src is None:
             raise RuntimeError(
                 f"DiZO reached its projection (every interval={self.interval} steps) but has no "
                 "projection_closure: pass DiZO(..., projection_closure=fresh_closure) where "
-                "fresh_closure() returns a closure bound to a fresh batch, or an iterator of "
-                "such closures")
-        if isinstance(src, Iterator):
-            return next(src)
-        if callable(src):
-            return src()
-        self.projection_closure = iter(src)
-        return next(self.projection_closure)
+                "fresh_closure() returns a closure bound to a fresh batch (or a plain loss "
+                "closure, or an iterator of closures)")
+        if not callable(src):
+            if not isinstance(src, Iterator):
+                src = self.projection_closure = iter(src)
+            try:
+                out = next(src)
+            except StopIteration:
+                raise RuntimeError("DiZO's projection_closure iterator is exhausted: the search "
+                                   "needs one closure per iteration") from None
+            if not callable(out):
+                raise TypeError(f"projection_closure yielded a {type(out).__name__}; an "
+                                "iterator must yield loss closures (e.g. lambda: model(**b).loss)")
+            return self.tap(out)
+        # == (not is): a bound method is a new object on every attribute access
+        kind = self._closure_kind[1] if self._closure_kind[0] == src else None
+        if kind == "loss":
+            return self.tap(src)
+        out = src()  # a factory returns a closure; a plain closure returns the loss
+        if callable(out):
+            self._closure_kind = (src, "factory")
+            return self.tap(out)
+        loss_value(out, "DiZO projection_closure()")  # neither a closure nor a loss: say so
+        self._closure_kind = (src, "loss")
+        return self.tap(src)
 
-    def _evaluate_at(self, gamma: list[float], ts: list[float], closure: Callable,
-                     where: str) -> float:
+    def _evaluate_at(self, gamma: list[float], ts: list[float], saved: list | None,
+                     closure: Callable, where: str) -> float:
+        """The loss at θ0_l + γ_l/‖Δ_l‖·Δ_l; the weights are put back afterwards (also when the
+        closure raises): bit-exactly from ``saved``, else by the inverse scaling."""
         alphas = [g / (t + 1e-8) for g, t in zip(gamma, ts)]
         self._scale(alphas)
         try:
             return loss_value(closure(), where)
-        finally:  # undo even if the closure raises (not bit-exact: algorithms.md §0.4)
-            self._scale([1.0 / a if a != 0 else 0.0 for a in alphas])
+        finally:
+            if saved is not None:
+                for (_, p, _), s in zip(self.projected, saved):
+                    p.copy_(s)
+            else:  # not bit-exact (algorithms.md §0.4), as the authors' code
+                self._scale([1.0 / a if a != 0 else 0.0 for a in alphas])
 
-    @torch.no_grad()
-    def project(self) -> list[float]:
-        """Run the γ search and apply the projection; returns the applied ratios γ_l/‖Δ_l‖."""
+    def _search_iteration(self, m: int, gamma: list[float], ts: list[float],
+                          saved: list | None) -> list[float] | None:
+        """One SPSA iteration on γ; None if a loss was non-finite and ``nonfinite="skip"``."""
         zo = self.state["zo"]
         seed, step, tau, eps_p = zo["seed"], zo["step"], self.tau, self.proj_eps
-        gamma: list[float] = []
+        closure = self._next_closure()
+        zeta = []
+        for (_, _, key), t in zip(self.projected, ts):
+            z = scalar_normal(seed, step, m, STREAM_DIZO_ZETA, key)
+            bound = tau * t / eps_p
+            zeta.append(max(-bound, min(bound, z)))
+            self.last_draws.append((eps_p * zeta[-1], tau * t))
+        plus = [g + eps_p * z for g, z in zip(gamma, zeta)]
+        minus = [g - eps_p * z for g, z in zip(gamma, zeta)]
+        lp = self._evaluate_at(plus, ts, saved, closure, f"DiZO search {m}, γ+εζ")
+        lm = (self._evaluate_at(minus, ts, saved, closure, f"DiZO search {m}, γ−εζ")
+              if math.isfinite(lp) else float("nan"))  # one NaN decides: spare a forward
+        if not (math.isfinite(lp) and math.isfinite(lm)):
+            if self.nonfinite == "skip":
+                zo["dizo_skipped_iters"] = zo.get("dizo_skipped_iters", 0) + 1
+                return None
+            raise NonFiniteLossError(
+                f"DiZO search {m} at step {step}: non-finite loss ℓ₊={lp}, ℓ₋={lm}; weights "
+                "restored, the projection stays due (retried after the next step)")
+        g = (lp - lm) / (2 * eps_p)
+        return [min(max(gl - self.proj_lr * t * g * z, (1 - tau) * t), (1 + tau) * t)
+                for gl, t, z in zip(gamma, ts, zeta)]
+
+    @torch.no_grad()
+    def project(self) -> list[float] | None:
+        """Run the γ search and apply the projection; returns the applied ratios γ_l/‖Δ_l‖.
+
+        Returns None, weights untouched, when every search iteration was skipped
+        (``nonfinite="skip"``): the projection stays due (``state["zo"]["dizo_pending"]``) and
+        ``step()`` retries it after the next step. An exception also leaves it due."""
+        zo = self.state["zo"]
+        zo["dizo_pending"] = True
+        ts = self._deltas_norms()
+        saved = ([p.detach().clone() for _, p, _ in self.projected] if self.exact_restore
+                 else None)
+        gamma, done = list(ts), 0  # re-initialisation: ratio 1
         self.last_draws: list[tuple[float, float]] = []  # (ε_p ζ_l, τ‖Δ_l‖), for inspection
         for m in range(self.search_iters):
-            closure = self._next_closure(m)
+            new = self._search_iteration(m, gamma, ts, saved)
+            if new is not None:
+                gamma, done = new, done + 1
+        if done == 0:
+            return None
+        if saved is None:  # the inverse scalings drifted the weights a little
             ts = self._deltas_norms()
-            if m == 0:
-                gamma = list(ts)  # re-initialisation: ratio 1
-            zeta = []
-            for (_, _, key), t in zip(self.projected, ts):
-                z = scalar_normal(seed, step, m, STREAM_DIZO_ZETA, key)
-                bound = tau * t / eps_p
-                zeta.append(max(-bound, min(bound, z)))
-                self.last_draws.append((eps_p * zeta[-1], tau * t))
-            plus = [g + eps_p * z for g, z in zip(gamma, zeta)]
-            minus = [g - eps_p * z for g, z in zip(gamma, zeta)]
-            lp = self._evaluate_at(plus, ts, closure, f"DiZO search {m}, γ+εζ")
-            lm = self._evaluate_at(minus, ts, closure, f"DiZO search {m}, γ−εζ")
-            if not (math.isfinite(lp) and math.isfinite(lm)):
-                raise NonFiniteLossError(f"DiZO search {m}: non-finite loss ℓ₊={lp}, ℓ₋={lm}; "
-                                         "weights unchanged by the search")
-            g = (lp - lm) / (2 * eps_p)
-            gamma = [min(max(gl - self.proj_lr * t * g * z, (1 - tau) * t), (1 + tau) * t)
-                     for gl, t, z in zip(gamma, ts, zeta)]
-        ts = self._deltas_norms()
         ratios = [g / (t + 1e-8) for g, t in zip(gamma, ts)]
         self._scale(ratios)
         zo["dizo_gamma"] = gamma
         zo["dizo_searches"] += 1
+        zo["dizo_pending"] = False
         return ratios
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None) -> torch.Tensor:
-        """One ZO step; after every ``interval``-th step, the projection search."""
-        loss = super().step(closure)
-        if self.state["zo"]["step"] % self.interval == 0:
-            self.project()
+        """One ZO step; after every ``interval``-th step (or while a projection is still due),
+        the projection search."""
+        with self.journal_step():  # one record: the ZO step's and the search's evaluations
+            loss = super().step(closure)
+            zo = self.state["zo"]
+            if zo["step"] % self.interval == 0 or zo.get("dizo_pending", False):
+                self.project()
         return loss
+
+    def projection_summary(self) -> dict:
+        """A small record of the projections so far (for run reports)."""
+        zo = self.state["zo"]
+        return {"interval": self.interval, "projected_tensors": len(self.projected),
+                "anchor_bytes": self.anchor_bytes(), "searches": zo["dizo_searches"],
+                "skipped_search_iters": zo.get("dizo_skipped_iters", 0),
+                "pending": bool(zo.get("dizo_pending", False))}
 
 
 register_method("dizo", DiZO)

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 
 import torch
 
+from zoengine.faults import crashpoint
+
 
 @dataclass
 class ZOGroup:
-    """One parameter group as the kernels see it."""
+    """One parameter group as the kernels see it (``index``: its position in the optimizer's
+    ``param_groups``; a masked tensor gets a ZOGroup of its own with the same index)."""
 
     params: list[torch.Tensor]
     keys: list[int]
@@ -24,21 +27,36 @@ class ZOGroup:
     eps: float
     weight_decay: float = 0.0
     masks: list[torch.Tensor | None] | None = None
+    index: int = 0
 
 
 @dataclass
 class StepResult:
-    """What a step measured: the loss (mean of all evaluations), the per-sample half
-    differences (ℓ₊ − ℓ₋)/2, every loss value, and whether the step was skipped."""
+    """What a step measured.
+
+    ``loss``: the mean of the 2n evaluations (a float; ``loss_tensor()`` gives it in the
+    closure's dtype and device); ``half_diffs``: (ℓ₊ − ℓ₋)/2 per sample; ``losses``: every
+    value; ``grads``: per ZOGroup, the projected gradients g_k = project(k, (ℓ₊ − ℓ₋)/(2ε))
+    the update applied with that group's ε (before the 1/n average); ``skipped``: NaN/inf
+    with ``nonfinite="skip"``.
+    """
 
     loss: float
     half_diffs: list[float]
     losses: list[float]
     skipped: bool = False
+    grads: list[list[float]] = field(default_factory=list)
+    dtype: torch.dtype = torch.float64
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def loss_tensor(self) -> torch.Tensor:
+        """``loss`` as a 0-dim tensor of the closure's dtype and device (NaN if skipped)."""
+        return torch.tensor(self.loss, dtype=self.dtype, device=self.device)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The closure returned NaN or inf; the weights were restored before this was raised."""
+    """The closure returned NaN or inf. The message says whether the weights were restored
+    (they are checked: a perturbation that overflowed cannot be undone)."""
 
 
 def loss_value(out, where: str) -> float:
@@ -48,18 +66,14 @@ def loss_value(out, where: str) -> float:
             raise ValueError(
                 f"closure returned a tensor of shape {tuple(out.shape)} at {where}; "
                 "it must return the scalar loss (one element)")
+        if out.is_complex():
+            raise ValueError(f"closure returned a complex tensor at {where}; the loss must be "
+                             "real")
         return float(out.detach().reshape(()).item())
     if isinstance(out, (int, float)) and not isinstance(out, bool):
         return float(out)
     raise ValueError(f"closure returned {type(out).__name__} at {where}; it must return the "
                      "scalar loss as a tensor or a float")
-
-
-def _perturb(groups: Sequence[ZOGroup], ops: ModuleType, *, seed: int, step: int,
-             sample: int, units: float, dist: str) -> None:
-    for g in groups:
-        ops.perturb_(g.params, g.keys, seed=seed, step=step, sample=sample,
-                     scale=units * g.eps, dist=dist, masks=g.masks)
 
 
 def _unit(k: int) -> float:
@@ -68,6 +82,66 @@ def _unit(k: int) -> float:
 
 def _identity(k: int, g: float) -> float:
     return g
+
+
+class _NonFinite(Exception):
+    pass
+
+
+class _Walk:
+    """Moves the weights along ±ε r z_k and remembers what is written in them, so any exit
+    (an exception, a NaN) can undo it."""
+
+    def __init__(self, groups, ops, closure, *, seed: int, step: int, dist: str):
+        self.groups, self.ops, self.closure = groups, ops, closure
+        self.seed, self.step, self.dist = seed, step, dist
+        self.applied: tuple[int, float] | None = None  # (sample, units of ε) in the weights
+        self.losses: list[float] = []
+        self.like: tuple | None = None  # (dtype, device) of the first float tensor returned
+
+    def move(self, k: int, units: float) -> None:
+        for g in self.groups:
+            self.ops.perturb_(g.params, g.keys, seed=self.seed, step=self.step, sample=k,
+                              scale=units * g.eps, dist=self.dist, masks=g.masks)
+        now = (self.applied[1] if self.applied else 0.0) + units
+        self.applied = (k, now) if now != 0.0 else None
+
+    def evaluate(self, where: str) -> float:
+        crashpoint("mid-step")  # the weights are perturbed in memory now: a kill must not matter
+        out = self.closure()
+        value = loss_value(out, where)
+        if self.like is None and isinstance(out, torch.Tensor) and out.is_floating_point():
+            self.like = (out.dtype, out.device)
+        self.losses.append(value)
+        return value
+
+    def sample(self, k: int, rk: float, *, last: bool) -> float:
+        """Evaluate ℓ± of sample k; return (ℓ₊ − ℓ₋)/2. Leaves θ − εr z_k in place if last."""
+        self.move(k, rk)
+        lp = self.evaluate(f"θ+εz (sample {k})")
+        self.move(k, -2.0 * rk)
+        lm = self.evaluate(f"θ−εz (sample {k})")
+        if not (math.isfinite(lp) and math.isfinite(lm)):
+            raise _NonFinite(f"closure returned a non-finite loss at step {self.step}, "
+                             f"sample {k}: ℓ₊={lp}, ℓ₋={lm}")
+        if not last:
+            self.move(k, rk)
+        return (lp - lm) / 2.0
+
+    def undo(self) -> None:
+        if self.applied is not None:
+            k, units = self.applied
+            self.move(k, -units)
+
+    def restore_report(self) -> str:
+        """Check the undone weights and say what happened (only called after a NaN/inf)."""
+        bad = sum(int((~torch.isfinite(p)).sum()) for g in self.groups for p in g.params)
+        if bad == 0:
+            return "weights restored"
+        total = sum(p.numel() for g in self.groups for p in g.params)
+        return (f"the weights are NOT restored: {bad} of {total} elements are NaN/inf after "
+                "undoing the perturbation (ε·z overflowed the parameter dtype, or the weights "
+                "were not finite before this step)")
 
 
 def zo_step(
@@ -88,56 +162,47 @@ def zo_step(
 
     For each sample k, with r_k = ``radius(k)`` (1 for MeZO; KerZOO's scalar r):
     θ ← θ + ε r_k z_k, ℓ₊ = closure(); θ ← θ − 2ε r_k z_k, ℓ₋ = closure();
-    g_k = ``project(k, (ℓ₊ − ℓ₋)/(2ε))`` (identity for MeZO; KerZOO: ·K(r_k), clipped).
-    Then, in one pass, restore the last sample and apply θ ← θ − lr·(1/n·Σ_k g_k z_k + wd·θ).
-    Earlier samples are restored by a plain pass. Only scalars survive between passes: no z,
-    no copy of θ, no gradient buffer. ``ops`` provides ``perturb_``/``restore_update_``
-    (a kernels backend, or a reuse source for PeZO). ``stochastic_rounding`` rounds the
-    update of fp16/bf16 weights stochastically (Philox stream word 1), so updates smaller than
-    half an ulp survive on average.
+    g_k = ``project(k, (ℓ₊ − ℓ₋)/(2ε))`` (identity for MeZO; KerZOO: ·K(r_k), clipped),
+    with each group's own ε. Then, in one pass, restore the last sample and apply
+    θ ← θ − lr·(1/n·Σ_k g_k z_k + wd·θ). Earlier samples are restored by a plain pass. Only
+    scalars survive between passes: no z, no copy of θ, no gradient buffer. ``ops`` provides
+    ``perturb_``/``restore_update_`` (a kernels backend, or a reuse source for PeZO);
+    ``stochastic_rounding`` rounds fp16/bf16 updates stochastically (Philox stream word 1).
 
     If the closure raises, the perturbation in place is undone before the exception
-    propagates. A NaN/inf loss restores the weights, then raises ``NonFiniteLossError``
-    (``nonfinite="raise"``) or returns a skipped result (``nonfinite="skip"``).
+    propagates. A NaN/inf loss undoes it, checks that the weights are finite again, then raises
+    ``NonFiniteLossError`` (``nonfinite="raise"``, or whenever the weights could not be
+    restored) or returns a skipped result (``nonfinite="skip"``).
     """
-    half_diffs: list[float] = []
-    losses: list[float] = []
     radii = [radius(k) for k in range(n_samples)]
-    applied: tuple[int, float] | None = None  # (sample, units of ε) now written in the weights
+    walk = _Walk(groups, ops, closure, seed=seed, step=step, dist=dist)
     try:
-        for k in range(n_samples):
-            rk = radii[k]
-            _perturb(groups, ops, seed=seed, step=step, sample=k, units=rk, dist=dist)
-            applied = (k, rk)
-            lp = loss_value(closure(), f"θ+εz (sample {k})")
-            _perturb(groups, ops, seed=seed, step=step, sample=k, units=-2.0 * rk, dist=dist)
-            applied = (k, -rk)
-            lm = loss_value(closure(), f"θ−εz (sample {k})")
-            losses += [lp, lm]
-            if not (math.isfinite(lp) and math.isfinite(lm)):
-                raise NonFiniteLossError(
-                    f"closure returned a non-finite loss at step {step}, sample {k}: "
-                    f"ℓ₊={lp}, ℓ₋={lm}; weights restored")
-            half_diffs.append((lp - lm) / 2.0)
-            if k < n_samples - 1:
-                _perturb(groups, ops, seed=seed, step=step, sample=k, units=rk, dist=dist)
-                applied = None
+        half = [walk.sample(k, radii[k], last=k == n_samples - 1) for k in range(n_samples)]
     except BaseException as exc:
-        if applied is not None:
-            k, units = applied
-            _perturb(groups, ops, seed=seed, step=step, sample=k, units=-units, dist=dist)
-        if isinstance(exc, NonFiniteLossError) and nonfinite == "skip":
-            return StepResult(loss=float("nan"), half_diffs=[], losses=losses, skipped=True)
-        raise
-    last = n_samples - 1
+        walk.undo()
+        if not isinstance(exc, _NonFinite):
+            raise
+        report = walk.restore_report()
+        if nonfinite == "skip" and report == "weights restored":
+            return _result(walk, float("nan"), [], [], skipped=True)
+        raise NonFiniteLossError(f"{exc}; {report}") from None
+    grads = []
     for g in groups:
-        grads = [project(k, d / g.eps) / n_samples for k, d in enumerate(half_diffs)]
-        ops.restore_update_(g.params, g.keys, seed=seed, step=step, eps=g.eps * radii[last],
-                            lr=g.lr,
-                            grads=grads, restore_sample=n_samples - 1,
-                            weight_decay=g.weight_decay, dist=dist, masks=g.masks,
+        gk = [project(k, d / g.eps) for k, d in enumerate(half)]
+        grads.append(gk)
+        ops.restore_update_(g.params, g.keys, seed=seed, step=step, eps=g.eps * radii[-1],
+                            lr=g.lr, grads=[v / n_samples for v in gk],
+                            restore_sample=n_samples - 1, weight_decay=g.weight_decay,
+                            dist=dist, masks=g.masks,
                             **({"stochastic_rounding": True} if stochastic_rounding else {}))
-    return StepResult(loss=sum(losses) / len(losses), half_diffs=half_diffs, losses=losses)
+    return _result(walk, sum(walk.losses) / len(walk.losses), half, grads)
+
+
+def _result(walk: _Walk, loss: float, half: list[float], grads: list, *,
+            skipped: bool = False) -> StepResult:
+    dtype, device = walk.like or (torch.float64, torch.device("cpu"))
+    return StepResult(loss=loss, half_diffs=half, losses=walk.losses, skipped=skipped,
+                      grads=grads, dtype=dtype, device=device)
 
 
 mezo_step = zo_step  # MeZO is the two-point step with r = 1 and the identity projection

@@ -44,6 +44,15 @@ class MeZO(ZO):
         masks: sparsity masks: ``None``, ``"zeros"`` (keep the weights that are exactly zero
             now at zero) or a dict parameter (or name) -> bool keep-mask.
         stochastic_rounding (bool): unbiased rounding of fp16/bf16 updates (default False).
+        journal (str, optional): record every step into this file (``zoengine.journal``);
+            ``journal_fsync`` says when it is made durable.
+
+    Arithmetic is in max(fp32, parameter dtype): float64 weights are perturbed, restored and
+    updated in float64. ``lr``, ``eps`` and ``weight_decay`` are checked at every step (a
+    scheduler may change them): finite, lr >= 0, eps > 0, weight_decay >= 0, and θ ± εz must
+    stay representable. ``step()`` returns the mean of the 2n loss evaluations as a 0-dim
+    tensor of the closure's dtype and device. ``n_samples``, ``dist`` and ``backend`` are
+    saved in ``state_dict()`` and a checkpoint made with other values is refused on load.
 
     Example:
         >>> opt = zoengine.MeZO(model.named_parameters(), lr=1e-6, eps=1e-3, seed=0)
@@ -55,11 +64,20 @@ class MeZO(ZO):
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  *, seed: int = 0, n_samples: int = 1, dist: str = "normal",
                  backend: str | None = None, nonfinite: str = "raise", masks=None,
-                 stochastic_rounding: bool = False):
+                 stochastic_rounding: bool = False, journal=None,
+                 journal_fsync: str | int = "step"):
+        super().__init__(params, lr, eps, weight_decay, journal=journal,
+                         journal_fsync=journal_fsync,
+                         **self.zo_options(dist=dist, seed=seed, n_samples=n_samples,
+                                           backend=backend, nonfinite=nonfinite, masks=masks,
+                                           stochastic_rounding=stochastic_rounding))
+
+    @classmethod
+    def zo_options(cls, *, dist: str = "normal", **options) -> dict:
+        """MeZO's keywords in ZO's terms: ``noise=dist`` (a contract distribution),
+        ``estimator="spsa"``."""
         check_choice("dist", dist, DISTRIBUTIONS)
-        super().__init__(params, lr, eps, weight_decay, noise=dist, estimator="spsa", seed=seed,
-                         n_samples=n_samples, backend=backend, nonfinite=nonfinite, masks=masks,
-                         stochastic_rounding=stochastic_rounding)
+        return super().zo_options(noise=dist, estimator="spsa", **options)
 
 
 register_method("mezo", MeZO)

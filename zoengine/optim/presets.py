@@ -31,18 +31,39 @@ class KerZOO(ZO):
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  *, kernel_order: int | None = 3, r_range: float = 1.0,
                  clip: float | None = None, dist: str = "normal", **kwargs):
-        super().__init__(params, lr, eps, weight_decay, noise=dist, estimator="kernel",
-                         kernel_order=kernel_order, r_range=r_range, clip=clip, **kwargs)
+        super().__init__(params, lr, eps, weight_decay,
+                         **self.zo_options(dist=dist, kernel_order=kernel_order,
+                                           r_range=r_range, clip=clip, **kwargs))
+
+    @classmethod
+    def zo_options(cls, *, dist: str = "normal", **options) -> dict:
+        """KerZOO's keywords in ZO's terms: ``noise=dist``, ``estimator="kernel"``."""
+        return super().zo_options(noise=dist, estimator="kernel", **options)
 
 
 class PeZO(ZO):
     r"""PeZO (Tan et al. 2025): uniform perturbations with random-number reuse.
 
-    ``reuse="pool"``: N numbers drawn once; z[j] = s·Q[(p + j) mod N], the pointer p advancing
-    by d per perturbation. ``reuse="rotate"``: ``lanes`` generators, coordinate i of block c
-    from lane (i + c) mod n. ``reuse=None``: fresh uniforms every pass. ``scaling="adaptive"``
-    makes the numbers actually used unit-RMS (pool-wide, or per window of coordinates);
-    ``"static"`` multiplies U(-1, 1) by √3. Either way E[(∇Lᵀz)z] = ∇L.
+    ``reuse="pool"``: N numbers Q drawn once; z[j] = c·Q[(p + j) mod N] (c the scale), the
+    pointer p advancing by a stride coprime with N per perturbation (below).
+    ``reuse="rotate"``: ``lanes`` generators, coordinate i of block b from lane (i + b) mod
+    n. ``reuse=None``: fresh uniforms every pass. ``scaling="adaptive"`` makes the numbers
+    actually used unit-RMS (c = 1/RMS pool-wide, or per window of coordinates); ``"static"``
+    multiplies U(-1, 1) by √3. Either way E[(∇Lᵀz)z] = ∇L.
+
+    Pool pointer: sample k of a step starts at p + k·s and p advances by n·s per step, with
+    s = ``pool_stride(d, N)`` the smallest integer >= d coprime with N (d itself when
+    gcd(d, N) = 1): N consecutive perturbations start at N distinct offsets, so the mean
+    estimate over a run averages the whole pool (docs/methods/pezo.md). The pointer is in
+    ``state_dict()``; ``reuse``, ``pool_size``, ``lanes`` and ``scaling`` are checked on load.
+
+    Args:
+        dist: ``"uniform"`` (the only choice: PeZO's hardware-friendly distribution).
+        reuse: ``"pool"`` (default), ``"rotate"`` or None (fresh numbers).
+        pool_size: N, numbers in the pool (``reuse="pool"``).
+        lanes: n, generator lanes (``reuse="rotate"``).
+        scaling: ``"adaptive"`` or ``"static"``.
+        Other arguments as :class:`ZO`.
 
     Example:
         >>> opt = zoengine.PeZO(model.parameters(), lr=1e-6, reuse="pool", pool_size=1 << 16)
@@ -53,19 +74,26 @@ class PeZO(ZO):
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  *, dist: str = "uniform", reuse: str | None = "pool", pool_size: int = 1 << 16,
                  lanes: int = 64, scaling: str = "adaptive", **kwargs):
+        super().__init__(params, lr, eps, weight_decay,
+                         **self.zo_options(dist=dist, reuse=reuse, pool_size=pool_size,
+                                           lanes=lanes, scaling=scaling, **kwargs))
+
+    @classmethod
+    def zo_options(cls, *, dist: str = "uniform", reuse: str | None = "pool",
+                   lanes: int = 64, scaling: str = "adaptive", **options) -> dict:
+        """PeZO's keywords in ZO's terms: ``reuse`` becomes ``noise`` (None: fresh uniforms,
+        or the windowed single lane for adaptive scaling)."""
         check_choice("reuse", reuse, REUSE_MODES)
         check_choice("dist", dist, ("uniform",))
         if reuse is None:  # fresh numbers; adaptive scaling needs the windowed single lane
             noise, lanes = ("uniform", lanes) if scaling == "static" else ("rotate", 1)
         else:
             noise = reuse
-        super().__init__(params, lr, eps, weight_decay, noise=noise, pool_size=pool_size,
-                         lanes=lanes, scaling=scaling, **kwargs)
+        return super().zo_options(noise=noise, lanes=lanes, scaling=scaling, **options)
 
 
 register_method("zo", ZO)
 register_method("kerzoo", KerZOO)
 register_method("pezo", PeZO)
-register_method("pezo-rotate", lambda params, **kw: PeZO(params, reuse="rotate", **kw))
-register_method("kerzoo+pezo",
-                lambda params, **kw: ZO(params, noise="pool", estimator="kernel", **kw))
+register_method("pezo-rotate", PeZO, reuse="rotate")
+register_method("kerzoo+pezo", ZO, noise="pool", estimator="kernel")

@@ -4,32 +4,46 @@ A step is (noise source) x (estimator) on the two-point loop of ``functional.zo_
 (research/algorithms.md §5): the noise source says what z is (fresh Philox numbers of a
 distribution, PeZO's pool, PeZO's rotating lanes); the estimator says how the loss difference
 becomes the scalar of the update (SPSA, or KerZOO's kernel-weighted difference with radius r).
+
+Accounting lives on the class (``memory_extras``, ``rng_accounting``), so the memory planner
+and hwsim ask the method class with its options, not a method name.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from zoengine.kernels.keys import stream_key
-from zoengine.kernels.philox import DISTRIBUTIONS, POOL_LANE
+from zoengine.kernels.philox import DISTRIBUTIONS, POOL_LANE, SQRT3_F32
+from zoengine.kernels.reference import philox_blocks
 from zoengine.kernels.reuse import (
     HardwareSource,
     PoolSource,
     ReuseOps,
     RotateSource,
     lane_uniform,
+    pass_cost,
+    pool_stride,
 )
 from zoengine.optim.base import ZOOptimizer, check_choice, check_float, check_int
 from zoengine.optim.estimators import KERNELS, clip_value, kernel_weight, scalar_uniform
-from zoengine.optim.functional import zo_step
+from zoengine.optim.functional import StepResult, ZOGroup, zo_step
 
 NOISES = DISTRIBUTIONS + ("pool", "rotate")
 ESTIMATORS = ("spsa", "kernel")
 SCALINGS = ("adaptive", "static")
+# ZO's options that decide z, the estimator and the accounting (``ZO.zo_options``).
+ZO_DEFAULTS = dict(noise="normal", estimator="spsa", kernel_order=3, r_range=1.0, clip=None,
+                   pool_size=1 << 16, lanes=64, scaling="adaptive", n_samples=1,
+                   stochastic_rounding=False)
+# max |z| of each source (normal: the contract's cut at sqrt(50 ln 2); adaptive rotate: a
+# window's RMS normalisation bounds |z| by sqrt(window); hardware models: a loose bound).
+_Z_BOUND = {"normal": math.sqrt(50 * math.log(2)), "uniform": SQRT3_F32, "rademacher": 1.0,
+            "hw": 64.0}
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class ZO(ZOOptimizer):
@@ -45,7 +59,8 @@ class ZO(ZOOptimizer):
 
     Args:
         params: parameters, named parameters or param groups (as ``torch.optim``).
-        lr, eps, weight_decay: η, ε, λ (per group).
+        lr, eps, weight_decay: η, ε, λ (per group; checked at every step: finite, lr >= 0,
+            eps > 0, weight_decay >= 0).
         noise: ``"normal"``, ``"uniform"``, ``"rademacher"`` (fresh numbers from the noise
             contract), ``"pool"`` (PeZO pre-generated pool), ``"rotate"`` (PeZO lanes) or
             ``"hw:<spec>"`` (a bit-accurate hardware generator from ``zoengine.hwsim``, e.g.
@@ -54,7 +69,8 @@ class ZO(ZOOptimizer):
         kernel_order: 1, 3 or 5 (kernel estimator), or None for r ≡ 1, K ≡ 1 (= SPSA).
         r_range: a of r ~ U(-a, a) (kernel estimator).
         clip: clip |g_k| to this value (None: no clipping).
-        pool_size: N of the pool (noise="pool").
+        pool_size: N of the pool (noise="pool"); the pointer advances by the smallest stride
+            >= d coprime with N, so N perturbations start at N distinct offsets.
         lanes: number of generator lanes (noise="rotate").
         scaling: ``"adaptive"`` (1/RMS of the numbers used) or ``"static"`` (√3), for the
             pool and rotate sources.
@@ -62,7 +78,22 @@ class ZO(ZOOptimizer):
         masks: sparsity masks (None, ``"zeros"``, or a dict parameter/name -> bool tensor);
             masked weights are never perturbed or updated, so pruned zeros stay exactly zero.
         stochastic_rounding: round fp16/bf16 updates stochastically (unbiased), so updates
-            below half an ulp are not lost; fp32 weights are unaffected.
+            below half an ulp are not lost; fp32/fp64 weights are unaffected.
+        journal: a path: append one checksummed record per step (the closure's loss values,
+            the hyper-parameters in force), from which ``zoengine.journal.replay`` rebuilds
+            the weights bit for bit without a forward pass (docs/reliability.md).
+        journal_fsync: ``"step"`` (default), an int k (every k steps) or ``"checkpoint"``.
+
+    ``n_samples``, ``noise``, ``estimator``, ``clip``, the source's options and ``backend``
+    are saved by ``state_dict()`` and checked by ``load_state_dict()``. After a step,
+    ``state["zo"]["projected_grads"]`` holds the n values g_k computed with the ε of the first
+    group that has trainable tensors, and ``state["zo"]["projected_grads_per_group"][i]``
+    those computed with ``param_groups[i]``'s own ε (what its update applied; None for a
+    group without trainable tensors). float64 weights are updated in float64.
+
+    Example:
+        >>> opt = ZO(model.named_parameters(), lr=1e-6, noise="pool", estimator="kernel")
+        >>> loss = opt.step(lambda: model(**batch).loss)  # closure's dtype and device
     """
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
@@ -70,16 +101,39 @@ class ZO(ZOOptimizer):
                  r_range: float = 1.0, clip: float | None = None, pool_size: int = 1 << 16,
                  lanes: int = 64, scaling: str = "adaptive", seed: int = 0, n_samples: int = 1,
                  backend: str | None = None, nonfinite: str = "raise", masks=None,
-                 stochastic_rounding: bool = False):
+                 stochastic_rounding: bool = False, journal=None,
+                 journal_fsync: str | int = "step"):
+        self._hw = self._check_options(noise, estimator, kernel_order, r_range, clip,
+                                       pool_size, lanes, scaling, stochastic_rounding)
+        self.stochastic_rounding = stochastic_rounding
+        defaults = dict(lr=check_float("lr", lr, low=0.0, strict=False),
+                        eps=check_float("eps", eps, low=0.0, strict=True),
+                        weight_decay=check_float("weight_decay", weight_decay, low=0.0,
+                                                 strict=False))
+        dist = noise if noise in DISTRIBUTIONS else "uniform"
+        super().__init__(params, defaults, seed=seed, n_samples=n_samples, dist=dist,
+                         backend=backend, nonfinite=nonfinite, masks=masks)
+        self.noise, self.estimator = noise, estimator
+        self.kernel_order, self.r_range, self.clip = kernel_order, r_range, clip
+        self.pool_size, self.lanes, self.scaling = pool_size, lanes, scaling
+        if noise == "pool":
+            self.state["zo"].update(self._make_pool(seed))
+        if journal is not None:
+            self.set_journal(journal, fsync=journal_fsync)
+
+    @staticmethod
+    def _check_options(noise, estimator, kernel_order, r_range, clip, pool_size, lanes,
+                       scaling, stochastic_rounding) -> HardwareSource | None:
+        """Validate ZO's own options; returns the hardware source of ``noise="hw:..."``."""
         if not isinstance(stochastic_rounding, bool):
             raise ValueError(f"stochastic_rounding={stochastic_rounding!r}: must be True or False")
         if stochastic_rounding and noise not in DISTRIBUTIONS:
             raise ValueError(f"stochastic_rounding=True with noise={noise!r}: only the noise "
                              f"contract's streams {DISTRIBUTIONS} support it")
-        self.stochastic_rounding = stochastic_rounding
+        hw = None
         if isinstance(noise, str) and noise.startswith("hw:"):
             try:
-                self._hw = HardwareSource(noise[3:])
+                hw = HardwareSource(noise[3:])
             except ValueError as exc:
                 raise ValueError(f"noise={noise!r}: not a hardware generator spec ({exc})") from None
         else:
@@ -93,24 +147,24 @@ class ZO(ZOOptimizer):
         check_int("pool_size", pool_size, low=1)
         check_int("lanes", lanes, low=1)
         check_choice("scaling", scaling, SCALINGS)
-        defaults = dict(lr=check_float("lr", lr, low=0.0, strict=False),
-                        eps=check_float("eps", eps, low=0.0, strict=True),
-                        weight_decay=check_float("weight_decay", weight_decay, low=0.0,
-                                                 strict=False))
-        dist = noise if noise in DISTRIBUTIONS else "uniform"
-        super().__init__(params, defaults, seed=seed, n_samples=n_samples, dist=dist,
-                         backend=backend, nonfinite=nonfinite, masks=masks)
-        self.noise, self.estimator = noise, estimator
-        self.kernel_order, self.r_range, self.clip = kernel_order, r_range, clip
-        self.pool_size, self.lanes, self.scaling = pool_size, lanes, scaling
-        if noise == "pool":
-            self.state["zo"].update(self._make_pool(seed))
+        return hw
 
-    def add_param_group(self, param_group: dict) -> None:
-        for name, strict in (("lr", False), ("eps", True), ("weight_decay", False)):
-            if name in param_group:
-                check_float(name, param_group[name], low=0.0, strict=strict)
-        super().add_param_group(param_group)
+    @classmethod
+    def zo_options(cls, **options) -> dict:
+        """This class's keyword options in ZO's terms (presets map theirs: PeZO's ``reuse``
+        becomes ``noise``), ZO's defaults filled in; other keywords pass through."""
+        return {**ZO_DEFAULTS, **options}
+
+    def _run_config(self) -> dict:
+        cfg = {**super()._run_config(), "noise": self.noise, "estimator": self.estimator,
+               "clip": self.clip, "stochastic_rounding": self.stochastic_rounding}
+        if self.estimator == "kernel":
+            cfg.update(kernel_order=self.kernel_order, r_range=self.r_range)
+        if self.noise == "pool":
+            cfg.update(pool_size=self.pool_size, scaling=self.scaling)
+        elif self.noise == "rotate":
+            cfg.update(lanes=self.lanes, scaling=self.scaling)
+        return cfg
 
     # ---- noise sources ----------------------------------------------------------------
     def _make_pool(self, seed: int) -> dict:
@@ -138,13 +192,38 @@ class ZO(ZOOptimizer):
             return ReuseOps(self._hw, offsets)
         if self.noise == "pool":
             pool = zo["pool"]
-            if total % pool.numel() == 0:
-                warnings.warn(f"pool_size={pool.numel()} divides d={total}: the pointer never "
-                              "moves, so every perturbation is identical", stacklevel=3)
-            source = PoolSource(pool, zo["pool_scale"], zo["pool_pointer"], total)
+            source = PoolSource(pool, zo["pool_scale"], zo["pool_pointer"],
+                                pool_stride(total, pool.numel()))
         else:
             source = RotateSource(self.lanes, self.scaling)
         return ReuseOps(source, offsets)
+
+    def _z_bound(self) -> float:
+        if self.noise == "pool":
+            return float(self.state["zo"]["pool_scale"])
+        if self.noise == "rotate":
+            return math.sqrt(RotateSource(1, "adaptive").window) if self.scaling == "adaptive" \
+                else SQRT3_F32
+        return _Z_BOUND.get(self.noise, _Z_BOUND["hw"])
+
+    def _check_perturbation_fits(self, groups: list[ZOGroup]) -> None:
+        """Refuse, before touching the weights, an ε whose ±ε·r·z cannot be undone in the
+        parameter dtype. Scans max|θ| only when 2ε·max|r z| is within 2^-10 of the dtype's
+        largest value (never for sane ε)."""
+        reach_z = 2.0 * self._z_bound() * (self.r_range if self.estimator == "kernel" else 1.0)
+        for g in groups:
+            reach = g.eps * reach_z
+            for p in g.params:
+                big = torch.finfo(p.dtype).max
+                if reach < big * 2.0**-10 or p.numel() == 0:
+                    continue
+                top = float(p.detach().abs().max())
+                if math.isfinite(top) and not top + reach < big:
+                    raise ValueError(
+                        f"param_groups[{g.index}]['eps']={g.eps!r}: θ ± ε·z reaches "
+                        f"{top + reach:.3g}, beyond the largest {p.dtype} ({big:.3g}), so the "
+                        "perturbation could not be undone; the weights were not changed. "
+                        "Must keep max|θ| + 2ε·max|z| below it")
 
     # ---- estimator --------------------------------------------------------------------
     def _estimator_hooks(self, seed: int, step: int) -> tuple[Callable, Callable]:
@@ -164,40 +243,126 @@ class ZO(ZOOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None) -> torch.Tensor:
-        """Take one step; ``closure`` returns the loss. Returns the mean of the evaluations."""
+        """Take one step; ``closure`` returns the loss.
+
+        Returns the mean of the 2n loss evaluations of the step (an unbiased estimate of the
+        smoothed loss at θ) as a 0-dim tensor of the closure's dtype and device (float64 on
+        the CPU when the closure returns a Python number); NaN of that dtype and device when
+        the step was skipped (``nonfinite="skip"``).
+        """
         closure = self.require_closure(type(self).__name__, closure)
+        with self.journal_step():
+            return self._zo_step(self.tap(closure))
+
+    def _zo_step(self, closure: Callable) -> torch.Tensor:
         zo = self.state["zo"]
         groups = self.zo_groups()
         if not groups:
             raise ValueError("no trainable parameters: every tensor has requires_grad=False")
+        self._check_perturbation_fits(groups)
         radius, project = self._estimator_hooks(zo["seed"], zo["step"])
         result = zo_step(groups, closure, self._ops(groups), seed=zo["seed"], step=zo["step"],
                          n_samples=self.n_samples, dist=self.dist, nonfinite=self.nonfinite,
                          radius=radius, project=project,
                          stochastic_rounding=self.stochastic_rounding)
         zo["step"] += 1
-        if self.noise == "pool":  # the pointer advances by d per perturbation
-            d = self.trainable_numel(groups)
-            zo["pool_pointer"] = (zo["pool_pointer"] + self.n_samples * d) % self.pool_size
+        if self.noise == "pool":
+            stride = pool_stride(self.trainable_numel(groups), self.pool_size)
+            zo["pool_pointer"] = (zo["pool_pointer"] + self.n_samples * stride) % self.pool_size
+        self._record(result, groups)
+        return result.loss_tensor()
+
+    def _record(self, result: StepResult, groups: list[ZOGroup]) -> None:
+        """Keep the step's projected gradients: ``projected_grads`` are g_k of the first
+        trainable group (with its ε); ``projected_grads_per_group[i]`` are those applied to
+        ``param_groups[i]`` with its own ε (None for a group without trainable tensors)."""
+        zo = self.state["zo"]
         if result.skipped:
             zo["skipped_steps"] += 1
-        else:
-            eps0 = groups[0].eps
-            zo["projected_grads"] = [project(k, d / eps0) for k, d in
-                                     enumerate(result.half_diffs)]
-        return torch.tensor(result.loss)
+            return
+        per_group: list = [None] * len(self.param_groups)
+        for g, gk in zip(groups, result.grads):
+            if per_group[g.index] is None:
+                per_group[g.index] = list(gk)
+        zo["projected_grads"] = list(result.grads[0])
+        zo["projected_grads_per_group"] = per_group
 
-    # ---- accounting for hwsim -----------------------------------------------------------
+    # ---- accounting (memory planner, hwsim) ---------------------------------------------
+    @classmethod
+    def memory_extras(cls, *, trainable_numel: int = 0, dtype_bytes: int = 4,
+                      masked_numel: int = 0, largest_masked: int = 0, projected_numel: int = 0,
+                      **options) -> dict:
+        """Persistent bytes beyond the weights for this class with ``options`` (its
+        constructor's keywords): the base's kernels and masks, PeZO's pool (4 bytes a number),
+        and one anchor copy of the ``projected_numel`` weights for a class that keeps anchors
+        (it defines ``anchor_bytes()``, as DiZO)."""
+        out = super().memory_extras(trainable_numel=trainable_numel, dtype_bytes=dtype_bytes,
+                                    masked_numel=masked_numel, largest_masked=largest_masked)
+        opts = cls.zo_options(**options)
+        if projected_numel and callable(getattr(cls, "anchor_bytes", None)):
+            out["dizo_anchors"] = projected_numel * dtype_bytes
+        if opts["noise"] == "pool":
+            out["pezo_pool"] = 4 * opts["pool_size"]
+        return out
+
+    @classmethod
+    def rng_accounting(cls, numels: Sequence[int], *, half_numels: Sequence[int] = (),
+                       **options) -> dict:
+        """Random numbers and Philox blocks one step of this class generates on tensors of
+        ``numels`` (in optimizer order; ``half_numels``: the fp16/bf16 ones, which need
+        rounding bits with ``stochastic_rounding``), with ``options`` its constructor's
+        keywords. See :meth:`rng_budget`."""
+        return rng_count(numels, half_numels, cls.zo_options(**options), method=cls.__name__)
+
     def rng_budget(self) -> dict:
-        """Random numbers per step: generated fresh vs reused (read by zoengine.hwsim)."""
-        d, n = self.trainable_numel(), self.n_samples
-        uses = d * (4 * n - 1)  # 2 perturbations + (n-1) restores + the fused pass's n streams
-        generated = 0 if self.noise == "pool" else uses
-        return {"method": type(self).__name__, "noise": self.noise, "estimator": self.estimator,
-                "d": d, "n_samples": n, "numbers_used_per_step": uses,
-                "numbers_generated_per_step": generated,
-                "numbers_reused_per_step": uses - generated,
-                "pool_size": self.pool_size if self.noise == "pool" else None,
-                "numbers_generated_once": self.pool_size if self.noise == "pool" else 0,
-                "lanes": self.lanes if self.noise == "rotate" else None,
-                "scalars_per_step": n * (2 if self.estimator == "kernel" else 1)}
+        """What one step generates, counted as the software does it (read by zoengine.hwsim).
+
+        Keys: ``d``, ``n_samples``; ``stream_passes_per_step`` = 4n − 1 passes over z (2n
+        perturbations, n − 1 restores, the fused pass's n streams);
+        ``numbers_used_per_step`` = d·(4n − 1); ``numbers_generated_per_step``: z values
+        generated, whole Philox blocks of 4 (fresh streams) and whole 16,384-number windows
+        (adaptive lanes), 0 for the pool; ``numbers_reused_per_step`` = max(0, used −
+        generated); ``philox_blocks_per_step``: every Philox4x32 call, including lane numbers
+        (one block each), rounding bits and KerZOO's r; ``numbers_generated_once`` /
+        ``philox_blocks_once``: the pool; ``pool_stride`` / ``pool_period``; ``lanes``,
+        ``window``, ``scalars_per_step``. Counts follow the reference and native kernels.
+        """
+        groups = self.zo_groups()
+        numels = [p.numel() for g in groups for p in g.params]
+        half = [p.numel() for g in groups for p in g.params if p.dtype in _HALF]
+        opts = {**ZO_DEFAULTS, **self._run_config(), "lanes": self.lanes,
+                "pool_size": self.pool_size, "scaling": self.scaling,
+                "kernel_order": self.kernel_order}
+        return rng_count(numels, half, opts, method=type(self).__name__)
+
+
+def rng_count(numels: Sequence[int], half_numels: Sequence[int], opts: dict, *,
+              method: str) -> dict:
+    """The body of ``ZO.rng_accounting`` / ``rng_budget`` on ZO-level options."""
+    n, noise, d = opts["n_samples"], opts["noise"], sum(numels)
+    passes, pool = 4 * n - 1, noise == "pool"
+    if noise in DISTRIBUTIONS:
+        blocks = sum(philox_blocks(m) for m in numels)
+        numbers = 4 * blocks
+    elif noise == "rotate":
+        numbers, blocks = pass_cost(RotateSource(opts["lanes"], opts["scaling"]), numels)
+    else:  # the pool is only read; a hardware model makes d numbers a pass, no Philox
+        numbers, blocks = (0, 0) if pool else (d, 0)
+    rounding = sum(philox_blocks(m) for m in half_numels) if opts["stochastic_rounding"] else 0
+    kernel = opts["estimator"] == "kernel" and opts["kernel_order"] is not None
+    uses, generated = d * passes, numbers * passes
+    return {"method": method, "noise": noise, "estimator": opts["estimator"], "d": d,
+            "n_samples": n, "stream_passes_per_step": passes, "numbers_used_per_step": uses,
+            "numbers_generated_per_step": generated,
+            "numbers_reused_per_step": max(0, uses - generated),
+            "philox_blocks_per_step": blocks * passes + rounding + (n if kernel else 0),
+            "rounding_numbers_per_step": 4 * rounding,
+            "pool_size": opts["pool_size"] if pool else None,
+            "numbers_generated_once": opts["pool_size"] if pool else 0,
+            "philox_blocks_once": opts["pool_size"] if pool else 0,
+            "pool_stride": pool_stride(d, opts["pool_size"]) if pool else None,
+            "pool_period": opts["pool_size"] if pool else None,
+            "lanes": opts["lanes"] if noise == "rotate" else None,
+            "window": (RotateSource(1, "adaptive").window
+                       if noise == "rotate" and opts["scaling"] == "adaptive" else None),
+            "scalars_per_step": n * (2 if opts["estimator"] == "kernel" else 1)}

@@ -7,7 +7,10 @@ import os
 
 import torch
 
+from zoengine.run.folder import RunFolder, nonfinite
 from zoengine.run.job import auto_threads, load_model
+from zoengine.run.manifest import MANIFEST, IntegrityError, names_under, read_manifest, verify_under
+from zoengine.run.modeldir import verify_model_dir
 from zoengine.run.strategies import split_seqs
 from zoengine.tasks import (
     OptionScorer,
@@ -19,6 +22,55 @@ from zoengine.tasks import (
     load_task,
 )
 
+FLAG = "--weights"
+
+
+def _manifest_of(folder: str) -> dict | None:
+    try:
+        return read_manifest(folder)
+    except IntegrityError as exc:
+        exc.flag = FLAG
+        raise
+
+
+def resolve_weights(weights: str) -> str:
+    """The file or folder to load for ``--weights``, verified against its manifest when there
+    is one: a run folder (its final weights), a pruned model folder, or a file or folder a
+    run folder's manifest names. Folders written before manifests are read as they are."""
+    path = os.path.abspath(weights)
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, MANIFEST)):
+        body = _manifest_of(path)
+        if body.get("kind") == "run":
+            return RunFolder(path).final_weights(flag=FLAG)
+        verify_model_dir(path, flag=FLAG)
+        return path
+    if os.path.isfile(os.path.join(path, "metrics.json")):  # a run folder without a manifest
+        with open(os.path.join(path, "metrics.json"), encoding="utf-8") as f:
+            return os.path.join(path, json.load(f)["weights"])
+    parent, name = os.path.split(path)
+    if os.path.exists(os.path.join(parent, MANIFEST)):
+        body = _manifest_of(parent)
+        if body.get("kind") == "run" and names_under(body, name):
+            return verify_under(parent, body, name, flag=FLAG)
+    return path
+
+
+def check_finite(weights: str) -> None:
+    """Refuse weights holding NaN or inf (a head file, or every .safetensors file of an
+    adapter or model folder), naming the file and the tensor."""
+    from safetensors import safe_open
+
+    files = [weights] if os.path.isfile(weights) else sorted(
+        os.path.join(weights, n) for n in os.listdir(weights) if n.endswith(".safetensors"))
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                bad = nonfinite({key: f.get_tensor(key)})
+                if bad:
+                    raise IntegrityError(f"{path}: tensor {key!r} holds {bad[1]} NaN/inf "
+                                         "values; refusing to evaluate these weights",
+                                         path=path, flag=FLAG)
+
 
 def run_eval(*, model_spec: str, task_name: str, weights: str | None, split: str, seed: int,
              max_length: int = 128, batch_size: int = 16, block_size: int = 128,
@@ -29,10 +81,9 @@ def run_eval(*, model_spec: str, task_name: str, weights: str | None, split: str
     task = load_task(task_name, seed=seed, block_size=block_size, **(task_kw or {}))
     head_rows = None
     if weights:
-        if os.path.isfile(os.path.join(weights, "metrics.json")):  # a run's output folder
-            w = json.load(open(os.path.join(weights, "metrics.json")))["weights"]
-            weights = os.path.join(weights, w)
-        if weights.endswith(".safetensors"):
+        weights = resolve_weights(weights)
+        check_finite(weights)
+        if os.path.isfile(weights):
             from safetensors.torch import load_file
 
             head_rows = load_file(weights)

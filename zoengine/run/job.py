@@ -7,6 +7,7 @@ from ``zoengine.run.strategies``; the steps from ``zoengine.run.loop``.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import asdict
@@ -14,9 +15,11 @@ from dataclasses import asdict
 import torch
 
 from zoengine.run.config import DEFAULT_MODEL, RunConfig
-from zoengine.run.folder import atomic_write, clean_stale_temps, save_weights
-from zoengine.run.loop import finish_curve, run_loop
-from zoengine.run.report import plot_curve, run_summary_json, summary_lines
+from zoengine.run.folder import RunFolder
+from zoengine.run.fsio import atomic_write
+from zoengine.run.loop import dev_point_of, finish_curve, run_loop
+from zoengine.run.report import plot_curve, run_summary_json, summary_lines, weights_writer
+from zoengine.run.resume import Checkpointer, ResumeError, check_base, restore
 from zoengine.run.strategies import make_strategy
 from zoengine.tasks import TaskError, load_task
 
@@ -76,13 +79,26 @@ def apply_lora(cfg: RunConfig, model):
 
 
 def make_optimizer(cfg: RunConfig, named_params, masks=None):
-    """``zoengine.optim.create(cfg.method, ...)`` with the run's lr, eps, seed and masks."""
+    """``zoengine.optim.create(cfg.method, ...)`` with the run's lr, eps, seed and masks (DiZO:
+    ``--dizo-interval`` and the projected set of ``--train``; its search data is wired by the
+    loop). A DiZO set that matches nothing is refused here, before any step."""
     from zoengine.optim import create
 
     extra = {} if masks is None else {"masks": masks}
-    if cfg.method == "dizo" and cfg.dizo_interval is not None:
-        extra["interval"] = cfg.dizo_interval
-    return create(cfg.method, named_params, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, **extra)
+    if cfg.method == "dizo":
+        # the projected set per --train: head -> the one tensor trained (the option rows),
+        # lora -> every adapter A and B, full -> attention k_proj/v_proj (the authors' code)
+        extra["projected"] = {"head": "all", "lora": "lora", "full": "code"}[cfg.train]
+        if cfg.dizo_interval is not None:
+            extra["interval"] = cfg.dizo_interval
+    try:
+        return create(cfg.method, named_params, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, **extra)
+    except ValueError as exc:
+        if cfg.method == "dizo" and cfg.train == "full" and "matches no trainable" in str(exc):
+            raise TaskError("--train", f"--method dizo with --train {cfg.train} projects the "
+                                       "attention k_proj/v_proj weights, and this model has "
+                                       f"none ({exc}); use --train head or --lora") from None
+        raise
 
 
 def prune_and_plan(cfg: RunConfig, task, model, tok):
@@ -129,24 +145,26 @@ def _gain(report: dict) -> dict:
                                               and a["auc"] > b["auc"])}
 
 
-def run_train(cfg: RunConfig) -> dict:
-    """Load, evaluate, train, evaluate, write outputs. Returns the report (metrics.json)."""
-    t_start = time.perf_counter()
-    torch.set_num_threads(cfg.threads or auto_threads())
+def journal_fsync(value: str) -> str | int:
+    """``--journal-fsync``: ``"step"``, ``"checkpoint"`` or a number of steps."""
+    v = str(value)
+    if v in ("step", "checkpoint"):
+        return v
+    if v.isdigit() and int(v) > 0:
+        return int(v)
+    raise TaskError("--journal-fsync", f"{value!r}: must be 'step', 'checkpoint' or a number "
+                                       "of steps > 0")
+
+
+def setup(cfg: RunConfig, report: dict):
+    """Task, model, pruning/plan, LoRA, strategy and optimizer of a run (no training)."""
     task = load_task(cfg.task, seed=cfg.seed, template=cfg.template, options=cfg.options,
                      text_column=cfg.text_column, label_column=cfg.label_column,
                      block_size=cfg.block_size)
-    cfg = cfg.resolved(task)
-    if task.kind == "lm" and cfg.train == "head":
-        raise TaskError("--train", "head trains classification options; an LM task needs "
-                                   "--train full or --lora")
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    clean_stale_temps(cfg.output_dir)
     _log(f"loading model {cfg.model} ...")
     t0 = time.perf_counter()
     model, tok = load_model(cfg.model)
-    report = {"config": asdict(cfg), "timing": {"load_s": time.perf_counter() - t0},
-              "torch_threads": torch.get_num_threads()}
+    report["timing"]["load_s"] = time.perf_counter() - t0
     torch.manual_seed(cfg.seed)
     masks, plan = prune_and_plan(cfg, task, model, tok)
     if cfg.train == "lora":
@@ -156,10 +174,93 @@ def run_train(cfg: RunConfig) -> dict:
     params = strategy.named_params()
     report["trainable_params"] = int(sum(p.numel() for _, p in params))
     opt = make_optimizer(cfg, params, masks=masks)
-    t1 = time.perf_counter()
-    report["before"] = strategy.evaluate()
-    report["timing"]["eval_before_s"] = time.perf_counter() - t1
-    run_loop(cfg, strategy, opt, report, log=_log)
+    return task, model, tok, masks, plan, strategy, opt
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with every default filled in for its task (refusing an LM task with a head)."""
+    task = load_task(cfg.task, seed=cfg.seed, template=cfg.template, options=cfg.options,
+                     text_column=cfg.text_column, label_column=cfg.label_column,
+                     block_size=cfg.block_size)
+    cfg = cfg.resolved(task)
+    if task.kind == "lm" and cfg.train == "head":
+        raise TaskError("--train", "head trains classification options; an LM task needs "
+                                   "--train full or --lora")
+    return cfg
+
+
+def run_train(cfg: RunConfig, *, resume: bool = False) -> dict:
+    """Load, evaluate, train, evaluate, write outputs. Returns the report (metrics.json).
+
+    Every step is journaled (``<output_dir>/journal.zoj``) and the trained tensors are
+    checkpointed every ``checkpoint_every`` steps / ``checkpoint_minutes`` minutes; with
+    ``resume=True`` the run in ``output_dir`` continues from its last checkpoint and journal
+    (``zoengine.run.resume``)."""
+    t_start = time.perf_counter()
+    torch.set_num_threads(cfg.threads or auto_threads())
+    cfg = resolve(cfg)
+    fsync = journal_fsync(cfg.journal_fsync)
+    folder = RunFolder(cfg.output_dir, log=_log).acquire()  # lock, writable, crash recovery
+    try:
+        check_fresh_or_resumable(folder, resume)
+        save_run_config(folder, cfg)
+        report = {"config": asdict(cfg), "timing": {},
+                  "torch_threads": torch.get_num_threads()}
+        task, model, tok, masks, plan, strategy, opt = setup(cfg, report)
+        t1 = time.perf_counter()
+        report["before"] = strategy.evaluate()
+        report["timing"]["eval_before_s"] = time.perf_counter() - t1
+        progress = start_journal(cfg, folder, strategy, opt, report, resume, fsync)
+        ck = Checkpointer(folder, strategy, opt, every=cfg.checkpoint_every,
+                          minutes=cfg.checkpoint_minutes)
+        run_loop(cfg, strategy, opt, report, log=_log, progress=progress, on_step=ck)
+        opt.close_journal()
+        finish_report(cfg, task, model, masks, plan, strategy, report)
+        return write_outputs(cfg, report, strategy.trained(), tok, t_start, folder)
+    finally:
+        folder.release()
+
+
+def check_fresh_or_resumable(folder: RunFolder, resume: bool) -> None:
+    """A fresh run must not start over an interrupted one (its checkpoint would be mixed with
+    the new journal); ``--resume`` needs one."""
+    body = folder.manifest() or {}
+    started = any(os.path.exists(os.path.join(folder.path, f))
+                  for f in ("run.json", "journal.zoj"))
+    interrupted = bool(body.get("checkpoint")) or (body.get("state") != "complete" and started)
+    if resume and not interrupted:
+        done = body.get("state") == "complete"
+        raise ResumeError(f"{folder.path} holds {'a completed run' if done else 'no run'}: "
+                          "nothing to resume")
+    if not resume and interrupted:
+        raise ResumeError(f"{folder.path} holds an interrupted run: continue it with "
+                          f"`zoengine train --resume {folder.path}`, or choose another "
+                          "--output-dir", "--output-dir")
+    if not resume and os.path.exists(folder.journal_path):
+        os.remove(folder.journal_path)  # the journal of a completed earlier run
+
+
+def save_run_config(folder: RunFolder, cfg: RunConfig) -> None:
+    """``run.json``: the resolved configuration, which ``--resume`` reads back."""
+    atomic_write(os.path.join(folder.path, "run.json"),
+                 (json.dumps(asdict(cfg), indent=2) + "\n").encode())
+
+
+def start_journal(cfg, folder, strategy, opt, report, resume, fsync):
+    """Resume (checkpoint + journal replay) when asked, then journal every following step."""
+    progress = None
+    dev0 = {"step": 0, **dev_point_of(report["before"])}
+    if resume:
+        check_base(folder.journal_path, strategy.named_params())
+        folder.verify_journal(flag="--resume")
+        progress = restore(folder, strategy, opt, dev0, log=_log)
+        _log(f"resume: continuing at step {progress.step} of {cfg.steps}")
+    opt.set_journal(folder.journal_path, fsync=fsync, meta={"run_config": asdict(cfg)})
+    return progress
+
+
+def finish_report(cfg, task, model, masks, plan, strategy, report) -> None:
+    """Evaluate after training and add the gain, sparsity and memory sections."""
     t2 = time.perf_counter()
     report["after"] = strategy.evaluate()
     report["timing"]["eval_after_s"] = time.perf_counter() - t2
@@ -175,16 +276,24 @@ def run_train(cfg: RunConfig) -> dict:
         from zoengine.sparsity import memory
 
         report["memory"] = memory.report_peak(plan, log=_log)
-    return write_outputs(cfg, report, strategy.trained(), tok, t_start)
 
 
-def write_outputs(cfg: RunConfig, report: dict, trained, tok, t_start: float) -> dict:
-    """Weights, then curve.png, then metrics.json (its presence marks a finished run)."""
-    report["weights"] = os.path.relpath(save_weights(cfg, cfg.output_dir, trained, tok),
-                                        cfg.output_dir)
+def write_outputs(cfg: RunConfig, report: dict, trained, tok, t_start: float,
+                  folder: RunFolder | None = None) -> dict:
+    """Weights, curve.png and metrics.json, committed together by the folder's manifest (a
+    kill leaves the previous outputs or these, never a mix); then the folder's lock is
+    released. ``folder``: the acquired ``RunFolder`` (None: acquired here)."""
+    name, write_weights = weights_writer(cfg, trained, tok)
+    report["weights"] = name
     report["timing"]["total_s"] = time.perf_counter() - t_start
-    atomic_write(os.path.join(cfg.output_dir, "curve.png"), plot_curve(report))
-    atomic_write(os.path.join(cfg.output_dir, "metrics.json"), run_summary_json(report))
+    folder = folder or RunFolder(cfg.output_dir, log=_log).acquire()
+    try:
+        folder.write_final({name: write_weights, "curve.png": plot_curve(report),
+                            "metrics.json": run_summary_json(report)}, weights=name,
+                           journal_records=cfg.steps if os.path.exists(folder.journal_path)
+                           else None)
+    finally:
+        folder.release()
     for line in summary_lines(report):
         _log(line)
     _log(f"wrote {cfg.output_dir}/metrics.json, curve.png, {report['weights']}")

@@ -8,10 +8,14 @@ tests can wait for an explicit event rather than sleep.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from zoengine.faults import crashpoint
+from zoengine.kernels.keys import stream_key
 from zoengine.run.strategies import Strategy
 
 LOOP_STARTED = "zoengine: step loop started"
@@ -25,40 +29,75 @@ def progress_bar(total: int, enabled: bool, desc: str):
                 mininterval=0.5)
 
 
-def projection_batches(strategy: Strategy, seed: int):
-    """Fresh-batch closures for DiZO's γ search, from their own random stream (seed-derived),
-    so the training batches are the same with and without projections."""
-    rng = np.random.RandomState((seed + 0x5EED) % 2**32)
-    return lambda: strategy.batch_closure(rng)
+def step_rng(seed: int, step: int, stream: int = 0) -> np.random.RandomState:
+    """The random state that draws step ``step``'s batch: a pure function of (seed, step,
+    stream), like the noise contract, so a resumed run draws the same batches without
+    replaying the data order (stream 0: training batches; 1 + i: DiZO's i-th search batch)."""
+    return np.random.RandomState(stream_key(seed, step, stream) & 0xFFFFFFFF)
+
+
+def projection_batches(strategy: Strategy, seed: int, opt):
+    """Fresh-batch closures for DiZO's γ search, keyed by (seed, optimizer step, iteration):
+    the training batches are the same with and without projections, and a resumed run's
+    searches see the batches the uninterrupted run saw."""
+    calls = {"step": -1, "i": 0}
+
+    def fresh():
+        step = opt.state["zo"]["step"]
+        if step != calls["step"]:
+            calls.update(step=step, i=0)
+        calls["i"] += 1
+        return strategy.batch_closure(step_rng(seed, step, calls["i"]))
+    return fresh
+
+
+@dataclass
+class Progress:
+    """Where a loop stands: steps done, the loss per step, the dev points so far."""
+
+    step: int = 0
+    loss: list = field(default_factory=list)
+    dev: list = field(default_factory=list)
 
 
 def run_loop(cfg, strategy: Strategy, opt: torch.optim.Optimizer, report: dict, *,
-             log=print) -> None:
-    """Take ``cfg.steps`` optimizer steps on fresh training batches; record the loss curve and
-    a dev point every ``cfg.eval_every`` steps into ``report["curve"]``."""
+             log=print, progress: Progress | None = None,
+             on_step: Callable[[Progress], None] | None = None) -> Progress:
+    """Take optimizer steps until ``cfg.steps`` on fresh training batches; record the loss
+    curve and a dev point every ``cfg.eval_every`` steps into ``report["curve"]``.
+
+    ``progress``: continue a run (its steps done, loss curve and dev points); ``on_step``:
+    called after every step (checkpoints attach here)."""
     if getattr(opt, "projection_closure", False) is None:  # DiZO without its own data
-        opt.projection_closure = projection_batches(strategy, cfg.seed)
-    rng = np.random.RandomState(cfg.seed)
-    curve, evals = [], [{"step": 0, **_dev_point_of(report["before"])}]
+        opt.projection_closure = projection_batches(strategy, cfg.seed, opt)
+    p = progress or Progress(dev=[{"step": 0, **dev_point_of(report["before"])}])
     t0 = time.perf_counter()
     log(LOOP_STARTED)
     with progress_bar(cfg.steps, cfg.progress, f"zo {strategy.name}") as bar:
+        bar.update(p.step)
         avg = None
-        for step in range(1, cfg.steps + 1):
-            loss = float(opt.step(strategy.batch_closure(rng)))
-            curve.append(round(loss, 6))
+        while p.step < cfg.steps:
+            crashpoint("loop-step")
+            loss = float(opt.step(strategy.batch_closure(step_rng(cfg.seed, p.step))))
+            p.step += 1
+            p.loss.append(round(loss, 6))
             if loss == loss:  # a skipped step (nonfinite="skip") returns NaN
                 avg = loss if avg is None else strategy.ema * avg + (1 - strategy.ema) * loss
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-                evals.append({"step": step, **strategy.dev_point()})
+            if cfg.eval_every and p.step % cfg.eval_every == 0 and p.step != cfg.steps:
+                p.dev.append({"step": p.step, **strategy.dev_point()})
+            if on_step is not None:
+                on_step(p)
             bar.update(1)
-            if avg is not None and (step % 10 == 0 or step == cfg.steps):
+            if avg is not None and (p.step % 10 == 0 or p.step == cfg.steps):
                 bar.set_postfix(loss=f"{avg:.4f}")
     report["timing"]["train_s"] = time.perf_counter() - t0
-    report["curve"] = {"loss": curve, "dev": evals}
+    report["curve"] = {"loss": p.loss, "dev": p.dev}
+    if hasattr(opt, "projection_summary"):  # DiZO: searches done, skipped, still due
+        report["dizo"] = opt.projection_summary()
+    return p
 
 
-def _dev_point_of(metrics: dict) -> dict:
+def dev_point_of(metrics: dict) -> dict:
     """The dev point of a full ``evaluate()`` result (classification or LM)."""
     dev = metrics["dev"]
     if "auc" in dev:
@@ -68,4 +107,4 @@ def _dev_point_of(metrics: dict) -> dict:
 
 def finish_curve(report: dict, steps: int) -> None:
     """Append the final dev point (from ``report["after"]``) to the curve."""
-    report["curve"]["dev"].append({"step": steps, **_dev_point_of(report["after"])})
+    report["curve"]["dev"].append({"step": steps, **dev_point_of(report["after"])})

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from zoengine.run.folder import atomic_dir
+from zoengine.run.fsio import probe_writable
+from zoengine.run.lock import FolderError
+from zoengine.run.modeldir import check_target, recover_model_dir, write_model_dir
 from zoengine.sparsity import mask_memory, parse_prune_spec, prune, sparsity_report
 from zoengine.tasks import load_task
 
@@ -47,16 +51,35 @@ def masks_for_run(model, tok, *, prune_spec: str | None = None, sparsity: float 
 
 def run_prune(*, model_spec: str, output_dir: str, method: str, pattern: str,
               sparsity: float | None, calib_task: str, calib_blocks: int, seed: int) -> str:
-    """``zoengine prune``: prune ``model_spec`` and save it (tokenizer included) atomically."""
+    """``zoengine prune``: prune ``model_spec`` and save it (tokenizer included) as a model
+    folder with its manifest, replaced as a whole (``zoengine.run.modeldir``). An existing
+    file, or a non-empty folder zoengine prune did not write, is refused before any work."""
     from zoengine.run.job import load_model
 
+    check_output_dir(output_dir)
     torch.manual_seed(seed)
     model, tok = load_model(model_spec)
     masks_for_run(model, tok, prune_spec=f"{method}:{pattern}", sparsity=sparsity,
                   calib_task=calib_task, calib_blocks=calib_blocks, seed=seed)
-    with atomic_dir(output_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+
+    def write(folder: str) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tok.save_pretrained(folder)
+    write_model_dir(output_dir, write)
     print(f"wrote {output_dir}; recover it with: zoengine train --model "
           f"{output_dir} --train full --keep-zeros", flush=True)
     return output_dir
+
+
+def check_output_dir(output_dir: str) -> None:
+    """``zoengine prune --output-dir``: finish a replacement a killed prune left, refuse a file
+    or someone else's folder, and check the parent folder is writable, before any work."""
+    recover_model_dir(output_dir)
+    check_target(output_dir)
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        probe_writable(parent)
+    except OSError as exc:
+        raise FolderError(f"cannot write {output_dir}: its folder {parent} is not writable "
+                          f"({exc.strerror or exc})") from None

@@ -1,9 +1,12 @@
-"""What a finished run reports: ``metrics.json``, ``curve.png`` and the printed summary."""
+"""What a finished run writes and reports: its weights, ``metrics.json``, ``curve.png`` and the
+printed summary. ``RunFolder.write_final`` (zoengine.run.folder) commits the files together."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -82,3 +85,24 @@ def summary_lines(report: dict) -> list[str]:
             f"  gain: AUC {g['auc']:+.3f}; accuracy {g['accuracy_vs_calibrated_baseline']:+.3f} "
             f"over the dev-calibrated baseline "
             f"({'beats' if g['beats_calibrated_baseline'] else 'does NOT beat'} it)"]
+
+
+def weights_writer(cfg, trained, tok) -> tuple[str, Callable[[str], None]]:
+    """(name, writer) of a run's trained weights for ``RunFolder.write_final``: ``head``:
+    ``head.safetensors`` (the option rows, their bias and token ids); ``lora``: the PEFT
+    ``adapter`` folder; ``full``: a ``model`` folder with the tokenizer."""
+    if cfg.train == "head":
+        def write_head(path: str) -> None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in trained.items()}, path,
+                      metadata={"model": str(cfg.model), "task": str(cfg.task),
+                                "kind": "zoengine-head-rows"})
+            os.chmod(path, 0o644)
+        return "head.safetensors", write_head
+
+    def write_folder(path: str) -> None:
+        trained.save_pretrained(path, safe_serialization=True)
+        if cfg.train == "full":
+            tok.save_pretrained(path)
+    return ("adapter" if cfg.train == "lora" else "model"), write_folder

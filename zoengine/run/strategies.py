@@ -84,8 +84,19 @@ class Strategy:
         raise NotImplementedError
 
     def trained(self):
-        """What ``zoengine.run.folder.save_weights`` writes."""
+        """What ``zoengine.run.report.weights_writer`` writes."""
         raise NotImplementedError
+
+
+def initial_head(model, scorer: OptionScorer):
+    """(option token ids, the output layer's rows for them as a trainable fp32 parameter,
+    their bias): what the head mode starts from, and what a journal replays onto."""
+    head = model.get_output_embeddings()
+    ids = [o[0] for o in scorer.option_ids]
+    rows = torch.nn.Parameter(head.weight.detach()[ids].clone().float())
+    bias = (head.bias.detach()[ids].clone().float() if getattr(head, "bias", None) is not None
+            else torch.zeros(len(ids)))
+    return ids, rows, bias
 
 
 class HeadStrategy(Strategy):
@@ -114,11 +125,7 @@ class HeadStrategy(Strategy):
         self.f_tr, self.f_dev = feats[:len(tr)], feats[len(tr):len(tr) + len(dev)]
         self.f_test = feats[len(tr) + len(dev):]
         self.timing = {"features_s": time.perf_counter() - t0}
-        head = model.get_output_embeddings()
-        self.ids = [o[0] for o in scorer.option_ids]
-        self.rows = torch.nn.Parameter(head.weight.detach()[self.ids].clone().float())
-        self.bias = (head.bias.detach()[self.ids].clone().float()
-                     if getattr(head, "bias", None) is not None else torch.zeros(k))
+        self.ids, self.rows, self.bias = initial_head(model, scorer)
         self.by_class = [np.flatnonzero(self.tr_y.numpy() == c) for c in range(k)]
         self.batch_size = cfg.batch_size
 

@@ -12,9 +12,10 @@ peak is inference's peak plus the method's persistent extras:
   log-softmax of the loss): ``B*T*(c_h*D + c_i*I)*s + B*T*V*(s + 4 [+ 4 if s < 4])``.
   The constants are fitted to measured RSS (tests/test_memory_plan.py on a tiny Llama,
   benchmarks/bench_pruned.py on SmolLM2-135M).
-- extras: DiZO's anchors (a copy of the projected tensors), PeZO's pool (4 bytes/number),
-  masks as bits (1/8 byte per masked weight, plus one tensor's 3 bytes/weight while unpacked),
-  the kernels' chunk buffers (a few MiB).
+- extras: whatever the method's class holds beyond the weights, asked of the class through
+  the method registry (``cls.memory_extras``): DiZO's anchors (a copy of the projected
+  tensors), PeZO's pool (4 bytes/number), masks as bits (1/8 byte per masked weight, plus one
+  tensor's 3 bytes/weight while unpacked), the kernels' chunk buffers (a few MiB).
 
 ``plan`` refuses with ``MemoryBudgetError`` naming the budget and the smallest candidate.
 """
@@ -27,13 +28,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from zoengine.optim import available_methods
+from zoengine.optim.base import KERNEL_SCRATCH as KERNEL_SCRATCH  # re-exported
+from zoengine.optim.registry import method_spec
+
 RUNTIME_CPU = 420 * 2**20  # python + torch + transformers RSS (measured: 415-440 MiB, torch 2.13)
-KERNEL_SCRATCH = 4 * 2**20  # reference: a 64 Ki-element chunk x ~6 fp32 temporaries
 C_HIDDEN, C_INTER = 8.0, 3.0  # live (B,T,D) and (B,T,I) tensors at a block's peak
 SLACK = 1.10  # allocator rounding and fragmentation (fit: tests/test_memory_plan.py)
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
-ZO_METHODS = ("mezo", "zo", "kerzoo", "pezo", "pezo-rotate", "kerzoo+pezo", "dizo")
-METHODS = ZO_METHODS + ("inference", "adam")
+BASELINES = ("inference", "adam")  # priced here; every other method is a registered class
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
           "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,
           "tib": 2**40}
@@ -160,25 +163,46 @@ def adam_bytes(shape: ModelShape, batch: int, seq: int, dtype: str) -> int:
     return int(shape.params * (s + 8) + stored + 2 * activation_bytes(shape, batch, seq, dtype))
 
 
+def zo_methods() -> tuple[str, ...]:
+    """The registered ZO methods (``zoengine.optim.available_methods()``)."""
+    return available_methods()
+
+
+def methods() -> tuple[str, ...]:
+    """Every name ``predict``/``plan`` accept: the registered methods and the baselines."""
+    return zo_methods() + BASELINES
+
+
+def __getattr__(name: str):
+    if name == "ZO_METHODS":  # computed: a method registered later is included
+        return zo_methods()
+    if name == "METHODS":
+        return methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def extras_bytes(shape: ModelShape, method: str, dtype: str, *, pool_size: int = 1 << 16,
                  masks: bool = False) -> dict:
-    s = DTYPES[dtype]
-    out = {"kernels": KERNEL_SCRATCH if method in ZO_METHODS else 0}
-    if method == "dizo":  # anchors of k_proj and v_proj (the authors' choice)
-        out["dizo_anchors"] = shape.layers * 2 * shape.hidden * shape.kv_dim * s
-    if method in ("pezo", "kerzoo+pezo"):
-        out["pezo_pool"] = 4 * pool_size
-    if masks and method in ZO_METHODS:
-        out["masks"] = (shape.masked + 7) // 8 + 3 * shape.largest_masked
-    return out
+    """The method's persistent extras, from its class (``memory_extras``) with the keyword
+    arguments its registered name fixes; baselines have none."""
+    if method in BASELINES:
+        return {"kernels": 0}
+    spec = method_spec(method)
+    # projected tensors of an anchor-keeping method: k_proj and v_proj (DiZO authors' choice)
+    projected = shape.layers * 2 * shape.hidden * shape.kv_dim
+    return spec.cls.memory_extras(
+        trainable_numel=shape.params, dtype_bytes=DTYPES[dtype], projected_numel=projected,
+        masked_numel=shape.masked if masks else 0,
+        largest_masked=shape.largest_masked if masks else 0,
+        **{"pool_size": pool_size, **spec.fixed})
 
 
 def predict(model_or_config, method: str = "mezo", batch_size: int = 16, seq_len: int = 128,
             dtype: str = "float32", *, runtime: int | None = None, masks: bool = False,
             masked: int | None = None, pool_size: int = 1 << 16) -> Plan:
     """The predicted peak of one configuration (no budget check)."""
-    if method not in METHODS:
-        raise ValueError(f"method={method!r}: must be one of {METHODS}")
+    if method not in methods():
+        raise ValueError(f"method={method!r}: must be one of {methods()}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: must be one of {tuple(DTYPES)}")
     shape = model_or_config if isinstance(model_or_config, ModelShape) else \
@@ -300,7 +324,7 @@ def plan_for_run(model, max_memory, *, method: str, batch_size: int, seq_len: in
         masked = sum(m.numel() for m in masks.values())
     elif masks == "zeros":
         masked = None
-    name = method if method in METHODS else "mezo"
+    name = method if method in methods() else "mezo"
     # the runtime term measured in this process, never below the bare-interpreter constant
     rt = max(RUNTIME_CPU, resident_runtime(model) or 0) if not torch.cuda.is_available() else None
     p = plan(model, max_memory, name, batch_size=batch_size, seq_len=seq_len,

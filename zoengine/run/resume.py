@@ -1,0 +1,154 @@
+"""Checkpoints and ``--resume``: the journal makes both cheap.
+
+Every CLI run journals its steps (``<run>/journal.zoj``, a few hundred bytes a step) and saves
+a checkpoint every ``checkpoint_every`` steps or ``checkpoint_minutes`` minutes (weights of the
+trained tensors, optimizer state, loss curve). ``--resume`` loads the last complete checkpoint,
+replays the journal records after it without a forward pass (``zoengine.journal``) and goes
+on, so a run killed at any moment ends with the weights of an uninterrupted run, bit for bit
+on the CPU backends; the batches need no replay because each step's batch is a pure function of
+(seed, step) (``zoengine.run.loop.step_rng``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, fields
+
+import torch
+
+from zoengine.journal import JournalError, apply_record, read_records, tensors_hash
+from zoengine.run.config import RunConfig
+from zoengine.run.loop import Progress
+
+
+class ResumeError(ValueError):
+    """A run folder cannot be resumed as asked; ``flag`` names the option to fix."""
+
+    def __init__(self, message: str, flag: str = "--resume"):
+        super().__init__(message)
+        self.flag = flag
+
+
+class Checkpointer:
+    """The loop's ``on_step`` hook: a checkpoint every ``every`` steps or ``minutes`` minutes
+    (whichever comes first; 0 disables that trigger)."""
+
+    def __init__(self, folder, strategy, opt, *, every: int, minutes: float):
+        self.folder, self.strategy, self.opt = folder, strategy, opt
+        self.every, self.seconds = every, minutes * 60.0
+        self.last = time.monotonic()
+
+    def __call__(self, p: Progress) -> None:
+        due = (self.every and p.step % self.every == 0) or (
+            self.seconds and time.monotonic() - self.last >= self.seconds)
+        if due:
+            self.save(p)
+
+    def save(self, p: Progress) -> None:
+        self.opt.sync_journal()  # the checkpoint must never be ahead of a durable journal
+        tensors = {n: t.detach().clone() for n, t in self.strategy.named_params()}
+        self.folder.save_checkpoint(p.step, tensors, self.opt.state_dict(),
+                                    {"loss": p.loss, "dev": p.dev}, journal_records=p.step)
+        self.last = time.monotonic()
+
+
+def _step_loss(values: list[float], n_samples: int) -> float:
+    """The loss ``step()`` returned, from the record (mean of the 2n evaluations, as fp32)."""
+    first = values[: 2 * n_samples]
+    if len(first) < 2 * n_samples or not all(v == v and abs(v) != float("inf") for v in first):
+        return float("nan")
+    return round(float(torch.tensor(sum(first) / len(first), dtype=torch.float32)), 6)
+
+
+def restore(folder, strategy, opt, dev0: dict, *, log=print) -> Progress:
+    """Bring ``opt`` and the strategy's tensors to where the run in ``folder`` stopped: its last
+    checkpoint, then the journal records after it. Returns the loop's progress."""
+    ck = folder.load_checkpoint()
+    if ck is None:
+        p = Progress(dev=[dev0])
+    else:
+        step, tensors, opt_state, extra = ck
+        named = dict(strategy.named_params())
+        if set(named) != set(tensors):
+            raise ResumeError(f"{folder.path}: the checkpoint holds tensors "
+                              f"{sorted(tensors)[:3]}..., this run trains {sorted(named)[:3]}...:"
+                              " a different --train, model or LoRA setting")
+        with torch.no_grad():
+            for name, t in tensors.items():
+                named[name].copy_(t)
+        try:
+            opt.load_state_dict(opt_state)
+        except ValueError as exc:
+            raise ResumeError(f"{folder.path}: the optimizer configuration differs: {exc}",
+                              "--method") from None
+        p = Progress(step=step, loss=list(extra["loss"]), dev=list(extra["dev"]))
+    return replay_journal(folder.journal_path, opt, p, log=log)
+
+
+def replay_journal(path, opt, p: Progress, *, log=print) -> Progress:
+    """Apply the journal's records from step ``p.step`` on (no forward pass)."""
+    try:
+        header, records, torn = read_records(path)
+    except FileNotFoundError:
+        return p
+    todo = [r for r in records if r.step >= p.step]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for r in todo:
+            apply_record(opt, r, path=str(path))
+            p.step += 1
+            p.loss.append(_step_loss(r.values, header["n_samples"]))
+    if todo or torn:
+        log(f"resume: replayed {len(todo)} journal steps in {time.perf_counter() - t0:.2f} s "
+            f"(no forward pass){'; dropped a torn last record' if torn else ''}")
+    return p
+
+
+def check_base(header_path, named_params) -> None:
+    """Refuse to resume on other starting weights than the run's (the journal's base hash)."""
+    try:
+        from zoengine.journal import read_header
+
+        header, _ = read_header(header_path)
+    except FileNotFoundError:
+        return
+    except JournalError as exc:
+        raise ResumeError(str(exc)) from None
+    base = header.get("base_sha256")
+    if base and header.get("start_step", 0) == 0 and tensors_hash(named_params) != base:
+        raise ResumeError(f"{header_path}: the trained tensors start from other weights than "
+                          "the run's (SHA-256 of the base differs): a different --model?",
+                          "--model")
+
+
+# flags that may differ on --resume: they change how, not what, the run computes
+RESUME_FREE = ("steps", "threads", "progress", "output_dir", "checkpoint_every",
+               "checkpoint_minutes", "journal_fsync")
+
+
+def resume_config(run_dir: str, given: RunConfig) -> RunConfig:
+    """The configuration saved in ``run_dir/run.json``, with the flags the user gave on the
+    ``--resume`` command line: those in ``RESUME_FREE`` are taken, any other that differs
+    from the run's is refused naming the flag."""
+    path = os.path.join(run_dir, "run.json")
+    if not os.path.isfile(path):
+        raise ResumeError(f"{run_dir!r} holds no zoengine run (no run.json)")
+    try:
+        saved = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ResumeError(f"{path}: unreadable ({exc})") from None
+    known = {f.name for f in fields(RunConfig)}
+    cfg = RunConfig(**{k: v for k, v in saved.items() if k in known})
+    defaults = asdict(RunConfig())
+    for name, value in asdict(given).items():
+        if value == defaults[name] or value == getattr(cfg, name):
+            continue
+        if name not in RESUME_FREE:
+            flag = "--" + name.replace("_", "-")
+            raise ResumeError(f"{flag} {value!r} differs from the run's {getattr(cfg, name)!r}:"
+                              f" a resumed run keeps its configuration", flag)
+        setattr(cfg, name, value)
+    cfg.output_dir = run_dir
+    return cfg
