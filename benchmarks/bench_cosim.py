@@ -55,35 +55,11 @@ PLATFORMS = ("fpga-xc7", "asic-45nm")
 
 
 def workload_for(opt):
-    """hwsim workload of a zoengine optimizer.
+    """hwsim workload of a zoengine optimizer (``from_optimizer`` reads ``opt.noise``, so a
+    ``hw:<spec>`` optimizer is priced as its spec's generator and reuse)."""
+    from zoengine.hwsim import Workload
 
-    ``Workload.from_optimizer`` reads a ``hw:`` spec from ``opt.dist``; zoengine.ZO keeps the spec
-    in ``opt.noise`` (``opt.dist`` is "uniform"), so without help a hw-noise optimizer is priced
-    as a plain 8-bit LFSR uniform without reuse. Pass the spec's fields as overrides, exactly as
-    ``from_optimizer`` would derive them from a ``dist`` of "hw:<spec>".
-    """
-    from zoengine.hwsim import Workload, parse_spec
-
-    noise = getattr(opt, "noise", "")
-    if not (isinstance(noise, str) and noise.startswith("hw:")):
-        return Workload.from_optimizer(opt)
-    sp = parse_spec(noise)
-    kw = dict(source=sp.source, bits=sp.bits)
-    if sp.dist in ("uniform", "rademacher"):
-        kw["dist"] = sp.dist
-    else:
-        kind = ("clt" if sp.dist.startswith("clt") else
-                "icdf" if sp.dist.startswith("icdf") else "boxmuller")
-        kw.update(dist="normal", method=kind)
-        if kind == "clt":
-            kw["clt_k"] = int(sp.dist[3:])
-        if kind == "icdf":
-            kw["icdf_bits"] = int(sp.dist[4:])
-    if sp.reuse == "otf":
-        kw.update(reuse="on-the-fly", lanes=sp.lanes, reuse_factor=sp.lanes // sp.n_generators)
-    elif sp.reuse == "pool":
-        kw.update(reuse="pool", pool_size=sp.pool_size)
-    return Workload.from_optimizer(opt, **kw)
+    return Workload.from_optimizer(opt)
 
 
 def mezo_lr_from_convergence(default: float = 1e-4) -> float:

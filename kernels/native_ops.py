@@ -312,11 +312,13 @@ def perturb_(
     scale: float,
     dist: str = "normal",
     masks: Sequence[torch.Tensor | None] | None = None,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """θ ← θ + scale·z for every tensor, z from the noise contract (in place, compiled).
 
     Same contract as ``reference.perturb_``: ``masks[i]`` zeroes z where it is 0.
     """
+    reference.no_offsets(offsets, "native")
     reference._check_lists(params, keys, masks)  # the reference's checks, in its order
     key64 = stream_key(seed, step, sample)
     d = _check_dist(dist)
@@ -346,6 +348,7 @@ def restore_update_(
     dist: str = "normal",
     masks: Sequence[torch.Tensor | None] | None = None,
     stochastic_rounding: bool = False,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """Restore the last perturbation and apply the update in one pass (compiled).
 
@@ -353,6 +356,7 @@ def restore_update_(
     θ₂ = θ₁ − lr·(Σ_k grads[k]·z_k + weight_decay·θ₁). ``stochastic_rounding=True`` on
     fp16/bf16 tensors is delegated to the reference (the C code rounds to nearest only).
     """
+    reference.no_offsets(offsets, "native")
     if stochastic_rounding and any(p.dtype in (torch.float16, torch.bfloat16) for p in params):
         reference.restore_update_(params, keys, seed=seed, step=step, eps=eps, lr=lr,
                                   grads=grads, restore_sample=restore_sample,

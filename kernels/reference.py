@@ -93,6 +93,25 @@ def _check_lists(params, keys, masks):
             raise ValueError(f"params[{i}] is not contiguous; ZO ops update tensors in place")
 
 
+def no_offsets(offsets, backend: str) -> None:
+    """The compiled backends take whole tensors only: shard offsets need the reference ops."""
+    if offsets is not None and any(int(o) != 0 for o in offsets):
+        raise ValueError(f"offsets={list(offsets)[:4]}: the {backend} backend takes no shard "
+                         "offsets; sharded tensors run on the reference backend "
+                         "(backend=None or 'reference')")
+
+
+def _check_offsets(offsets, n: int) -> list[int]:
+    if offsets is None:
+        return [0] * n
+    if len(offsets) != n:
+        raise ValueError(f"offsets has {len(offsets)} entries for {n} tensors")
+    for i, o in enumerate(offsets):
+        if not isinstance(o, int) or isinstance(o, bool) or o < 0:
+            raise ValueError(f"offsets[{i}]={o!r}: must be an int >= 0")
+    return list(offsets)
+
+
 def restore_index(grads: Sequence[float], restore_sample: int | None) -> int:
     """The sample restore_update_ restores (default: the last), validated against ``grads``."""
     n = len(grads)
@@ -114,19 +133,23 @@ def perturb_(
     scale: float,
     dist: str = "normal",
     masks: Sequence[torch.Tensor | None] | None = None,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """θ ← θ + scale·z for every tensor, z from the noise contract (in place, chunked).
 
     ``masks[i]`` (bool or 0/1, same shape as ``params[i]``) zeroes z where it is 0, so masked
-    elements are left exactly as they are.
+    elements are left exactly as they are. ``offsets[i]``: ``params[i]`` is a shard whose
+    element 0 is element ``offsets[i]`` of the full tensor (key ``keys[i]``), so it gets
+    exactly that slice of the full tensor's z (docs/distributed.md).
     """
     _check_lists(params, keys, masks)
+    offs = _check_offsets(offsets, len(params))
     key64 = stream_key(seed, step, sample)
-    for i, (p, key) in enumerate(zip(params, keys)):
+    for i, (p, key, o) in enumerate(zip(params, keys, offs)):
         m = None if masks is None or masks[i] is None else masks[i].reshape(-1)
         ct = compute_dtype(p.dtype)
         for s, e, x in _flat_chunks(p):
-            z = _chunk_noise(s, e, key64, key, dist, p.device).to(ct)
+            z = _chunk_noise(s + o, e + o, key64, key, dist, p.device).to(ct)
             if m is not None:
                 z = z * m[s:e]
             x.copy_(x.to(ct) + z * scale)
@@ -146,6 +169,7 @@ def restore_update_(
     dist: str = "normal",
     masks: Sequence[torch.Tensor | None] | None = None,
     stochastic_rounding: bool = False,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """Restore the last perturbation and apply the update, in one pass over the weights.
 
@@ -161,21 +185,24 @@ def restore_update_(
     ``stochastic_rounding=True`` rounds θ₂ of fp16/bf16 tensors with ``stochastic_round``,
     the random words taken from the stream of (seed, step, sample 0) with Philox counter word
     3 = 1 (same block/lane indexing as z); fp32 tensors are unaffected. Unbiased: E[θ₂ stored]
-    equals the fp32 θ₂, so updates below half an ulp are not lost on average.
+    equals the fp32 θ₂, so updates below half an ulp are not lost on average. ``offsets``:
+    as in ``perturb_`` (a shard's z and rounding words are its slice of the full tensor's).
     """
     _check_lists(params, keys, masks)
+    offs = _check_offsets(offsets, len(params))
     n = len(grads)
     r = restore_index(grads, restore_sample)
     key64s = [stream_key(seed, step, k) for k in range(n)]
-    for i, (p, key) in enumerate(zip(params, keys)):
+    for i, (p, key, o) in enumerate(zip(params, keys, offs)):
         sr = stochastic_rounding and p.dtype in (torch.float16, torch.bfloat16)
         m = None if masks is None or masks[i] is None else masks[i].reshape(-1)
         ct = compute_dtype(p.dtype)
         for s, e, x in _flat_chunks(p):
-            zr = _chunk_noise(s, e, key64s[r], key, dist, p.device).to(ct)
+            zr = _chunk_noise(s + o, e + o, key64s[r], key, dist, p.device).to(ct)
             acc = None
             for k in range(n):
-                zk = zr if k == r else _chunk_noise(s, e, key64s[k], key, dist, p.device).to(ct)
+                zk = (zr if k == r else
+                      _chunk_noise(s + o, e + o, key64s[k], key, dist, p.device).to(ct))
                 term = zk * float(grads[k])
                 acc = term if acc is None else acc + term
             if m is not None:
@@ -184,7 +211,7 @@ def restore_update_(
             if weight_decay != 0.0:
                 acc = acc + theta * weight_decay
             if sr:
-                words = _rounding_words(s, e, key64s[0], key, p.device)
+                words = _rounding_words(s + o, e + o, key64s[0], key, p.device)
                 x.copy_(stochastic_round(theta - acc * lr, p.dtype, words))
             else:
                 x.copy_(theta - acc * lr)

@@ -39,7 +39,7 @@ from zoengine.kernels.philox import (
     STREAM_Z,
     TWO_PI_F32,
 )
-from zoengine.kernels.reference import _check_lists, restore_index
+from zoengine.kernels.reference import _check_lists, no_offsets, restore_index
 from zoengine.kernels.triton_launch import (
     block_size,
     build_table,
@@ -330,8 +330,10 @@ def perturb_(
     scale: float,
     dist: str = "normal",
     masks: Sequence[torch.Tensor | None] | None = None,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """θ ← θ + scale·z for every tensor, in one kernel launch (see reference.perturb_)."""
+    no_offsets(offsets, "Triton")
     _check_lists(params, keys, masks)
     code = _check_dist(dist)
     (params, keys, masks), wide = split_wide(params, keys, masks)
@@ -365,12 +367,14 @@ def restore_update_(
     dist: str = "normal",
     masks: Sequence[torch.Tensor | None] | None = None,
     stochastic_rounding: bool = False,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """Restore sample ``restore_sample`` and apply Σ_k g_k z_k in one launch over all tensors.
 
     Same semantics as ``reference.restore_update_``, including ``stochastic_rounding``
     (fp16/bf16 only; Philox counter word 3 = 1 with the key of sample 0).
     """
+    no_offsets(offsets, "Triton")
     _check_lists(params, keys, masks)
     code = _check_dist(dist)
     n = len(grads)

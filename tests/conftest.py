@@ -128,3 +128,14 @@ def _same_start_state(request):
     torch.set_num_threads(_THREADS)
     torch.set_default_dtype(_DTYPE)
     torch.set_grad_enabled(True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny LLaMA model folder and a tiny tweet-like task file (tests/test_cli.py builds
+    them): what the CLI tests train on, in milliseconds per step."""
+    from test_cli import make_tiny_model, make_tiny_task
+
+    d = tmp_path_factory.mktemp("tiny")
+    return {"model": make_tiny_model(str(d / "model")),
+            "task": make_tiny_task(str(d / "task.csv"))}

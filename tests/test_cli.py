@@ -60,13 +60,6 @@ def make_tiny_task(path: str, n: int = 60) -> str:
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    return {"model": make_tiny_model(str(d / "model")),
-            "task": make_tiny_task(str(d / "task.csv"))}
-
-
 def tiny_args(tiny, out, *extra):
     return ["train", "--model", tiny["model"], "--task", tiny["task"], "--options",
             "negative,positive", "--template", "Tweet: {text} Sentiment:", "--output-dir",

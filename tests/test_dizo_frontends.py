@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from test_cli import make_tiny_model, make_tiny_task, tiny_args
+from test_cli import tiny_args
 from test_hf import lm_dataset, tiny_model, zo_args
 
 from zoengine.cli import main
@@ -16,13 +16,6 @@ from zoengine.hf import SearchBatches, ZOTrainer
 from zoengine.run.loop import LOOP_STARTED
 
 DIZO = ["--method", "dizo", "--dizo-interval", "2", "--steps", "4", "--batch-size", "4"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_dizo")
-    return {"model": make_tiny_model(str(d / "model")),
-            "task": make_tiny_task(str(d / "task.csv"))}
 
 
 def _metrics(out):

@@ -236,3 +236,17 @@ def test_mezo_native_matches_reference(dist):
         else:
             torch.testing.assert_close(sn[k], sr[k], rtol=1e-5, atol=1e-6)
     assert ln == pytest.approx(lr, rel=1e-5)
+
+
+def test_same_signatures_as_reference_and_offsets_refused():
+    import inspect
+
+    from zoengine.kernels import native_ops
+    from zoengine.kernels import reference as ref
+
+    for name in ("perturb_", "restore_update_"):
+        assert inspect.signature(getattr(native_ops, name)) == inspect.signature(getattr(ref, name))
+    p = torch.zeros(8)
+    with pytest.raises(ValueError, match="no shard offsets"):
+        native_ops.perturb_([p], [1], seed=0, step=0, scale=1.0, offsets=[4])
+    native_ops.perturb_([p], [1], seed=0, step=0, scale=1.0, offsets=[0])  # whole tensor: fine

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import ROOT, make_tiny_model, make_tiny_task
+from test_cli import ROOT, make_tiny_model, tiny_args
 
 from zoengine.cli import main
 from zoengine.run import LOOP_STARTED
@@ -20,17 +20,7 @@ FULL = ["--train", "full", "--steps", "9", "--batch-size", "4", "--checkpoint-ev
         "--method", "dizo", "--dizo-interval", "3"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    return {"model": make_tiny_model(str(d / "model")),
-            "task": make_tiny_task(str(d / "task.csv"))}
-
-
-def args(tiny, out, *extra):
-    return ["train", "--model", tiny["model"], "--task", tiny["task"], "--options",
-            "negative,positive", "--template", "Tweet: {text} Sentiment:", "--output-dir",
-            str(out), "--no-progress", *extra]
+args = tiny_args  # the tiny model's `zoengine train` command line
 
 
 def _weights(out) -> dict:

@@ -19,7 +19,7 @@ import types
 
 import pytest
 import torch
-from test_cli import ROOT, make_tiny_model, make_tiny_task, tiny_args
+from test_cli import ROOT, tiny_args
 
 from zoengine.cli import main
 from zoengine.run import checkpoint as checkpoint_mod
@@ -30,13 +30,6 @@ from zoengine.run.manifest import MANIFEST, file_entry, read_manifest, write_man
 from zoengine.run.modeldir import recover_model_dir, verify_model_dir, write_model_dir
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    return {"model": make_tiny_model(str(d / "model")),
-            "task": make_tiny_task(str(d / "task.csv"))}
 
 
 # ---- what the scenarios save ------------------------------------------------------------------

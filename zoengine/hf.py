@@ -75,6 +75,11 @@ def _closure_only(opt):
     return opt
 
 
+def _process_group_world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class ZOOptimizerFactory:
     """Builds the registered ZO optimizer over the model's trainable, named parameters.
 
@@ -92,14 +97,33 @@ class ZOOptimizerFactory:
             raise ValueError("no trainable parameters (every tensor has requires_grad=False)")
         if weight_decay:
             kwargs["weight_decay"] = weight_decay
+        if "distributed" not in kwargs and _process_group_world() > 1:
+            kwargs["distributed"] = True  # reduce the loss scalars across the launcher's ranks
         return _closure_only(create(method, named, lr=lr, eps=eps, seed=seed, **kwargs))
 
 
 def _unwrap_optimizer(opt):
-    """accelerate wraps the optimizer; the ZO step needs the optimizer itself."""
-    while type(opt).__name__ == "AcceleratedOptimizer":
+    """accelerate wraps the optimizer (an Optimizer holding ``.optimizer``); the ZO step needs
+    the ZO optimizer itself (the one with the closure contract)."""
+    while (not hasattr(opt, "require_closure")
+           and isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer)):
         opt = opt.optimizer
     return opt
+
+
+def check_distributed(opt) -> None:
+    """Refuse a ZO optimizer that would let each rank of a launcher (torchrun, accelerate
+    launch) apply its own loss difference: the replicas would drift apart without an error."""
+    from zoengine.distributed import launcher_world_size
+
+    world = launcher_world_size()
+    if world > 1 and getattr(opt, "distributed", None) is None:
+        raise RuntimeError(
+            f"ZOTrainer runs on {world} processes (WORLD_SIZE={world}) but the ZO optimizer "
+            f"{type(opt).__name__} has distributed=None: each rank would apply its own, "
+            "unreduced loss difference and the replicas would drift apart. Build it with "
+            "distributed=True (ZOTrainingArguments(zo_kwargs={'distributed': True}) does; the "
+            "default optimizer gets it automatically) or run a single process")
 
 
 def check_resumed_state(opt, global_step: int) -> None:
@@ -247,6 +271,7 @@ class ZOTrainer(Trainer):
         search batches from the training set (``SearchBatches``).
         """
         opt = _unwrap_optimizer(self.optimizer)
+        check_distributed(opt)
         check_resumed_state(opt, self.state.global_step)
         if getattr(self.args, "zo_journal", False):
             replayed = journal_or_replay(self, opt)

@@ -19,6 +19,7 @@ import torch
 from zoengine.kernels.dispatch import BACKENDS, get_ops, resolve_backend
 from zoengine.kernels.keys import tensor_keys
 from zoengine.kernels.philox import DISTRIBUTIONS
+from zoengine.optim.exchange import ScalarExchange
 from zoengine.optim.functional import ZOGroup
 from zoengine.optim.journaling import Journaling
 from zoengine.optim.masks import LazyMask, pack_mask
@@ -55,6 +56,14 @@ def check_choice(name: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name}={value!r}: must be one of {tuple(choices)}")
     return value
+
+
+def _zo_group(run: list, hyper: dict, mask=None) -> ZOGroup:
+    """A ZOGroup of (tensor, key, shard offset) triples."""
+    offsets = [o for _, _, o in run]
+    return ZOGroup(params=[p for p, _, _ in run], keys=[k for _, k, _ in run],
+                   masks=None if mask is None else mask,
+                   offsets=offsets if any(offsets) else None, **hyper)
 
 
 class ZOOptimizer(Journaling, torch.optim.Optimizer):
@@ -98,6 +107,11 @@ class ZOOptimizer(Journaling, torch.optim.Optimizer):
         for name, strict in _HYPER:
             if name in param_group:
                 check_float(f"{where}[{name!r}]", param_group[name], low=0.0, strict=strict)
+        offsets = param_group.get("shard_offsets")
+        if offsets is not None and (len(offsets) != len(param_group.get("params", ())) or any(
+                not isinstance(o, int) or isinstance(o, bool) or o < 0 for o in offsets)):
+            raise ValueError(f"{where}['shard_offsets']={offsets!r}: must hold one int >= 0 "
+                             "per tensor (its first element's index in the full tensor)")
         super().add_param_group(param_group)
 
     def _check_new_tensors(self, where: str, params: list, names) -> None:
@@ -209,27 +223,54 @@ class ZOOptimizer(Journaling, torch.optim.Optimizer):
         for index, (group, keys) in enumerate(zip(self.param_groups, self._group_keys())):
             hyper = dict(lr=float(group["lr"]), eps=float(group["eps"]),
                          weight_decay=float(group.get("weight_decay", 0.0)), index=index)
+            offs = group.get("shard_offsets") or [0] * len(group["params"])
             run: list = []
-            for p, k in zip(group["params"], keys):
+            for p, k, o in zip(group["params"], keys, offs):
                 if not p.requires_grad:
                     continue
                 bits = self._mask_bits(p)
                 if bits is None:
-                    run.append((p, k))
+                    run.append((p, k, o))
                     continue
                 if run:
-                    out.append(ZOGroup(params=[q for q, _ in run], keys=[j for _, j in run],
-                                       **hyper))
+                    out.append(_zo_group(run, hyper))
                     run = []
-                out.append(ZOGroup(params=[p], keys=[k], masks=LazyMask(bits, p.shape),
-                                   **hyper))
+                out.append(_zo_group([(p, k, o)], hyper, LazyMask(bits, p.shape)))
             if run:
-                out.append(ZOGroup(params=[q for q, _ in run], keys=[j for _, j in run], **hyper))
+                out.append(_zo_group(run, hyper))
         return out
 
     def ops_for(self, groups: list[ZOGroup]):
         tensors = [p for g in groups for p in g.params]
-        return get_ops(resolve_backend(self.backend, tensors))
+        chosen = resolve_backend(self.backend, tensors)
+        if chosen != "reference" and any(g.offsets for g in groups):
+            if self.backend not in (None, "auto"):
+                raise RuntimeError(f"backend={self.backend!r} cannot run sharded tensors "
+                                   "(shard_offsets): only the 'reference' backend generates "
+                                   "z from an element offset; use backend=None or 'reference'")
+            chosen = "reference"  # auto: the only backend with offsets
+        return get_ops(chosen)
+
+    # ---- data parallel (docs/distributed.md) --------------------------------------------
+    def _set_distributed(self, spec) -> None:
+        """``distributed=``: None, True/"losses", "samples" or a ScalarExchange. Checks that
+        every rank has the same seed and n_samples (else the replicas would drift apart)."""
+        self._exchange = ScalarExchange.resolve(spec)
+        ex = self._exchange
+        if ex is None:
+            return
+        if ex.mode == "samples" and self.n_samples % ex.world:
+            raise ValueError(f"distributed='samples' with n_samples={self.n_samples} on "
+                             f"{ex.world} ranks: n_samples must be a multiple of the world "
+                             "size (each rank evaluates n_samples / world of a step's samples)")
+        ex.check_same({"seed": self.state["zo"]["seed"], "n_samples": self.n_samples,
+                       "step": self.state["zo"]["step"]})
+
+    @property
+    def distributed(self) -> str | None:
+        """The data-parallel mode ("losses", "samples") or None."""
+        ex = getattr(self, "_exchange", None)
+        return None if ex is None else ex.mode
 
     @staticmethod
     def require_closure(name: str, closure: Callable | None) -> Callable:

@@ -28,6 +28,7 @@ class ZOGroup:
     weight_decay: float = 0.0
     masks: list[torch.Tensor | None] | None = None
     index: int = 0
+    offsets: list[int] | None = None  # element offset of each (sharded) tensor in its full one
 
 
 @dataclass
@@ -92,8 +93,9 @@ class _Walk:
     """Moves the weights along ±ε r z_k and remembers what is written in them, so any exit
     (an exception, a NaN) can undo it."""
 
-    def __init__(self, groups, ops, closure, *, seed: int, step: int, dist: str):
-        self.groups, self.ops, self.closure = groups, ops, closure
+    def __init__(self, groups, ops, closure, *, seed: int, step: int, dist: str,
+                 exchange=None):
+        self.groups, self.ops, self.closure, self.exchange = groups, ops, closure, exchange
         self.seed, self.step, self.dist = seed, step, dist
         self.applied: tuple[int, float] | None = None  # (sample, units of ε) in the weights
         self.losses: list[float] = []
@@ -102,7 +104,8 @@ class _Walk:
     def move(self, k: int, units: float) -> None:
         for g in self.groups:
             self.ops.perturb_(g.params, g.keys, seed=self.seed, step=self.step, sample=k,
-                              scale=units * g.eps, dist=self.dist, masks=g.masks)
+                              scale=units * g.eps, dist=self.dist, masks=g.masks,
+                              **_offsets(g))
         now = (self.applied[1] if self.applied else 0.0) + units
         self.applied = (k, now) if now != 0.0 else None
 
@@ -110,23 +113,51 @@ class _Walk:
         crashpoint("mid-step")  # the weights are perturbed in memory now: a kill must not matter
         out = self.closure()
         value = loss_value(out, where)
+        if self.exchange is not None:  # mode "losses": the mean over ranks, before any use
+            value = self.exchange.reduce_loss(value)
         if self.like is None and isinstance(out, torch.Tensor) and out.is_floating_point():
             self.like = (out.dtype, out.device)
         self.losses.append(value)
         return value
 
-    def sample(self, k: int, rk: float, *, last: bool) -> float:
-        """Evaluate ℓ± of sample k; return (ℓ₊ − ℓ₋)/2. Leaves θ − εr z_k in place if last."""
+    def sample(self, k: int, rk: float, *, last: bool, check: bool = True):
+        """Evaluate ℓ± of sample k; return (ℓ₊, ℓ₋). Leaves θ − εr z_k in place if last."""
         self.move(k, rk)
         lp = self.evaluate(f"θ+εz (sample {k})")
         self.move(k, -2.0 * rk)
         lm = self.evaluate(f"θ−εz (sample {k})")
+        if check:
+            self.check(k, lp, lm)
+        if not last:
+            self.move(k, rk)
+        return lp, lm
+
+    def check(self, k: int, lp: float, lm: float) -> None:
         if not (math.isfinite(lp) and math.isfinite(lm)):
             raise _NonFinite(f"closure returned a non-finite loss at step {self.step}, "
                              f"sample {k}: ℓ₊={lp}, ℓ₋={lm}")
-        if not last:
-            self.move(k, rk)
-        return (lp - lm) / 2.0
+
+    def all_samples(self, radii: list[float], local: list[int]) -> list[float]:
+        """(ℓ₊ − ℓ₋)/2 of every sample. Mode "samples": this rank evaluates its ``local``
+        samples and only moves the weights through the others (no forward pass), so every
+        rank's weights take the same rounding path; the pairs are all-gathered, and a
+        non-finite loss on any rank raises on every rank."""
+        gather = self.exchange is not None and self.exchange.mode == "samples"
+        n, pairs = len(radii), []
+        for k in range(n):
+            if k in local:
+                pairs.append(self.sample(k, radii[k], last=k == n - 1, check=not gather))
+                continue
+            self.move(k, radii[k])
+            self.move(k, -2.0 * radii[k])
+            if k != n - 1:
+                self.move(k, radii[k])
+        if gather:
+            pairs = self.exchange.gather_pairs(pairs, n)
+            self.losses = [v for pair in pairs for v in pair]
+            for k, (lp, lm) in enumerate(pairs):
+                self.check(k, lp, lm)
+        return [(lp - lm) / 2.0 for lp, lm in pairs]
 
     def undo(self) -> None:
         if self.applied is not None:
@@ -157,6 +188,7 @@ def zo_step(
     radius: Callable[[int], float] = _unit,
     project: Callable[[int, float], float] = _identity,
     stochastic_rounding: bool = False,
+    exchange=None,
 ) -> StepResult:
     """One two-point ZO step with n samples, in place.
 
@@ -167,7 +199,9 @@ def zo_step(
     θ ← θ − lr·(1/n·Σ_k g_k z_k + wd·θ). Earlier samples are restored by a plain pass. Only
     scalars survive between passes: no z, no copy of θ, no gradient buffer. ``ops`` provides
     ``perturb_``/``restore_update_`` (a kernels backend, or a reuse source for PeZO);
-    ``stochastic_rounding`` rounds fp16/bf16 updates stochastically (Philox stream word 1).
+    ``stochastic_rounding`` rounds fp16/bf16 updates stochastically (Philox stream word 1);
+    ``exchange`` (an ``optim.exchange.ScalarExchange``) shares the loss scalars between
+    data-parallel ranks (docs/distributed.md).
 
     If the closure raises, the perturbation in place is undone before the exception
     propagates. A NaN/inf loss undoes it, checks that the weights are finite again, then raises
@@ -175,9 +209,10 @@ def zo_step(
     restored) or returns a skipped result (``nonfinite="skip"``).
     """
     radii = [radius(k) for k in range(n_samples)]
-    walk = _Walk(groups, ops, closure, seed=seed, step=step, dist=dist)
+    local = exchange.local_samples(n_samples) if exchange else list(range(n_samples))
+    walk = _Walk(groups, ops, closure, seed=seed, step=step, dist=dist, exchange=exchange)
     try:
-        half = [walk.sample(k, radii[k], last=k == n_samples - 1) for k in range(n_samples)]
+        half = walk.all_samples(radii, local)
     except BaseException as exc:
         walk.undo()
         if not isinstance(exc, _NonFinite):
@@ -190,12 +225,17 @@ def zo_step(
     for g in groups:
         gk = [project(k, d / g.eps) for k, d in enumerate(half)]
         grads.append(gk)
-        ops.restore_update_(g.params, g.keys, seed=seed, step=step, eps=g.eps * radii[-1],
-                            lr=g.lr, grads=[v / n_samples for v in gk],
-                            restore_sample=n_samples - 1, weight_decay=g.weight_decay,
-                            dist=dist, masks=g.masks,
+        ops.restore_update_(g.params, g.keys, seed=seed, step=step,
+                            eps=g.eps * radii[-1], lr=g.lr,
+                            grads=[v / n_samples for v in gk], restore_sample=n_samples - 1,
+                            weight_decay=g.weight_decay, dist=dist, masks=g.masks, **_offsets(g),
                             **({"stochastic_rounding": True} if stochastic_rounding else {}))
     return _result(walk, sum(walk.losses) / len(walk.losses), half, grads)
+
+
+def _offsets(g: ZOGroup) -> dict:
+    """``offsets=`` for the ops only when a tensor is a shard (other ops keep their calls)."""
+    return {"offsets": g.offsets} if g.offsets and any(g.offsets) else {}
 
 
 def _result(walk: _Walk, loss: float, half: list[float], grads: list, *,

@@ -46,6 +46,8 @@ class MeZO(ZO):
         stochastic_rounding (bool): unbiased rounding of fp16/bf16 updates (default False).
         journal (str, optional): record every step into this file (``zoengine.journal``);
             ``journal_fsync`` says when it is made durable.
+        distributed: None, True/``"losses"`` or ``"samples"``: data parallel over
+            ``torch.distributed``, exchanging loss scalars only (docs/distributed.md).
 
     Arithmetic is in max(fp32, parameter dtype): float64 weights are perturbed, restored and
     updated in float64. ``lr``, ``eps`` and ``weight_decay`` are checked at every step (a
@@ -65,9 +67,9 @@ class MeZO(ZO):
                  *, seed: int = 0, n_samples: int = 1, dist: str = "normal",
                  backend: str | None = None, nonfinite: str = "raise", masks=None,
                  stochastic_rounding: bool = False, journal=None,
-                 journal_fsync: str | int = "step"):
+                 journal_fsync: str | int = "step", distributed=None):
         super().__init__(params, lr, eps, weight_decay, journal=journal,
-                         journal_fsync=journal_fsync,
+                         journal_fsync=journal_fsync, distributed=distributed,
                          **self.zo_options(dist=dist, seed=seed, n_samples=n_samples,
                                            backend=backend, nonfinite=nonfinite, masks=masks,
                                            stochastic_rounding=stochastic_rounding))

@@ -83,6 +83,9 @@ class ZO(ZOOptimizer):
             the hyper-parameters in force), from which ``zoengine.journal.replay`` rebuilds
             the weights bit for bit without a forward pass (docs/reliability.md).
         journal_fsync: ``"step"`` (default), an int k (every k steps) or ``"checkpoint"``.
+        distributed: None, True (= ``"losses"``), ``"losses"`` or ``"samples"``: data
+            parallel over the default ``torch.distributed`` group, exchanging loss scalars
+            only (docs/distributed.md).
 
     ``n_samples``, ``noise``, ``estimator``, ``clip``, the source's options and ``backend``
     are saved by ``state_dict()`` and checked by ``load_state_dict()``. After a step,
@@ -102,7 +105,7 @@ class ZO(ZOOptimizer):
                  lanes: int = 64, scaling: str = "adaptive", seed: int = 0, n_samples: int = 1,
                  backend: str | None = None, nonfinite: str = "raise", masks=None,
                  stochastic_rounding: bool = False, journal=None,
-                 journal_fsync: str | int = "step"):
+                 journal_fsync: str | int = "step", distributed=None):
         self._hw = self._check_options(noise, estimator, kernel_order, r_range, clip,
                                        pool_size, lanes, scaling, stochastic_rounding)
         self.stochastic_rounding = stochastic_rounding
@@ -118,6 +121,13 @@ class ZO(ZOOptimizer):
         self.pool_size, self.lanes, self.scaling = pool_size, lanes, scaling
         if noise == "pool":
             self.state["zo"].update(self._make_pool(seed))
+        if distributed not in (None, False) and (journal is not None or callable(
+                getattr(type(self), "anchor_bytes", None))):
+            raise ValueError(f"distributed={distributed!r} with "
+                             f"{'journal=' if journal is not None else type(self).__name__}: "
+                             "not supported yet (the journal records this rank's unreduced "
+                             "losses; DiZO's projection search is not reduced across ranks)")
+        self._set_distributed(distributed)
         if journal is not None:
             self.set_journal(journal, fsync=journal_fsync)
 
@@ -182,6 +192,9 @@ class ZO(ZOOptimizer):
     def _ops(self, groups):
         if self.noise in DISTRIBUTIONS:
             return self.ops_for(groups)
+        if any(g.offsets for g in groups):
+            raise ValueError(f"noise={self.noise!r} cannot train sharded tensors "
+                             "(shard_offsets): only the contract's Philox streams take offsets")
         offsets, total = {}, 0
         for g in groups:
             for p, k in zip(g.params, g.keys):
@@ -264,7 +277,8 @@ class ZO(ZOOptimizer):
         result = zo_step(groups, closure, self._ops(groups), seed=zo["seed"], step=zo["step"],
                          n_samples=self.n_samples, dist=self.dist, nonfinite=self.nonfinite,
                          radius=radius, project=project,
-                         stochastic_rounding=self.stochastic_rounding)
+                         stochastic_rounding=self.stochastic_rounding,
+                         exchange=self._exchange)
         zo["step"] += 1
         if self.noise == "pool":
             stride = pool_stride(self.trainable_numel(groups), self.pool_size)

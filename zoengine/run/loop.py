@@ -89,7 +89,7 @@ def run_loop(cfg, strategy: Strategy, opt: torch.optim.Optimizer, report: dict, 
                 on_step(p)
             bar.update(1)
             if avg is not None and (p.step % 10 == 0 or p.step == cfg.steps):
-                bar.set_postfix(loss=f"{avg:.4f}")
+                bar.set_postfix(loss=f"{avg:.4f}", refresh=False)  # the bar redraws itself
     report["timing"]["train_s"] = time.perf_counter() - t0
     report["curve"] = {"loss": p.loss, "dev": p.dev}
     if hasattr(opt, "projection_summary"):  # DiZO: searches done, skipped, still due

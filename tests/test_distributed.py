@@ -1,0 +1,308 @@
+"""Data-parallel and sharded ZO over torch.distributed (gloo, CPU, 2 ranks): replicas stay
+identical, equal a single-process run, and only scalars are exchanged.
+
+The ranks are this file run as a script (``python test_distributed.py SCENARIO OUT``) by two
+subprocesses with RANK/WORLD_SIZE/MASTER_PORT set; each writes its results to OUT, the test
+compares them with a reference computed here in one process."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import zoengine
+from zoengine.distributed import dtensor_shards, replicas_agree, row_shard, sharded_group
+
+WORLD, STEPS = 2, 3
+HYPER = dict(lr=1e-2, eps=1e-3, seed=7, backend="reference")
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+def _batch(step: int, rank: int):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(5, 4, generator=g), torch.randn(5, 1, generator=g)
+
+
+def _loss(model, batch) -> torch.Tensor:
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+# ---- the ranks --------------------------------------------------------------------------
+def _count_bytes(log: list):
+    import torch.distributed as dist
+
+    real_reduce, real_gather = dist.all_reduce, dist.all_gather
+
+    def all_reduce(t, *a, **k):
+        log.append(t.numel() * t.element_size())
+        return real_reduce(t, *a, **k)
+
+    def all_gather(parts, t, *a, **k):
+        log.append(t.numel() * t.element_size() * len(parts))
+        return real_gather(parts, t, *a, **k)
+
+    dist.all_reduce, dist.all_gather = all_reduce, all_gather
+
+
+def _rank_data_parallel(mode: str, rank: int) -> dict:
+    model, log = _model(), []
+    n = 4 if mode == "samples" else 1
+    opt = zoengine.MeZO(model.named_parameters(), n_samples=n, distributed=mode, **HYPER)
+    _count_bytes(log)
+    losses = []
+    for t in range(STEPS):
+        before = len(log)
+        losses.append(float(opt.step(lambda t=t: _loss(model, _batch(t, rank)))))
+        step_bytes = sum(log[before:])
+    return {"weights": {k: v.clone() for k, v in model.state_dict().items()},
+            "losses": losses, "step_bytes": step_bytes,
+            "agree": replicas_agree(model.parameters())}
+
+
+def _rank_sharded(rank: int) -> dict:
+    import torch.distributed as dist
+
+    full = _model()[0].weight.detach()  # 8 x 4, rows split over the ranks
+    w, off = row_shard(full, rank, WORLD)
+    opt = zoengine.MeZO([sharded_group([("w", w, off)])], distributed=True, **HYPER)
+
+    def closure():  # tensor-parallel row split: each rank computes its rows of y = x Wᵀ
+        x, y = _batch(0, 0)
+        parts = [torch.empty(x.shape[0], w.shape[0]) for _ in range(WORLD)]
+        dist.all_gather(parts, x @ w.T)
+        return ((torch.cat(parts, 1).sum(1, keepdim=True) - y) ** 2).mean()
+
+    for _ in range(STEPS):
+        opt.step(closure)
+    shards = [torch.empty_like(w) for _ in range(WORLD)]
+    dist.all_gather(shards, w)
+    return {"weight": torch.cat(shards).detach(), "offset": off}
+
+
+def _rank_fsdp2(rank: int) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    fully_shard(model)
+    shards = dtensor_shards(model)
+    opt = zoengine.MeZO([sharded_group(shards)], distributed=True, **HYPER)
+
+    def closure(t):
+        out = _loss(model, _batch(t, rank))
+        model.reshard()  # FSDP2 keeps the root unsharded after forward: see the next z
+        return out
+
+    for t in range(STEPS):
+        opt.step(lambda t=t: closure(t))
+    return {"weights": {n: p.full_tensor().detach() for n, p in model.named_parameters()},
+            "offsets": [o for _, _, o in shards]}
+
+
+def _rank_trainer(rank: int, out: str) -> dict:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_hf import lm_dataset, tiny_model, zo_args
+
+    from zoengine.hf import ZOTrainer, _unwrap_optimizer
+
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tr = ZOTrainer(model=model, args=zo_args(os.path.join(out, "hf"), max_steps=3,
+                                             per_device_train_batch_size=2),
+                   train_dataset=lm_dataset())
+    tr.train()
+    changed = any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    return {"agree": replicas_agree(model.parameters()), "changed": changed,
+            "mode": _unwrap_optimizer(tr.optimizer).distributed}
+
+
+def _rank_refusals(rank: int) -> dict:
+    out = {}
+    for name, kw in {"seed": dict(seed=rank, distributed=True),
+                     "n_samples": dict(n_samples=3, distributed="samples")}.items():
+        try:
+            zoengine.MeZO(_model().parameters(), **kw)
+            out[name] = "constructed"
+        except ValueError as exc:
+            out[name] = str(exc)
+    return out
+
+
+def _rank_main(scenario: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    if scenario in ("losses", "samples"):
+        result = _rank_data_parallel(scenario, rank)
+    elif scenario == "sharded":
+        result = _rank_sharded(rank)
+    elif scenario == "fsdp2":
+        result = _rank_fsdp2(rank)
+    elif scenario == "trainer":
+        result = _rank_trainer(rank, out)
+    else:
+        result = _rank_refusals(rank)
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+    # Seen once in 4 full-suite runs under load: the Trainer scenario's process aborted in
+    # interpreter teardown ("terminate called without an active exception", a C++ thread of a
+    # library still joinable) after its result was saved. The result is what is tested; leave
+    # without the teardown.
+    sys.stdout.flush()
+    os._exit(0)
+
+
+# ---- the tests --------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(scenario: str, tmp_path: pathlib.Path) -> list[dict]:
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "WORLD_SIZE": str(WORLD), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, __file__, scenario, str(tmp_path)],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(WORLD)]
+    try:
+        outs = [p.communicate(timeout=60)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _reference(batch_of_sample, n: int) -> torch.nn.Module:
+    """One process, n samples a step; ``batch_of_sample(t, k)`` -> the loss closure's value."""
+    model = _model()
+    opt = zoengine.MeZO(model.named_parameters(), n_samples=n, **HYPER)
+    for t in range(STEPS):
+        calls = iter(range(2 * n))
+        opt.step(lambda t=t, calls=calls: batch_of_sample(model, t, next(calls) // 2))
+    return model
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_losses_mode_equals_mean_of_shards(tmp_path):
+    r0, r1 = _launch("losses", tmp_path)
+    _assert_same(r0["weights"], r1["weights"])
+    assert r0["agree"] and r1["agree"] and r0["losses"] == r1["losses"]
+    # bit for bit: the mean of the two shards' losses, taken in float64 as the all-reduce does
+    ref = _reference(lambda m, t, k: (float(_loss(m, _batch(t, 0)))
+                                      + float(_loss(m, _batch(t, 1)))) / 2, 1)
+    _assert_same(r0["weights"], ref.state_dict())
+    # the concatenated batch's fp32 mean loss differs only by fp32 rounding of the mean
+    cat = _reference(lambda m, t, k: _loss(m, [torch.cat(v) for v in
+                                                zip(_batch(t, 0), _batch(t, 1))]), 1)
+    for k, v in cat.state_dict().items():
+        torch.testing.assert_close(r0["weights"][k], v, rtol=1e-4, atol=1e-5)
+    assert r0["step_bytes"] == 2 * 8  # ℓ₊ and ℓ₋: one float64 each, nothing else
+    assert not torch.equal(r0["weights"]["0.weight"], _model().state_dict()["0.weight"])
+
+
+def test_samples_mode_equals_n_spsa_with_rank_batches(tmp_path):
+    r0, r1 = _launch("samples", tmp_path)
+    _assert_same(r0["weights"], r1["weights"])
+    assert r0["agree"] and r0["losses"] == r1["losses"]
+    ref = _reference(lambda m, t, k: _loss(m, _batch(t, k % WORLD)), 4)
+    _assert_same(r0["weights"], ref.state_dict())
+    assert r0["step_bytes"] == 4 * 2 * 8  # each rank's 2 (ℓ₊, ℓ₋) pairs, gathered to 2 ranks
+    other = _reference(lambda m, t, k: _loss(m, _batch(t, 0)), 4)  # the test can fail
+    assert not torch.equal(other.state_dict()["0.weight"], r0["weights"]["0.weight"])
+
+
+def test_row_sharded_equals_full_tensor(tmp_path):
+    r0, r1 = _launch("sharded", tmp_path)
+    full = torch.nn.Parameter(_model()[0].weight.detach().clone())
+    opt = zoengine.MeZO([{"params": [full], "param_names": ["w"]}], **HYPER)
+    x, y = _batch(0, 0)
+    for _ in range(STEPS):  # the same arithmetic as the ranks': y row block by row block
+        opt.step(lambda: ((torch.cat([x @ h.T for h in full.chunk(WORLD)], 1)
+                           .sum(1, keepdim=True) - y) ** 2).mean())
+    assert torch.equal(r0["weight"], full) and torch.equal(r1["weight"], full)
+    assert not torch.equal(full, _model()[0].weight)
+    assert r0["offset"] == 0 and r1["offset"] == 16  # rows 4..7 of an 8 x 4 weight
+
+
+def test_fsdp2_data_parallel_equals_mean_of_shards(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp")
+    r0, r1 = _launch("fsdp2", tmp_path)
+    ref = _reference(lambda m, t, k: (float(_loss(m, _batch(t, 0)))
+                                      + float(_loss(m, _batch(t, 1)))) / 2, 1)
+    _assert_same(r0["weights"], dict(ref.named_parameters()))
+    _assert_same(r1["weights"], r0["weights"])
+    # 0.weight 8x4 -> rows 0-3 / 4-7; 2.weight 1x8 -> all on rank 0, none on rank 1
+    assert r0["offsets"] == [0, 0, 0, 0] and r1["offsets"] == [16, 4, 8, 1]
+
+
+def test_trainer_under_two_ranks_reduces_and_agrees(tmp_path):
+    pytest.importorskip("transformers")
+    r0, r1 = _launch("trainer", tmp_path)
+    assert r0["mode"] == r1["mode"] == "losses"  # the default optimizer got distributed=True
+    assert r0["agree"] and r1["agree"] and r0["changed"]
+
+
+def test_refuses_mismatched_ranks(tmp_path):
+    for r in _launch("refusals", tmp_path):
+        assert "disagree on seed" in r["seed"]
+        assert "multiple of the world size" in r["n_samples"]
+
+
+def test_offsets_give_the_slice_of_the_full_stream():
+    from zoengine.kernels import reference
+
+    full = torch.zeros(6, 5)
+    reference.perturb_([full], [11], seed=3, step=2, sample=1, scale=1.0)
+    part = torch.zeros(2, 5)
+    reference.perturb_([part], [11], seed=3, step=2, sample=1, scale=1.0, offsets=[15])
+    assert torch.equal(part, full[3:5])
+    with pytest.raises(ValueError, match="offsets"):
+        reference.perturb_([part], [11], seed=3, step=2, scale=1.0, offsets=[-1])
+
+
+def test_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        zoengine.MeZO(_model().parameters(), distributed=True)
+    with pytest.raises(ValueError, match="distributed"):
+        zoengine.MeZO(_model().parameters(), distributed="everything")
+
+
+def test_trainer_refuses_unreduced_optimizer_under_a_launcher(monkeypatch):
+    hf = pytest.importorskip("zoengine.hf")
+    opt = zoengine.MeZO(_model().parameters())
+
+    class Wrapper(torch.optim.Optimizer):  # as accelerate's AcceleratedOptimizer holds it
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    assert hf._unwrap_optimizer(Wrapper(Wrapper(opt))) is opt
+    hf.check_distributed(opt)  # one process: fine
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="distributed=True"):
+        hf.check_distributed(Wrapper(opt).optimizer)
+
+
+if __name__ == "__main__":
+    _rank_main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,107 @@
+"""The scalars a data-parallel ZO step exchanges over ``torch.distributed`` (no weights, no z).
+
+Lives in ``optim`` (layer 2) because ``ZO(distributed=...)`` builds it; the user-facing helpers
+(sharding, replica checks, launchers) are in ``zoengine.distributed`` (layer 3).
+
+Modes (docs/distributed.md):
+
+* ``"losses"``: every rank evaluates every sample on its own batch; each loss value is
+  all-reduced (mean) before it is used, so every rank computes the same g and applies the same
+  seeded update: one float64 per evaluation, 2n per step.
+* ``"samples"``: rank r evaluates the samples k ≡ r (mod world) of the step on its own batch;
+  the (ℓ₊, ℓ₋) pairs are all-gathered (2n float64 per step in all) and every rank applies the
+  full n-sample update.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MODES = ("losses", "samples")
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+class ScalarExchange:
+    """Scalar collectives of one process group (None: the default group)."""
+
+    def __init__(self, mode: str = "losses", group=None):
+        if mode not in MODES:
+            raise ValueError(f"distributed mode {mode!r}: must be one of {MODES}")
+        dist = _dist()
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "distributed=... needs an initialised torch.distributed process group: call "
+                "torch.distributed.init_process_group() first (torchrun sets the environment "
+                "it reads), or pass distributed=None for a single process")
+        self.mode, self.group = mode, group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        nccl = dist.get_backend(group) == "nccl"
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if nccl
+                       else torch.device("cpu"))
+
+    @classmethod
+    def resolve(cls, spec):
+        """``distributed=`` as given to an optimizer → a ScalarExchange or None."""
+        if spec is None or spec is False:
+            return None
+        if spec is True:
+            return cls("losses")
+        if isinstance(spec, str):
+            return cls(spec)
+        if isinstance(spec, ScalarExchange):
+            return spec
+        raise ValueError(f"distributed={spec!r}: must be None, True, 'losses', 'samples' or "
+                         "a ScalarExchange")
+
+    def local_samples(self, n: int) -> list[int]:
+        """The samples of a step this rank evaluates."""
+        if self.mode == "losses":
+            return list(range(n))
+        return list(range(self.rank, n, self.world))
+
+    def reduce_loss(self, value: float) -> float:
+        """Mode "losses": the mean over ranks of one loss value (identity otherwise)."""
+        if self.mode != "losses" or self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        _dist().all_reduce(t, group=self.group)
+        return float(t.item()) / self.world
+
+    def gather_pairs(self, pairs: list[tuple[float, float]], n: int) -> list[tuple[float, float]]:
+        """Mode "samples": every rank's (ℓ₊, ℓ₋) pairs → all n pairs in sample order."""
+        if self.mode != "samples" or self.world == 1:
+            return pairs
+        mine = torch.tensor([v for p in pairs for v in p], dtype=torch.float64,
+                            device=self.device)
+        parts = [torch.empty_like(mine) for _ in range(self.world)]
+        _dist().all_gather(parts, mine, group=self.group)
+        out: list = [None] * n
+        for r, part in enumerate(parts):
+            values = part.tolist()
+            for j, k in enumerate(range(r, n, self.world)):
+                out[k] = (values[2 * j], values[2 * j + 1])
+        return out
+
+    def check_same(self, what: dict) -> None:
+        """Refuse (on every rank) a run whose ranks disagree on any of ``what`` (ints < 2^64):
+        different seeds or sample counts would apply different updates and drift apart."""
+        names = sorted(what)
+        words = [w for k in names for w in (what[k] & 0xFFFFFFFF, what[k] >> 32)]
+        mine = torch.tensor(words, dtype=torch.int64, device=self.device)
+        parts = [torch.empty_like(mine) for _ in range(self.world)]
+        _dist().all_gather(parts, mine, group=self.group)
+        bad = [k for i, k in enumerate(names)
+               if any(not torch.equal(p[2 * i:2 * i + 2], parts[0][2 * i:2 * i + 2])
+                      for p in parts)]
+        if bad:
+            seen = {k: [int(p[2 * names.index(k)]) + (int(p[2 * names.index(k) + 1]) << 32)
+                        for p in parts] for k in bad}
+            raise ValueError(f"distributed ranks disagree on {', '.join(bad)} (per rank: "
+                             f"{seen}); every rank must construct the optimizer with the same "
+                             "values, or the replicas would drift apart")
