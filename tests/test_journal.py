@@ -167,3 +167,15 @@ def test_bad_fsync_is_named(tmp_path):
     with pytest.raises(ValueError, match="fsync"):
         J.JournalWriter(tmp_path / "j", {"groups": 1, "capacity": 2, "n_samples": 1},
                         fsync="often")
+
+
+@pytest.mark.interpreter
+def test_replay_on_the_triton_backend(tmp_path):
+    """Triton (here under TRITON_INTERPRET=1, set by conftest without a GPU): replay re-runs
+    the same kernels on the same device, so it is exact there too. Across devices the declared
+    tolerance of docs/kernels.md applies (not testable without a GPU)."""
+    path = tmp_path / "j.zoj"
+    trained, start, _ = _run(CONFIGS["mezo"], path, steps=4, backend="triton")
+    J.replay(start, path)
+    for a, b in zip(trained.parameters(), start.parameters()):
+        assert torch.equal(a, b)
