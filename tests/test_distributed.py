@@ -306,3 +306,14 @@ def test_trainer_refuses_unreduced_optimizer_under_a_launcher(monkeypatch):
 
 if __name__ == "__main__":
     _rank_main(sys.argv[1], sys.argv[2])
+
+
+def test_cli_under_a_launcher_refuses_clearly(monkeypatch, capsys):
+    # not built yet (docs/distributed.md): a clear refusal, before any work, not two ranks
+    # training alone and colliding on the output folder
+    from zoengine.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "WORLD_SIZE=2" in err and "distributed=True" in err

@@ -189,6 +189,16 @@ def resolve(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def refuse_launcher() -> None:
+    """``torchrun -m zoengine train`` is not built yet: every rank would train alone on the
+    same batches and fight over the output folder. Say so instead (docs/distributed.md)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        raise TaskError("train", f"WORLD_SIZE={world}: `zoengine train` runs in one process; "
+                                 "under torchrun or accelerate use the Python API with "
+                                 "distributed=True, or ZOTrainer (docs/distributed.md)")
+
+
 def run_train(cfg: RunConfig, *, resume: bool = False) -> dict:
     """Load, evaluate, train, evaluate, write outputs. Returns the report (metrics.json).
 
@@ -197,6 +207,7 @@ def run_train(cfg: RunConfig, *, resume: bool = False) -> dict:
     ``resume=True`` the run in ``output_dir`` continues from its last checkpoint and journal
     (``zoengine.run.resume``)."""
     t_start = time.perf_counter()
+    refuse_launcher()
     torch.set_num_threads(cfg.threads or auto_threads())
     cfg = resolve(cfg)
     fsync = journal_fsync(cfg.journal_fsync)
