@@ -7,14 +7,17 @@ compares them with a reference computed here in one process."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from test_cli import ROOT
 
 import zoengine
 from zoengine.distributed import dtensor_shards, replicas_agree, row_shard, sharded_group
@@ -55,10 +58,12 @@ def _count_bytes(log: list):
     dist.all_reduce, dist.all_gather = all_reduce, all_gather
 
 
-def _rank_data_parallel(mode: str, rank: int) -> dict:
+def _rank_data_parallel(mode: str, rank: int, out: str) -> dict:
     model, log = _model(), []
     n = 4 if mode == "samples" else 1
-    opt = zoengine.MeZO(model.named_parameters(), n_samples=n, distributed=mode, **HYPER)
+    journal = os.path.join(out, f"journal{rank}.zoj") if mode == "losses" else None
+    opt = zoengine.MeZO(model.named_parameters(), n_samples=n, distributed=mode,
+                        journal=journal, **HYPER)
     _count_bytes(log)
     losses = []
     for t in range(STEPS):
@@ -145,7 +150,7 @@ def _rank_main(scenario: str, out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     if scenario in ("losses", "samples"):
-        result = _rank_data_parallel(scenario, rank)
+        result = _rank_data_parallel(scenario, rank, out)
     elif scenario == "sharded":
         result = _rank_sharded(rank)
     elif scenario == "fsdp2":
@@ -220,6 +225,15 @@ def test_losses_mode_equals_mean_of_shards(tmp_path):
         torch.testing.assert_close(r0["weights"][k], v, rtol=1e-4, atol=1e-5)
     assert r0["step_bytes"] == 2 * 8  # ℓ₊ and ℓ₋: one float64 each, nothing else
     assert not torch.equal(r0["weights"]["0.weight"], _model().state_dict()["0.weight"])
+    # the journal holds the all-reduced losses: every rank writes the same records, and one
+    # process replays the data-parallel run bit for bit
+    from zoengine.journal import read_records, replay
+
+    j0, j1 = (read_records(tmp_path / f"journal{r}.zoj")[1] for r in (0, 1))
+    assert [r.values for r in j0] == [r.values for r in j1] and len(j0) == STEPS
+    single = _model()
+    replay(single, tmp_path / "journal0.zoj")
+    _assert_same(r0["weights"], single.state_dict())
 
 
 def test_samples_mode_equals_n_spsa_with_rank_batches(tmp_path):
@@ -308,12 +322,35 @@ if __name__ == "__main__":
     _rank_main(sys.argv[1], sys.argv[2])
 
 
-def test_cli_under_a_launcher_refuses_clearly(monkeypatch, capsys):
-    # not built yet (docs/distributed.md): a clear refusal, before any work, not two ranks
-    # training alone and colliding on the output folder
+def test_cli_under_torchrun_trains_data_parallel_and_rank0_writes(tiny, tmp_path):
+    """`torchrun --nproc_per_node 2 -m zoengine train`: both ranks end with the same weights,
+    rank 0 alone writes the folder, and its journal (the all-reduced losses) rebuilds the
+    weights in one process."""
+    from safetensors.torch import load_file
+    from test_cli import tiny_args
+
     from zoengine.cli import main
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["train", "--steps", "1"]) == 2
-    err = capsys.readouterr().err
-    assert "WORLD_SIZE=2" in err and "distributed=True" in err
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), "-m", "zoengine",
+           *tiny_args(tiny, out, "--train", "head", "--steps", "12", "--batch-size", "4",
+                      "--checkpoint-every", "5")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    # both ranks print to one pipe, so their lines may interleave: match anywhere
+    hashes = re.findall(r"trained tensors sha256 ([0-9a-f]{64})", r.stdout)
+    assert len(hashes) == 2 and hashes[0] == hashes[1], r.stdout[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ranks"] == 2 and len(metrics["curve"]["loss"]) == 12
+    rebuilt = tmp_path / "rebuilt"
+    assert main(["apply-journal", tiny["model"], str(out / "journal.zoj"), str(rebuilt)]) == 0
+    a, b = load_file(out / "head.safetensors"), load_file(rebuilt / "head.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the ranks' shards differ, so the run differs from rank 0's batches alone
+    single = tmp_path / "single"
+    assert main(tiny_args(tiny, single, "--train", "head", "--steps", "12", "--batch-size",
+                          "4")) == 0
+    c = load_file(single / "head.safetensors")
+    assert not torch.equal(a["head_rows"], c["head_rows"])

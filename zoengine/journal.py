@@ -64,6 +64,7 @@ def build_optimizer(header: dict, named_params, *, masks=None, path: str = "jour
     module, _, name = call["class"].rpartition(".")
     cls = getattr(importlib.import_module(module), name)
     kwargs = dict(call["kwargs"])
+    kwargs.pop("distributed", None)  # the journal holds the reduced losses: one process replays
     if call["masks"] is not None:
         kwargs["masks"] = masks if masks is not None else call["masks"]
     return cls(named, *call["args"], **kwargs)

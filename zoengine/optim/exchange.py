@@ -105,3 +105,18 @@ class ScalarExchange:
             raise ValueError(f"distributed ranks disagree on {', '.join(bad)} (per rank: "
                              f"{seen}); every rank must construct the optimizer with the same "
                              "values, or the replicas would drift apart")
+
+class RecordedExchange:
+    """A ScalarExchange that also appends every reduced loss to a journal record."""
+
+    def __init__(self, inner, values: list):
+        self._inner, self._values = inner, values
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def reduce_loss(self, value: float) -> float:
+        out = self._inner.reduce_loss(value)
+        self._values.append(out)
+        return out
+

@@ -30,6 +30,7 @@ from zoengine.kernels.reuse import (
 )
 from zoengine.optim.base import ZOOptimizer, check_choice, check_float, check_int
 from zoengine.optim.estimators import KERNELS, clip_value, kernel_weight, scalar_uniform
+from zoengine.optim.exchange import RecordedExchange
 from zoengine.optim.functional import StepResult, ZOGroup, zo_step
 
 NOISES = DISTRIBUTIONS + ("pool", "rotate")
@@ -121,15 +122,23 @@ class ZO(ZOOptimizer):
         self.pool_size, self.lanes, self.scaling = pool_size, lanes, scaling
         if noise == "pool":
             self.state["zo"].update(self._make_pool(seed))
-        if distributed not in (None, False) and (journal is not None or callable(
-                getattr(type(self), "anchor_bytes", None))):
-            raise ValueError(f"distributed={distributed!r} with "
-                             f"{'journal=' if journal is not None else type(self).__name__}: "
-                             "not supported yet (the journal records this rank's unreduced "
-                             "losses; DiZO's projection search is not reduced across ranks)")
+        if distributed not in (None, False) and callable(getattr(type(self), "anchor_bytes",
+                                                                  None)):
+            raise ValueError(f"distributed={distributed!r} with {type(self).__name__}: not "
+                             "supported yet (DiZO's projection search is not reduced across "
+                             "ranks)")
         self._set_distributed(distributed)
         if journal is not None:
             self.set_journal(journal, fsync=journal_fsync)
+
+    def set_journal(self, path, *, fsync: str | int = "step", meta: dict | None = None) -> None:
+        """As :meth:`Journaling.set_journal`; with ``distributed="losses"`` the journal records
+        the all-reduced losses every rank applied, so a single process replays the run."""
+        if self._exchange is not None and self._exchange.mode != "losses":
+            raise ValueError(f"journal= with distributed={self._exchange.mode!r}: not "
+                             "supported yet (each rank evaluates other samples); use "
+                             "distributed='losses'")
+        super().set_journal(path, fsync=fsync, meta=meta)
 
     @staticmethod
     def _check_options(noise, estimator, kernel_order, r_range, clip, pool_size, lanes,
@@ -265,9 +274,12 @@ class ZO(ZOOptimizer):
         """
         closure = self.require_closure(type(self).__name__, closure)
         with self.journal_step():
+            if self._exchange is not None and self._tap is not None:
+                # journal the losses every rank uses: after the all-reduce
+                return self._zo_step(closure, RecordedExchange(self._exchange, self._tap.values))
             return self._zo_step(self.tap(closure))
 
-    def _zo_step(self, closure: Callable) -> torch.Tensor:
+    def _zo_step(self, closure: Callable, exchange=None) -> torch.Tensor:
         zo = self.state["zo"]
         groups = self.zo_groups()
         if not groups:
@@ -278,7 +290,7 @@ class ZO(ZOOptimizer):
                          n_samples=self.n_samples, dist=self.dist, nonfinite=self.nonfinite,
                          radius=radius, project=project,
                          stochastic_rounding=self.stochastic_rounding,
-                         exchange=self._exchange)
+                         exchange=exchange or self._exchange)
         zo["step"] += 1
         if self.noise == "pool":
             stride = pool_stride(self.trainable_numel(groups), self.pool_size)
@@ -380,3 +392,4 @@ def rng_count(numels: Sequence[int], half_numels: Sequence[int], opts: dict, *,
             "window": (RotateSource(1, "adaptive").window
                        if noise == "rotate" and opts["scaling"] == "adaptive" else None),
             "scalars_per_step": n * (2 if opts["estimator"] == "kernel" else 1)}
+

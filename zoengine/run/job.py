@@ -14,10 +14,12 @@ from dataclasses import asdict
 
 import torch
 
+from zoengine.journal import tensors_hash
 from zoengine.run.config import DEFAULT_MODEL, RunConfig
 from zoengine.run.folder import RunFolder
 from zoengine.run.fsio import atomic_write
 from zoengine.run.loop import dev_point_of, finish_curve, run_loop
+from zoengine.run.ranks import Ranks
 from zoengine.run.report import plot_curve, run_summary_json, summary_lines, weights_writer
 from zoengine.run.resume import Checkpointer, ResumeError, check_base, restore
 from zoengine.run.strategies import make_strategy
@@ -78,13 +80,15 @@ def apply_lora(cfg: RunConfig, model):
     return model
 
 
-def make_optimizer(cfg: RunConfig, named_params, masks=None):
+def make_optimizer(cfg: RunConfig, named_params, masks=None, distributed: str | None = None):
     """``zoengine.optim.create(cfg.method, ...)`` with the run's lr, eps, seed and masks (DiZO:
     ``--dizo-interval`` and the projected set of ``--train``; its search data is wired by the
     loop). A DiZO set that matches nothing is refused here, before any step."""
     from zoengine.optim import create
 
     extra = {} if masks is None else {"masks": masks}
+    if distributed is not None:
+        extra["distributed"] = distributed
     if cfg.method == "dizo":
         # the projected set per --train: head -> the one tensor trained (the option rows),
         # lora -> every adapter A and B, full -> attention k_proj/v_proj (the authors' code)
@@ -156,7 +160,7 @@ def journal_fsync(value: str) -> str | int:
                                        "of steps > 0")
 
 
-def setup(cfg: RunConfig, report: dict):
+def setup(cfg: RunConfig, report: dict, distributed: str | None = None):
     """Task, model, pruning/plan, LoRA, strategy and optimizer of a run (no training)."""
     task = load_task(cfg.task, seed=cfg.seed, template=cfg.template, options=cfg.options,
                      text_column=cfg.text_column, label_column=cfg.label_column,
@@ -173,7 +177,7 @@ def setup(cfg: RunConfig, report: dict):
     report["timing"].update(strategy.timing)
     params = strategy.named_params()
     report["trainable_params"] = int(sum(p.numel() for _, p in params))
-    opt = make_optimizer(cfg, params, masks=masks)
+    opt = make_optimizer(cfg, params, masks=masks, distributed=distributed)
     return task, model, tok, masks, plan, strategy, opt
 
 
@@ -189,47 +193,48 @@ def resolve(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def refuse_launcher() -> None:
-    """``torchrun -m zoengine train`` is not built yet: every rank would train alone on the
-    same batches and fight over the output folder. Say so instead (docs/distributed.md)."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world.isdigit() and int(world) > 1:
-        raise TaskError("train", f"WORLD_SIZE={world}: `zoengine train` runs in one process; "
-                                 "under torchrun or accelerate use the Python API with "
-                                 "distributed=True, or ZOTrainer (docs/distributed.md)")
-
-
 def run_train(cfg: RunConfig, *, resume: bool = False) -> dict:
     """Load, evaluate, train, evaluate, write outputs. Returns the report (metrics.json).
 
     Every step is journaled (``<output_dir>/journal.zoj``) and the trained tensors are
     checkpointed every ``checkpoint_every`` steps / ``checkpoint_minutes`` minutes; with
     ``resume=True`` the run in ``output_dir`` continues from its last checkpoint and journal
-    (``zoengine.run.resume``)."""
+    (``zoengine.run.resume``). Under torchrun the ranks train data-parallel and rank 0 writes
+    (``zoengine.run.ranks``)."""
     t_start = time.perf_counter()
-    refuse_launcher()
+    ranks = Ranks()
     torch.set_num_threads(cfg.threads or auto_threads())
     cfg = resolve(cfg)
     fsync = journal_fsync(cfg.journal_fsync)
-    folder = RunFolder(cfg.output_dir, log=_log).acquire()  # lock, writable, crash recovery
+    folder = RunFolder(cfg.output_dir, log=_log)
     try:
-        check_fresh_or_resumable(folder, resume)
-        save_run_config(folder, cfg)
+        if ranks.main:
+            folder.acquire()  # lock, writable, crash recovery
+            check_fresh_or_resumable(folder, resume)
+            save_run_config(folder, cfg)
+        ranks.barrier()
         report = {"config": asdict(cfg), "timing": {},
-                  "torch_threads": torch.get_num_threads()}
-        task, model, tok, masks, plan, strategy, opt = setup(cfg, report)
+                  "torch_threads": torch.get_num_threads(), "ranks": ranks.world}
+        task, model, tok, masks, plan, strategy, opt = setup(cfg, report, ranks.distributed)
         t1 = time.perf_counter()
         report["before"] = strategy.evaluate()
         report["timing"]["eval_before_s"] = time.perf_counter() - t1
-        progress = start_journal(cfg, folder, strategy, opt, report, resume, fsync)
-        ck = Checkpointer(folder, strategy, opt, every=cfg.checkpoint_every,
-                          minutes=cfg.checkpoint_minutes)
-        run_loop(cfg, strategy, opt, report, log=_log, progress=progress, on_step=ck)
+        progress = start_journal(cfg, folder, strategy, opt, report, resume, fsync, ranks)
+        ck = (Checkpointer(folder, strategy, opt, every=cfg.checkpoint_every,
+                           minutes=cfg.checkpoint_minutes) if ranks.main else None)
+        run_loop(cfg, strategy, opt, report, log=_log, progress=progress, on_step=ck,
+                 data_stream=ranks.data_stream)
         opt.close_journal()
         finish_report(cfg, task, model, masks, plan, strategy, report)
+        if ranks.world > 1:
+            _log(f"rank {ranks.rank}: trained tensors sha256 "
+                 f"{tensors_hash(strategy.named_params())}")
+        if not ranks.main:
+            return report
         return write_outputs(cfg, report, strategy.trained(), tok, t_start, folder)
     finally:
         folder.release()
+        ranks.close()
 
 
 def check_fresh_or_resumable(folder: RunFolder, resume: bool) -> None:
@@ -257,8 +262,9 @@ def save_run_config(folder: RunFolder, cfg: RunConfig) -> None:
                  (json.dumps(asdict(cfg), indent=2) + "\n").encode())
 
 
-def start_journal(cfg, folder, strategy, opt, report, resume, fsync):
-    """Resume (checkpoint + journal replay) when asked, then journal every following step."""
+def start_journal(cfg, folder, strategy, opt, report, resume, fsync, ranks):
+    """Resume (checkpoint + journal replay) when asked, then journal every following step
+    (rank 0 only: every rank's records would be the same)."""
     progress = None
     dev0 = {"step": 0, **dev_point_of(report["before"])}
     if resume:
@@ -266,7 +272,9 @@ def start_journal(cfg, folder, strategy, opt, report, resume, fsync):
         folder.verify_journal(flag="--resume")
         progress = restore(folder, strategy, opt, dev0, log=_log)
         _log(f"resume: continuing at step {progress.step} of {cfg.steps}")
-    opt.set_journal(folder.journal_path, fsync=fsync, meta={"run_config": asdict(cfg)})
+    ranks.barrier()  # every rank has read the journal before rank 0 appends to it
+    if ranks.main:
+        opt.set_journal(folder.journal_path, fsync=fsync, meta={"run_config": asdict(cfg)})
     return progress
 
 

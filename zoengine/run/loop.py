@@ -62,12 +62,14 @@ class Progress:
 
 def run_loop(cfg, strategy: Strategy, opt: torch.optim.Optimizer, report: dict, *,
              log=print, progress: Progress | None = None,
-             on_step: Callable[[Progress], None] | None = None) -> Progress:
+             on_step: Callable[[Progress], None] | None = None,
+             data_stream: int = 0) -> Progress:
     """Take optimizer steps until ``cfg.steps`` on fresh training batches; record the loss
     curve and a dev point every ``cfg.eval_every`` steps into ``report["curve"]``.
 
     ``progress``: continue a run (its steps done, loss curve and dev points); ``on_step``:
-    called after every step (checkpoints attach here)."""
+    called after every step (checkpoints attach here); ``data_stream``: which ``step_rng``
+    stream draws the batches (a data-parallel rank's shard; 0 for one process)."""
     if getattr(opt, "projection_closure", False) is None:  # DiZO without its own data
         opt.projection_closure = projection_batches(strategy, cfg.seed, opt)
     p = progress or Progress(dev=[{"step": 0, **dev_point_of(report["before"])}])
@@ -78,7 +80,8 @@ def run_loop(cfg, strategy: Strategy, opt: torch.optim.Optimizer, report: dict, 
         avg = None
         while p.step < cfg.steps:
             crashpoint("loop-step")
-            loss = float(opt.step(strategy.batch_closure(step_rng(cfg.seed, p.step))))
+            rng = step_rng(cfg.seed, p.step, data_stream)
+            loss = float(opt.step(strategy.batch_closure(rng)))
             p.step += 1
             p.loss.append(round(loss, 6))
             if loss == loss:  # a skipped step (nonfinite="skip") returns NaN
