@@ -232,9 +232,7 @@ def journal_or_replay(trainer, opt) -> torch.Tensor | None:
         return None
     record = trainer._zo_queue.pop(0)
     apply_record(opt, record, path="zo_journal.zoj")
-    n = 2 * opt.n_samples
-    first = record.values[:n]
-    return torch.tensor(sum(first) / max(len(first), 1)).to(trainer.args.device)
+    return torch.tensor(record.step_loss(opt.n_samples)).to(trainer.args.device)
 
 
 class ZOTrainer(Trainer):

@@ -68,6 +68,14 @@ class Record:
     def skipped(self) -> bool:
         return bool(self.flags & FLAG_SKIPPED)
 
+    def step_loss(self, n_samples: int) -> float:
+        """What ``step()`` returned: the mean of the step's 2n two-point evaluations (NaN for a
+        skipped step)."""
+        first = self.values[: 2 * n_samples]
+        if self.skipped or len(first) < 2 * n_samples:
+            return float("nan")
+        return sum(first) / len(first)
+
 
 class Layout:
     """The fixed record format of a journal, from its header."""

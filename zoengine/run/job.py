@@ -160,11 +160,15 @@ def journal_fsync(value: str) -> str | int:
                                        "of steps > 0")
 
 
-def setup(cfg: RunConfig, report: dict, distributed: str | None = None):
-    """Task, model, pruning/plan, LoRA, strategy and optimizer of a run (no training)."""
-    task = load_task(cfg.task, seed=cfg.seed, template=cfg.template, options=cfg.options,
+def run_task(cfg: RunConfig):
+    """The task ``cfg`` names, with its template, options, columns and block size."""
+    return load_task(cfg.task, seed=cfg.seed, template=cfg.template, options=cfg.options,
                      text_column=cfg.text_column, label_column=cfg.label_column,
                      block_size=cfg.block_size)
+
+
+def setup(cfg: RunConfig, task, report: dict, distributed: str | None = None):
+    """Model, pruning/plan, LoRA, strategy and optimizer of a run on ``task`` (no training)."""
     _log(f"loading model {cfg.model} ...")
     t0 = time.perf_counter()
     model, tok = load_model(cfg.model)
@@ -178,19 +182,18 @@ def setup(cfg: RunConfig, report: dict, distributed: str | None = None):
     params = strategy.named_params()
     report["trainable_params"] = int(sum(p.numel() for _, p in params))
     opt = make_optimizer(cfg, params, masks=masks, distributed=distributed)
-    return task, model, tok, masks, plan, strategy, opt
+    return model, tok, masks, plan, strategy, opt
 
 
-def resolve(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with every default filled in for its task (refusing an LM task with a head)."""
-    task = load_task(cfg.task, seed=cfg.seed, template=cfg.template, options=cfg.options,
-                     text_column=cfg.text_column, label_column=cfg.label_column,
-                     block_size=cfg.block_size)
+def resolve(cfg: RunConfig):
+    """(``cfg`` with every default filled in for its task, the task); an LM task with a head
+    is refused."""
+    task = run_task(cfg)
     cfg = cfg.resolved(task)
     if task.kind == "lm" and cfg.train == "head":
         raise TaskError("--train", "head trains classification options; an LM task needs "
                                    "--train full or --lora")
-    return cfg
+    return cfg, task
 
 
 def run_train(cfg: RunConfig, *, resume: bool = False) -> dict:
@@ -204,7 +207,7 @@ def run_train(cfg: RunConfig, *, resume: bool = False) -> dict:
     t_start = time.perf_counter()
     ranks = Ranks()
     torch.set_num_threads(cfg.threads or auto_threads())
-    cfg = resolve(cfg)
+    cfg, task = resolve(cfg)
     fsync = journal_fsync(cfg.journal_fsync)
     folder = RunFolder(cfg.output_dir, log=_log)
     try:
@@ -215,7 +218,7 @@ def run_train(cfg: RunConfig, *, resume: bool = False) -> dict:
         ranks.barrier()
         report = {"config": asdict(cfg), "timing": {},
                   "torch_threads": torch.get_num_threads(), "ranks": ranks.world}
-        task, model, tok, masks, plan, strategy, opt = setup(cfg, report, ranks.distributed)
+        model, tok, masks, plan, strategy, opt = setup(cfg, task, report, ranks.distributed)
         t1 = time.perf_counter()
         report["before"] = strategy.evaluate()
         report["timing"]["eval_before_s"] = time.perf_counter() - t1

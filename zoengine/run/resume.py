@@ -54,14 +54,6 @@ class Checkpointer:
         self.last = time.monotonic()
 
 
-def _step_loss(values: list[float], n_samples: int) -> float:
-    """The loss ``step()`` returned, from the record (mean of the 2n evaluations, as fp32)."""
-    first = values[: 2 * n_samples]
-    if len(first) < 2 * n_samples or not all(v == v and abs(v) != float("inf") for v in first):
-        return float("nan")
-    return round(float(torch.tensor(sum(first) / len(first), dtype=torch.float32)), 6)
-
-
 def restore(folder, strategy, opt, dev0: dict, *, log=print) -> Progress:
     """Bring ``opt`` and the strategy's tensors to where the run in ``folder`` stopped: its last
     checkpoint, then the journal records after it. Returns the loop's progress."""
@@ -99,7 +91,9 @@ def replay_journal(path, opt, p: Progress, *, log=print) -> Progress:
         for r in todo:
             apply_record(opt, r, path=str(path))
             p.step += 1
-            p.loss.append(_step_loss(r.values, header["n_samples"]))
+            # as the loop records it: the step's loss as fp32, rounded
+            loss = float(torch.tensor(r.step_loss(header["n_samples"]), dtype=torch.float32))
+            p.loss.append(round(loss, 6))
     if todo or torn:
         log(f"resume: replayed {len(todo)} journal steps in {time.perf_counter() - t0:.2f} s "
             f"(no forward pass){'; dropped a torn last record' if torn else ''}")

@@ -17,7 +17,7 @@ from zoengine.run.folder import RunFolder
 from zoengine.run.fsio import atomic_write
 from zoengine.run.report import weights_writer
 from zoengine.run.strategies import initial_head, trainable
-from zoengine.tasks import OptionScorer, TaskError, load_task
+from zoengine.tasks import OptionScorer, TaskError
 
 
 def export_journal(run: str, out: str) -> None:
@@ -36,10 +36,9 @@ def export_journal(run: str, out: str) -> None:
 
 def _trained_tensors(cfg: RunConfig, model, tok):
     """(named tensors the run trained, in their starting state; what to save afterwards)."""
-    task = load_task(cfg.task, seed=cfg.seed, template=cfg.template, options=cfg.options,
-                     text_column=cfg.text_column, label_column=cfg.label_column,
-                     block_size=cfg.block_size)
-    from zoengine.run.job import apply_lora, prune_and_plan
+    from zoengine.run.job import apply_lora, prune_and_plan, run_task
+
+    task = run_task(cfg)
 
     torch.manual_seed(cfg.seed)
     masks, _ = prune_and_plan(cfg, task, model, tok)
