@@ -140,6 +140,25 @@ def noise_blocks(
     returns a flat tensor of ``4 * n_blocks`` values.
     """
     blocks = torch.arange(first_block, first_block + n_blocks, dtype=torch.int64, device=device)
+    return _block_lanes(blocks, key64, tensor_key, dist, stream_word).reshape(-1)
+
+
+def noise_at(index: torch.Tensor, *, key64: int, tensor_key: int, dist: str) -> torch.Tensor:
+    """The fp32 noise of the elements at ``index`` (int64, any shape) of a tensor's stream.
+
+    Each distinct Philox block among ``index // 4`` is computed once, so a gather of whole
+    embedding rows costs what those rows cost in a full pass (virtual perturbation of
+    ``nn.Embedding``, zoengine/optim/virtual.py).
+    """
+    flat = index.reshape(-1).to(torch.int64)
+    blocks, where = torch.unique(flat // 4, return_inverse=True)
+    lanes = _block_lanes(blocks, key64, tensor_key, dist, 0)
+    return lanes[where, flat % 4].reshape(index.shape)
+
+
+def _block_lanes(blocks: torch.Tensor, key64: int, tensor_key: int, dist: str,
+                 stream_word: int) -> torch.Tensor:
+    """(len(blocks), 4) fp32 noise: lane j of row i is element 4·blocks[i] + j."""
     w0, w1, w2, w3 = philox4x32(
         blocks & MASK32, blocks >> 32, tensor_key, stream_word, key64 & MASK32, key64 >> 32
     )
@@ -153,4 +172,4 @@ def noise_blocks(
         out = tuple(words_to_rademacher(w) for w in (w0, w1, w2, w3))
     else:
         raise ValueError(f"dist={dist!r}: must be one of {DISTRIBUTIONS}")
-    return torch.stack(out, dim=1).reshape(-1)  # (n_blocks, 4) -> element order 4b + lane
+    return torch.stack(out, dim=1)  # (n_blocks, 4): element order 4b + lane

@@ -72,6 +72,9 @@ TRAIN_FLAGS = [  # (flag, dest, type, help)
                                                     "1000, full 10, lora 50; 0: never)"),
     ("--checkpoint-minutes", "checkpoint_minutes", float, "also checkpoint every N minutes "
                                                           "(default 10; 0: never)"),
+    ("--perturbation", "perturbation", str, "inplace (default) | virtual: θ is never written "
+                                            "during the two evaluations (full/LoRA training; "
+                                            "docs/virtual.md)"),
     ("--journal-fsync", "journal_fsync", str, "journal durability: step | checkpoint | every "
                                               "K steps (default 100; a kill -9 loses nothing "
                                               "either way, a power cut at most K steps)"),
@@ -246,6 +249,7 @@ def validate(cfg) -> None:
     need("lr", lambda v: v is None or (is_num(v) and v >= 0), "must be a finite number >= 0")
     need("eps", lambda v: v is None or (is_num(v) and v > 0), "must be a finite number > 0")
     need("train", lambda v: v in TRAIN_MODES, f"must be one of {TRAIN_MODES}")
+    need("perturbation", lambda v: v in ("inplace", "virtual"), "must be inplace or virtual")
     methods = available_methods()
     need("method", lambda v: v in methods, f"unknown method; available: {', '.join(methods)}")
     need("model", lambda v: v == DEFAULT_MODEL or os.path.isfile(os.path.join(str(v),

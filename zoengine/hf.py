@@ -41,6 +41,9 @@ class ZOTrainingArguments(TrainingArguments):
                                 metadata={"help": "master seed of the noise (default: seed)"})
     zo_kwargs: dict | None = field(default=None,
                                    metadata={"help": "extra keyword arguments for the method"})
+    zo_perturbation: str = field(default="inplace", metadata={
+        "help": "'inplace' or 'virtual' (θ never written during the two evaluations; "
+                "docs/virtual.md)"})
     max_grad_norm: float = field(default=0.0, metadata={"help": "unused by ZO (no gradients)"})
     zo_journal: bool = field(default=False, metadata={
         "help": "journal every ZO step into <output_dir>/zo_journal.zoj; a resumed run then "
@@ -53,6 +56,9 @@ class ZOTrainingArguments(TrainingArguments):
         if self.zo_method not in available_methods():
             raise ValueError(f"zo_method={self.zo_method!r}: must be one of "
                              f"{available_methods()}")
+        if self.zo_perturbation not in ("inplace", "virtual"):
+            raise ValueError(f"zo_perturbation={self.zo_perturbation!r}: must be 'inplace' or "
+                             "'virtual'")
         if not (isinstance(self.zo_eps, (int, float)) and self.zo_eps > 0):
             raise ValueError(f"zo_eps={self.zo_eps!r}: must be a number > 0")
         if self.gradient_accumulation_steps != 1:
@@ -97,6 +103,8 @@ class ZOOptimizerFactory:
             raise ValueError("no trainable parameters (every tensor has requires_grad=False)")
         if weight_decay:
             kwargs["weight_decay"] = weight_decay
+        if kwargs.get("perturbation") == "virtual":
+            kwargs.setdefault("model", model)  # its modules substitute θ + c·z
         if "distributed" not in kwargs and _process_group_world() > 1:
             kwargs["distributed"] = True  # reduce the loss scalars across the launcher's ranks
         return _closure_only(create(method, named, lr=lr, eps=eps, seed=seed, **kwargs))
@@ -253,6 +261,8 @@ class ZOTrainer(Trainer):
                 "weight_decay": a.weight_decay,
                 "eps": getattr(a, "zo_eps", 1e-3),
                 "seed": a.seed if zo_seed is None else zo_seed,
+                **({"perturbation": "virtual"}
+                   if getattr(a, "zo_perturbation", "inplace") == "virtual" else {}),
                 **(getattr(a, "zo_kwargs", None) or {})})
         elif self.optimizer is not None and not hasattr(self.optimizer, "require_closure"):
             raise TypeError("ZOTrainer needs a zoengine ZO optimizer (closure contract); got "

@@ -27,6 +27,7 @@ from zoengine.optim.journal_file import (
     read_records,
     tensors_sha256,
 )
+from zoengine.optim.virtual import VIRTUAL_REPLAY
 
 tensors_hash = tensors_sha256  # the identity of a set of weights (SHA-256)
 
@@ -65,6 +66,8 @@ def build_optimizer(header: dict, named_params, *, masks=None, path: str = "jour
     cls = getattr(importlib.import_module(module), name)
     kwargs = dict(call["kwargs"])
     kwargs.pop("distributed", None)  # the journal holds the reduced losses: one process replays
+    if kwargs.get("perturbation") == "virtual":
+        kwargs["model"] = VIRTUAL_REPLAY  # no forward runs: each step is its update alone
     if call["masks"] is not None:
         kwargs["masks"] = masks if masks is not None else call["masks"]
     return cls(named, *call["args"], **kwargs)

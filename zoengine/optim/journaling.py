@@ -27,7 +27,7 @@ from zoengine.optim.journal_file import (
 )
 
 # constructor arguments that are not configuration: never written to a header
-_NOT_CONFIG = ("journal", "journal_fsync", "projection_closure", "masks")
+_NOT_CONFIG = ("journal", "journal_fsync", "projection_closure", "masks", "model")
 
 
 def init_arguments(opt) -> dict:

@@ -48,6 +48,9 @@ class MeZO(ZO):
             ``journal_fsync`` says when it is made durable.
         distributed: None, True/``"losses"`` or ``"samples"``: data parallel over
             ``torch.distributed``, exchanging loss scalars only (docs/distributed.md).
+        perturbation (str): ``"inplace"`` (default) or ``"virtual"`` (θ never written during
+            the two evaluations; needs ``model=``); see :class:`zoengine.ZO`.
+        model: the ``nn.Module`` that reads the parameters (virtual perturbation only).
 
     Arithmetic is in max(fp32, parameter dtype): float64 weights are perturbed, restored and
     updated in float64. ``lr``, ``eps`` and ``weight_decay`` are checked at every step (a
@@ -67,12 +70,15 @@ class MeZO(ZO):
                  *, seed: int = 0, n_samples: int = 1, dist: str = "normal",
                  backend: str | None = None, nonfinite: str = "raise", masks=None,
                  stochastic_rounding: bool = False, journal=None,
-                 journal_fsync: str | int = "step", distributed=None):
+                 journal_fsync: str | int = "step", distributed=None,
+                 perturbation: str = "inplace", model=None):
         super().__init__(params, lr, eps, weight_decay, journal=journal,
                          journal_fsync=journal_fsync, distributed=distributed,
+                         model=model,
                          **self.zo_options(dist=dist, seed=seed, n_samples=n_samples,
                                            backend=backend, nonfinite=nonfinite, masks=masks,
-                                           stochastic_rounding=stochastic_rounding))
+                                           stochastic_rounding=stochastic_rounding,
+                                           perturbation=perturbation))
 
     @classmethod
     def zo_options(cls, *, dist: str = "normal", **options) -> dict:

@@ -18,20 +18,20 @@ import torch
 
 from zoengine.kernels.keys import stream_key
 from zoengine.kernels.philox import DISTRIBUTIONS, POOL_LANE, SQRT3_F32
-from zoengine.kernels.reference import philox_blocks
 from zoengine.kernels.reuse import (
     HardwareSource,
     PoolSource,
     ReuseOps,
     RotateSource,
     lane_uniform,
-    pass_cost,
     pool_stride,
 )
+from zoengine.optim.accounting import rng_count
 from zoengine.optim.base import ZOOptimizer, check_choice, check_float, check_int
 from zoengine.optim.estimators import KERNELS, clip_value, kernel_weight, scalar_uniform
 from zoengine.optim.exchange import RecordedExchange
 from zoengine.optim.functional import StepResult, ZOGroup, zo_step
+from zoengine.optim.virtual import VirtualOps, attach, check_perturbation
 
 NOISES = DISTRIBUTIONS + ("pool", "rotate")
 ESTIMATORS = ("spsa", "kernel")
@@ -39,7 +39,7 @@ SCALINGS = ("adaptive", "static")
 # ZO's options that decide z, the estimator and the accounting (``ZO.zo_options``).
 ZO_DEFAULTS = dict(noise="normal", estimator="spsa", kernel_order=3, r_range=1.0, clip=None,
                    pool_size=1 << 16, lanes=64, scaling="adaptive", n_samples=1,
-                   stochastic_rounding=False)
+                   stochastic_rounding=False, perturbation="inplace")
 # max |z| of each source (normal: the contract's cut at sqrt(50 ln 2); adaptive rotate: a
 # window's RMS normalisation bounds |z| by sqrt(window); hardware models: a loose bound).
 _Z_BOUND = {"normal": math.sqrt(50 * math.log(2)), "uniform": SQRT3_F32, "rademacher": 1.0,
@@ -87,6 +87,13 @@ class ZO(ZOOptimizer):
         distributed: None, True (= ``"losses"``), ``"losses"`` or ``"samples"``: data
             parallel over the default ``torch.distributed`` group, exchanging loss scalars
             only (docs/distributed.md).
+        perturbation: ``"inplace"`` (default: θ ± εz written into the weights, restored
+            within 1 ulp) or ``"virtual"`` (θ is never written during the evaluations: each
+            tensor read by a supported module of ``model`` is replaced by θ + c·z for that
+            forward only; the update is the step's only write, so lr = 0 or a skipped step
+            leaves θ bit-identical). See ``inplace_fallback`` and docs/virtual.md.
+        model: the ``nn.Module`` whose forward reads the parameters (``perturbation=
+            "virtual"`` only).
 
     ``n_samples``, ``noise``, ``estimator``, ``clip``, the source's options and ``backend``
     are saved by ``state_dict()`` and checked by ``load_state_dict()``. After a step,
@@ -106,9 +113,11 @@ class ZO(ZOOptimizer):
                  lanes: int = 64, scaling: str = "adaptive", seed: int = 0, n_samples: int = 1,
                  backend: str | None = None, nonfinite: str = "raise", masks=None,
                  stochastic_rounding: bool = False, journal=None,
-                 journal_fsync: str | int = "step", distributed=None):
+                 journal_fsync: str | int = "step", distributed=None,
+                 perturbation: str = "inplace", model=None):
         self._hw = self._check_options(noise, estimator, kernel_order, r_range, clip,
                                        pool_size, lanes, scaling, stochastic_rounding)
+        self.perturbation = check_perturbation(perturbation, model)
         self.stochastic_rounding = stochastic_rounding
         defaults = dict(lr=check_float("lr", lr, low=0.0, strict=False),
                         eps=check_float("eps", eps, low=0.0, strict=True),
@@ -128,8 +137,25 @@ class ZO(ZOOptimizer):
                              "supported yet (DiZO's projection search is not reduced across "
                              "ranks)")
         self._set_distributed(distributed)
+        self._virtual = attach(self, model) if perturbation == "virtual" else None
         if journal is not None:
             self.set_journal(journal, fsync=journal_fsync)
+
+    @property
+    def inplace_fallback(self) -> list[str]:
+        """With ``perturbation="virtual"``: the trainable tensors no supported module reads,
+        perturbed in place instead (names, or ``"#group.index"``); [] otherwise."""
+        v = self._virtual
+        if v is None:
+            return []
+        return [n for i, n in v.names.items() if i not in v.owned]
+
+    def register_virtual(self, module, name: str) -> None:
+        """Virtualise ``module.<name>`` (``perturbation="virtual"``), a tensor read only by
+        ``module``'s own forward that no built-in rule covers."""
+        if self._virtual is None:
+            raise ValueError("register_virtual: this optimizer uses perturbation='inplace'")
+        self._virtual.register(module, name)
 
     def set_journal(self, path, *, fsync: str | int = "step", meta: dict | None = None) -> None:
         """As :meth:`Journaling.set_journal`; with ``distributed="losses"`` the journal records
@@ -177,6 +203,8 @@ class ZO(ZOOptimizer):
     def _run_config(self) -> dict:
         cfg = {**super()._run_config(), "noise": self.noise, "estimator": self.estimator,
                "clip": self.clip, "stochastic_rounding": self.stochastic_rounding}
+        if self.perturbation != "inplace":  # absent by default: older checkpoints still load
+            cfg["perturbation"] = self.perturbation
         if self.estimator == "kernel":
             cfg.update(kernel_order=self.kernel_order, r_range=self.r_range)
         if self.noise == "pool":
@@ -199,6 +227,10 @@ class ZO(ZOOptimizer):
         return sum(p.numel() for g in groups for p in g.params)
 
     def _ops(self, groups):
+        ops = self._source_ops(groups)
+        return ops if self._virtual is None else VirtualOps(ops, self._virtual)
+
+    def _source_ops(self, groups):
         if self.noise in DISTRIBUTIONS:
             return self.ops_for(groups)
         if any(g.offsets for g in groups):
@@ -360,36 +392,3 @@ class ZO(ZOOptimizer):
                 "pool_size": self.pool_size, "scaling": self.scaling,
                 "kernel_order": self.kernel_order}
         return rng_count(numels, half, opts, method=type(self).__name__)
-
-
-def rng_count(numels: Sequence[int], half_numels: Sequence[int], opts: dict, *,
-              method: str) -> dict:
-    """The body of ``ZO.rng_accounting`` / ``rng_budget`` on ZO-level options."""
-    n, noise, d = opts["n_samples"], opts["noise"], sum(numels)
-    passes, pool = 4 * n - 1, noise == "pool"
-    if noise in DISTRIBUTIONS:
-        blocks = sum(philox_blocks(m) for m in numels)
-        numbers = 4 * blocks
-    elif noise == "rotate":
-        numbers, blocks = pass_cost(RotateSource(opts["lanes"], opts["scaling"]), numels)
-    else:  # the pool is only read; a hardware model makes d numbers a pass, no Philox
-        numbers, blocks = (0, 0) if pool else (d, 0)
-    rounding = sum(philox_blocks(m) for m in half_numels) if opts["stochastic_rounding"] else 0
-    kernel = opts["estimator"] == "kernel" and opts["kernel_order"] is not None
-    uses, generated = d * passes, numbers * passes
-    return {"method": method, "noise": noise, "estimator": opts["estimator"], "d": d,
-            "n_samples": n, "stream_passes_per_step": passes, "numbers_used_per_step": uses,
-            "numbers_generated_per_step": generated,
-            "numbers_reused_per_step": max(0, uses - generated),
-            "philox_blocks_per_step": blocks * passes + rounding + (n if kernel else 0),
-            "rounding_numbers_per_step": 4 * rounding,
-            "pool_size": opts["pool_size"] if pool else None,
-            "numbers_generated_once": opts["pool_size"] if pool else 0,
-            "philox_blocks_once": opts["pool_size"] if pool else 0,
-            "pool_stride": pool_stride(d, opts["pool_size"]) if pool else None,
-            "pool_period": opts["pool_size"] if pool else None,
-            "lanes": opts["lanes"] if noise == "rotate" else None,
-            "window": (RotateSource(1, "adaptive").window
-                       if noise == "rotate" and opts["scaling"] == "adaptive" else None),
-            "scalars_per_step": n * (2 if opts["estimator"] == "kernel" else 1)}
-

@@ -52,6 +52,7 @@ class RunConfig:
     checkpoint_every: int | None = None  # steps between checkpoints (None: per mode, 0: never)
     checkpoint_minutes: float = 10.0  # also checkpoint after this many minutes (0: never)
     journal_fsync: str = "100"  # journal durability: "step", "checkpoint" or every K steps
+    perturbation: str = "inplace"  # or "virtual": θ never written during the evaluations
 
     def resolved(self, task) -> RunConfig:
         """A copy with every ``None``/``auto`` replaced by the default for ``task``."""

@@ -80,13 +80,21 @@ def apply_lora(cfg: RunConfig, model):
     return model
 
 
-def make_optimizer(cfg: RunConfig, named_params, masks=None, distributed: str | None = None):
+def make_optimizer(cfg: RunConfig, named_params, masks=None, distributed: str | None = None,
+                   model=None):
     """``zoengine.optim.create(cfg.method, ...)`` with the run's lr, eps, seed and masks (DiZO:
     ``--dizo-interval`` and the projected set of ``--train``; its search data is wired by the
-    loop). A DiZO set that matches nothing is refused here, before any step."""
+    loop; ``--perturbation virtual``: ``model``'s modules). A DiZO set that matches nothing is
+    refused here, before any step."""
     from zoengine.optim import create
 
     extra = {} if masks is None else {"masks": masks}
+    if cfg.perturbation == "virtual":
+        if cfg.train == "head":
+            raise TaskError("--perturbation", "virtual applies to --train full or lora (the "
+                                              "head trains option rows over cached features, "
+                                              "read by no module)")
+        extra.update(perturbation="virtual", model=model)
     if distributed is not None:
         extra["distributed"] = distributed
     if cfg.method == "dizo":
@@ -181,7 +189,7 @@ def setup(cfg: RunConfig, task, report: dict, distributed: str | None = None):
     report["timing"].update(strategy.timing)
     params = strategy.named_params()
     report["trainable_params"] = int(sum(p.numel() for _, p in params))
-    opt = make_optimizer(cfg, params, masks=masks, distributed=distributed)
+    opt = make_optimizer(cfg, params, masks=masks, distributed=distributed, model=model)
     return model, tok, masks, plan, strategy, opt
 
 

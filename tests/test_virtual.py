@@ -1,0 +1,373 @@
+"""perturbation="virtual": θ is never written during the evaluations (zoengine/optim/virtual.py).
+
+Checked against in-place perturbation (the same losses within the restore drift), against the
+noise contract (a perturbed embedding row is θ + εz of that row), and for the properties only
+virtual perturbation has: lr = 0 or a skipped step leaves θ bit-identical, and at most one
+module's perturbed tensors exist at a time.
+"""
+
+import copy
+import weakref
+
+import pytest
+import torch
+from helpers import CONFIGS, tiny_llama
+
+import zoengine
+from zoengine.journal import replay
+from zoengine.kernels import reference
+from zoengine.optim import DiZO
+from zoengine.optim.virtual import VirtualModel
+
+torch.set_num_threads(2)
+
+
+def lm_closure(model, ids):
+    return lambda: model(input_ids=ids, labels=ids).loss
+
+
+def batch(vocab=128, seed=3, shape=(3, 9)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, shape, generator=g)
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def same_bits(model, snap) -> bool:
+    return all(torch.equal(snap[n].view(-1).view(torch.uint8), p.detach().view(-1).view(
+        torch.uint8)) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_lr0_leaves_weights_bit_identical(dtype, backend):
+    model = tiny_llama().to(dtype)
+    snap, ids = snapshot(model), batch()
+    opt = zoengine.MeZO(model.named_parameters(), lr=0.0, eps=1e-2, perturbation="virtual",
+                        model=model, backend=backend, stochastic_rounding=dtype != torch.float32)
+    for _ in range(4):
+        opt.step(lm_closure(model, ids))
+    assert opt.inplace_fallback == []
+    assert same_bits(model, snap)
+    # in place, the same steps drift by ~1 ulp (the reason for this mode)
+    inplace = zoengine.MeZO(model.named_parameters(), lr=0.0, eps=1e-2, backend=backend)
+    for _ in range(4):
+        inplace.step(lm_closure(model, ids))
+    assert not same_bits(model, snap)
+
+
+def test_skipped_step_is_a_bit_exact_no_op():
+    model = tiny_llama()
+    snap, ids, calls = snapshot(model), batch(), []
+
+    def closure():
+        calls.append(1)
+        loss = model(input_ids=ids, labels=ids).loss
+        return loss if len(calls) == 1 else loss * float("nan")
+
+    opt = zoengine.MeZO(model.named_parameters(), lr=1e-2, perturbation="virtual", model=model,
+                        nonfinite="skip")
+    assert torch.isnan(opt.step(closure))
+    assert opt.state["zo"]["skipped_steps"] == 1 and same_bits(model, snap)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_preset_matches_inplace(name):
+    """Same losses and projected gradients as in place (fp32: within the restore drift)."""
+    a = tiny_llama()
+    b = copy.deepcopy(a)
+    ids = batch()
+    va = CONFIGS[name](a.named_parameters(), lr=1e-3, eps=1e-3, seed=5, backend="reference",
+                       perturbation="virtual", model=a)
+    vb = CONFIGS[name](b.named_parameters(), lr=1e-3, eps=1e-3, seed=5, backend="reference")
+    for _ in range(3):
+        la, lb = float(va.step(lm_closure(a, ids))), float(vb.step(lm_closure(b, ids)))
+        assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)
+        ga, gb = va.state["zo"]["projected_grads"], vb.state["zo"]["projected_grads"]
+        assert ga == pytest.approx(gb, rel=1e-3, abs=1e-3)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, rtol=0, atol=1e-5), n
+
+
+def test_bf16_update_is_the_only_write():
+    """bf16: virtual θ after a step equals θ0 − lr·g·z rounded once; in place it is off by up
+    to one ulp from the restore."""
+    model = tiny_llama().to(torch.bfloat16)
+    ids, snap = batch(), snapshot(model)
+    opt = zoengine.MeZO(model.named_parameters(), lr=1e-2, eps=1e-2, perturbation="virtual",
+                        model=model, backend="reference", seed=1)
+    opt.step(lm_closure(model, ids))
+    g = opt.state["zo"]["projected_grads"]
+    names = [n for n, _ in model.named_parameters()]
+    keys = zoengine.kernels.keys.tensor_keys(names)
+    expect = [snap[n].clone() for n in names]
+    reference.restore_update_(expect, keys, seed=1, step=0, eps=0.0, lr=1e-2, grads=g)
+    for n, p, e in zip(names, model.parameters(), expect):
+        assert torch.equal(p, e), n
+
+
+def test_embedding_rows_carry_the_contract_noise():
+    """An untied embedding is perturbed row by row: the looked-up rows equal those of the
+    table perturbed in place by the reference ops."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)).eval()
+    emb = model.get_input_embeddings()
+    assert emb.weight is not model.lm_head.weight
+    ids, seen = batch(), {}
+    opt = zoengine.MeZO(model.named_parameters(), lr=0.0, eps=0.5, perturbation="virtual",
+                        model=model, seed=2)
+    # registered after the optimizer's hook, so it sees the output that hook returned
+    emb.register_forward_hook(lambda m, a, out: seen.setdefault("rows", out.clone()))
+    opt.step(lm_closure(model, ids))
+    table = emb.weight.detach().clone()
+    key = zoengine.kernels.keys.tensor_keys(["model.embed_tokens.weight"])
+    reference.perturb_([table], key, seed=2, step=0, sample=0, scale=0.5)
+    assert torch.equal(seen["rows"], table[ids])
+
+
+def test_masked_zeros_stay_zero_and_unperturbed():
+    model = tiny_llama()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p[:, ::2] = 0.0
+    ids, seen = batch(), []
+    q = model.model.layers[0].self_attn.q_proj
+    q.register_forward_pre_hook(lambda m, a: seen.append(m.weight.detach().clone()))
+    opt = zoengine.MeZO(model.named_parameters(), lr=1e-2, eps=1e-2, masks="zeros",
+                        perturbation="virtual", model=model)
+    for _ in range(2):
+        opt.step(lm_closure(model, ids))
+    assert all(bool((w[:, ::2] == 0).all()) for w in seen)  # the perturbed copies too
+    for p in model.parameters():
+        if p.dim() == 2:
+            assert bool((p[:, ::2] == 0).all())
+
+
+def test_unsupported_modules_fall_back_and_are_reported():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2,
+                                       n_positions=16)).eval()
+    ids = batch(64, shape=(2, 8))
+    snap = snapshot(model)
+    opt = zoengine.MeZO(model.named_parameters(), lr=0.0, eps=1e-3, perturbation="virtual",
+                        model=model)
+    fallback = opt.inplace_fallback
+    assert fallback and all("attn.c_" in n or "mlp.c_" in n for n in fallback)  # Conv1D
+    assert "transformer.wte.weight" not in fallback
+    opt.step(lm_closure(model, ids))
+    for n, p in model.named_parameters():
+        if n in fallback:  # in place: restored within the drift of a few ulps of ε·z
+            assert torch.allclose(p, snap[n], rtol=0, atol=1e-8), n
+        else:  # never written
+            assert torch.equal(p, snap[n]), n
+    assert any(not torch.equal(p, snap[n]) for n, p in model.named_parameters())
+
+
+def test_register_a_custom_module():
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = torch.nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return x * self.s
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), Scale())
+    x = torch.randn(5, 3)
+    opt = zoengine.MeZO(model.named_parameters(), lr=0.1, perturbation="virtual", model=model)
+    assert opt.inplace_fallback == ["1.s"]
+    opt.register_virtual(model[1], "s")
+    assert opt.inplace_fallback == []
+    before = model[1].s.detach().clone()
+    opt.step(lambda: model(x).pow(2).mean())
+    assert not torch.equal(before, model[1].s)  # updated
+    with pytest.raises(ValueError, match="register"):
+        opt.register_virtual(model[1], "nope")
+
+
+def test_at_most_one_module_perturbed_at_a_time():
+    """Track every perturbed copy with a weak reference: while any module runs, the live
+    copies are at most that module's own tensors (the largest layer bounds the extra memory)."""
+    model = tiny_llama()
+    live: weakref.WeakSet = weakref.WeakSet()
+    original = VirtualModel._perturbed
+
+    def tracked(self, p):
+        w = original(self, p)
+        live.add(w)
+        return w
+
+    VirtualModel._perturbed = tracked
+    peaks = []
+    hooks = [m.register_forward_hook(
+        lambda m, a, o: peaks.append(sum(t.numel() for t in live))) for m in model.modules()]
+    try:
+        opt = zoengine.MeZO(model.named_parameters(), perturbation="virtual", model=model)
+        opt.step(lm_closure(model, batch()))
+    finally:
+        VirtualModel._perturbed = original
+        for h in hooks:
+            h.remove()
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False))
+                  for m in model.modules())
+    assert peaks and max(peaks) > 0
+    assert max(peaks) <= largest
+    assert len(live) == 0  # nothing survives the step
+
+
+def test_closure_raising_mid_forward_puts_parameters_back():
+    model = tiny_llama()
+    params = {n: p for n, p in model.named_parameters()}
+    snap, ids = snapshot(model), batch()
+    mlp = model.model.layers[1].mlp
+
+    def boom(m, a):
+        raise RuntimeError("boom")
+
+    h = mlp.register_forward_pre_hook(boom)
+    opt = zoengine.MeZO(model.named_parameters(), perturbation="virtual", model=model)
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(lm_closure(model, ids))
+    h.remove()
+    assert all(p is params[n] for n, p in model.named_parameters())  # the Parameters are back
+    assert same_bits(model, snap)
+    opt.step(lm_closure(model, ids))  # and the next step works
+
+
+def test_peft_lora_is_virtual():
+    peft = pytest.importorskip("peft")
+    model = tiny_llama()
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False))
+    ids = batch()
+    trainable = [(n, p) for n, p in lora.named_parameters() if p.requires_grad]
+    twin = copy.deepcopy(lora)
+    opt = zoengine.MeZO(trainable, lr=1e-3, eps=1e-3, perturbation="virtual", model=lora, seed=4)
+    ref = zoengine.MeZO([(n, p) for n, p in twin.named_parameters() if p.requires_grad],
+                        lr=1e-3, eps=1e-3, seed=4)
+    assert opt.inplace_fallback == []
+    for _ in range(2):
+        la = float(opt.step(lm_closure(lora, ids)))
+        lb = float(ref.step(lm_closure(twin, ids)))
+        assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_dizo_with_virtual_perturbation():
+    model = tiny_llama()
+    ids = batch()
+    opt = DiZO(model.named_parameters(), lr=1e-3, interval=2, search_iters=2,
+               perturbation="virtual", model=model, projection_closure=lm_closure(model, ids))
+    losses = [float(opt.step(lm_closure(model, ids))) for _ in range(5)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert opt.state["zo"]["step"] == 5
+
+
+def test_journal_replay_of_a_virtual_run_is_bit_exact(tmp_path):
+    model = tiny_llama().to(torch.bfloat16)
+    start = copy.deepcopy(model)
+    ids = batch()
+    opt = zoengine.MeZO(model.named_parameters(), lr=1e-2, eps=1e-2, perturbation="virtual",
+                        model=model, journal=tmp_path / "j.zoj", stochastic_rounding=True)
+    for _ in range(3):
+        opt.step(lm_closure(model, ids))
+    opt.close_journal()
+    replay(start, tmp_path / "j.zoj")
+    assert same_bits(start, snapshot(model))
+
+
+def test_bad_arguments_are_refused_by_name():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="perturbation='virtual' needs model="):
+        zoengine.MeZO(model.parameters(), perturbation="virtual")
+    with pytest.raises(ValueError, match="perturbation='sideways'"):
+        zoengine.MeZO(model.parameters(), perturbation="sideways")
+    with pytest.raises(ValueError, match="model= is only used"):
+        zoengine.MeZO(model.parameters(), model=model)
+    with pytest.raises(ValueError, match="model=dict"):
+        zoengine.MeZO(model.parameters(), perturbation="virtual", model={})
+
+
+def test_state_dict_records_the_mode():
+    model = tiny_llama()
+    v = zoengine.MeZO(model.parameters(), perturbation="virtual", model=model)
+    i = zoengine.MeZO(model.parameters())
+    assert v.state_dict()["state"]["zo"]["config"]["perturbation"] == "virtual"
+    assert "perturbation" not in i.state_dict()["state"]["zo"]["config"]  # old checkpoints load
+    with pytest.raises(ValueError, match="perturbation"):
+        i.load_state_dict(v.state_dict())
+    assert v.rng_budget()["stream_passes_per_step"] == 3
+    assert zoengine.MeZO(model.parameters(), n_samples=2, perturbation="virtual",
+                         model=model).rng_budget()["stream_passes_per_step"] == 6
+
+
+def test_a_model_with_hooks_can_be_copied_and_saved(tmp_path):
+    model = tiny_llama()
+    zoengine.MeZO(model.parameters(), perturbation="virtual", model=model)
+    twin = copy.deepcopy(model)
+    torch.save(model, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    ids = batch()
+    ref = float(lm_closure(model, ids)())
+    assert float(lm_closure(twin, ids)()) == ref and float(lm_closure(back, ids)()) == ref
+
+
+# ---- front ends: the CLI and ZOTrainer ----------------------------------------------------
+
+def test_cli_full_training_with_virtual_perturbation(tiny, tmp_path):
+    import json
+
+    from test_cli import tiny_args
+
+    from zoengine.cli import main
+
+    runs = {}
+    for mode in ("inplace", "virtual"):
+        out = tmp_path / mode
+        assert main(tiny_args(tiny, out, "--train", "full", "--steps", "3", "--batch-size", "2",
+                              "--eval-limit", "8", "--perturbation", mode)) == 0
+        runs[mode] = json.loads((out / "metrics.json").read_text())
+    assert runs["virtual"]["config"]["perturbation"] == "virtual"
+    assert len(runs["virtual"]["curve"]["loss"]) == 3
+    assert runs["virtual"]["curve"]["loss"] == pytest.approx(runs["inplace"]["curve"]["loss"],
+                                                             rel=1e-4)
+
+
+@pytest.mark.parametrize("extra", [["--perturbation", "sideways"],
+                                   ["--train", "head", "--perturbation", "virtual"]])
+def test_cli_refuses_bad_perturbation(tiny, tmp_path, capsys, extra):
+    from test_cli import tiny_args
+
+    from zoengine.cli import main
+
+    rc = main(tiny_args(tiny, tmp_path / "out", "--steps", "2", *extra))
+    err = capsys.readouterr().err
+    assert rc == 2 and "--perturbation" in err and "Traceback" not in err
+
+
+def test_zotrainer_virtual_matches_inplace(tmp_path):
+    from test_hf import lm_dataset, tiny_model, zo_args
+
+    from zoengine.hf import ZOTrainer
+
+    models = {}
+    for mode in ("inplace", "virtual"):
+        model = tiny_model()
+        tr = ZOTrainer(model=model, args=zo_args(tmp_path / mode, zo_perturbation=mode),
+                       train_dataset=lm_dataset())
+        tr.train()
+        zo = tr.optimizer.optimizer if hasattr(tr.optimizer, "optimizer") else tr.optimizer
+        assert zo.perturbation == mode and zo.inplace_fallback == []
+        models[mode] = model
+    for (n, p), q in zip(models["virtual"].named_parameters(), models["inplace"].parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-5), n
+    with pytest.raises(ValueError, match="zo_perturbation"):
+        zo_args(tmp_path, zo_perturbation="nope")
