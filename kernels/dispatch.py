@@ -59,8 +59,10 @@ def resolve_backend(requested: str | None, tensors: Sequence[torch.Tensor]) -> s
         return "triton"
     # auto: Triton only for CUDA tensors; the interpreter is opt-in (~1e6 elements/s on CPU).
     on_cuda = bool(tensors) and all(t.device.type == "cuda" for t in tensors)
-    if on_cuda and problem is None:
-        return "triton"
+    if on_cuda and problem is None:  # unverified until its first-use self-test passes here
+        from zoengine.kernels.triton_selftest import auto_cuda_choice
+
+        return auto_cuda_choice(tensors)  # "triton", or "reference" + TritonSelfTestWarning
     return "native" if _native_problem(tensors) is None else "reference"
 
 

@@ -143,11 +143,38 @@ def _rank_refusals(rank: int) -> dict:
     return out
 
 
+def _rank_failures(scenario: str, rank: int) -> dict:
+    """"die": rank 1 is killed (os._exit) inside its closure at step 2; "drift": rank 1's
+    weights are nudged after step 1 and the guard (check_every=2) must catch it at step 2."""
+    from zoengine.optim.exchange import ScalarExchange
+
+    model = _model()
+    opt = zoengine.MeZO(model.named_parameters(),
+                        distributed=ScalarExchange("losses", check_every=2), **HYPER)
+
+    def closure(t):
+        if scenario == "die" and rank == 1 and t == 2:
+            os._exit(3)
+        return _loss(model, _batch(t, rank))
+
+    for t in range(4):
+        try:
+            opt.step(lambda t=t: closure(t))
+        except RuntimeError as exc:
+            return {"error": type(exc).__name__, "message": str(exc), "step": t}
+        if scenario == "drift" and rank == 1 and t == 0:
+            with torch.no_grad():
+                model[0].weight[0, 0] += 1e-3
+    return {"error": None}
+
+
 def _rank_main(scenario: str, out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
     rank = dist.get_rank()
     if scenario in ("losses", "samples"):
         result = _rank_data_parallel(scenario, rank, out)
@@ -157,6 +184,8 @@ def _rank_main(scenario: str, out: str) -> None:
         result = _rank_fsdp2(rank)
     elif scenario == "trainer":
         result = _rank_trainer(rank, out)
+    elif scenario in ("die", "drift"):
+        result = _rank_failures(scenario, rank)
     else:
         result = _rank_refusals(rank)
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
@@ -176,7 +205,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(scenario: str, tmp_path: pathlib.Path) -> list[dict]:
+def _launch(scenario: str, tmp_path: pathlib.Path, codes=(0, 0)) -> list[dict]:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
            "WORLD_SIZE": str(WORLD), "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, __file__, scenario, str(tmp_path)],
@@ -189,9 +218,10 @@ def _launch(scenario: str, tmp_path: pathlib.Path) -> list[dict]:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, o in zip(procs, outs):
-        assert p.returncode == 0, o
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for p, o, code in zip(procs, outs, codes):
+        assert p.returncode == code, o
+    return [torch.load(tmp_path / f"rank{r}.pt") if code == 0 else None
+            for r, code in enumerate(codes)]
 
 
 def _reference(batch_of_sample, n: int) -> torch.nn.Module:
@@ -276,6 +306,35 @@ def test_trainer_under_two_ranks_reduces_and_agrees(tmp_path):
     r0, r1 = _launch("trainer", tmp_path)
     assert r0["mode"] == r1["mode"] == "losses"  # the default optimizer got distributed=True
     assert r0["agree"] and r1["agree"] and r0["changed"]
+
+
+def test_a_killed_rank_makes_the_others_stop_with_a_clear_error(tmp_path):
+    """Rank 1 dies inside its closure at step 2: rank 0 raises RankFailureError from the loss
+    all-reduce (gloo sees the closed socket at once; _launch's 60 s limit fails a hang)."""
+    r0, _ = _launch("die", tmp_path, codes=(0, 3))
+    assert r0["error"] == "RankFailureError" and r0["step"] == 2
+    assert "another rank has died" in r0["message"].lower() and "--resume" in r0["message"]
+
+
+def test_drift_guard_stops_every_rank(tmp_path):
+    r0, r1 = _launch("drift", tmp_path)
+    for r in (r0, r1):
+        assert r["error"] == "ReplicaDivergenceError" and r["step"] == 1  # checked after step 2
+        assert "odd ones out" in r["message"]
+
+
+def test_weights_checksum_sees_one_ulp():
+    from zoengine.optim.exchange import weights_checksum
+
+    ts = [torch.randn(3000), torch.randn(7, 5).bfloat16(), torch.randn(4).double()]
+    base = weights_checksum(ts)
+    for i in range(3):
+        moved = [t.clone() for t in ts]
+        flat = moved[i].view(-1)
+        flat[-1] = torch.nextafter(flat[-1], torch.tensor(float("inf"), dtype=flat.dtype))
+        assert weights_checksum(moved) != base
+    assert weights_checksum([ts[1], ts[0], ts[2]]) != base  # order matters
+    assert weights_checksum([t.clone() for t in ts]) == base
 
 
 def test_refuses_mismatched_ranks(tmp_path):

@@ -12,6 +12,7 @@ import weakref
 import pytest
 import torch
 from helpers import CONFIGS, tiny_llama
+from test_noisy_linear import NL, tops  # noqa: F401  (the interpreted Triton modules)
 
 import zoengine
 from zoengine.journal import replay
@@ -371,3 +372,34 @@ def test_zotrainer_virtual_matches_inplace(tmp_path):
         assert torch.allclose(p, q, rtol=0, atol=1e-5), n
     with pytest.raises(ValueError, match="zo_perturbation"):
         zo_args(tmp_path, zo_perturbation="nope")
+
+
+# ---- the Triton path: fused noisy linear, under the interpreter on CPU ---------------------
+
+@pytest.mark.interpreter
+def test_triton_virtual_uses_the_fused_linear_and_matches_reference(NL, monkeypatch):  # noqa: F811
+    """backend="triton" (interpreted): every nn.Linear runs noisy_linear (W + c·z never
+    materialised); losses equal the reference backend's virtual run within the fp32 rounding
+    of W + c·z (the fused kernel keeps W' in fp32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    a = LlamaForCausalLM(cfg).eval()
+    b = copy.deepcopy(a)
+    ids = batch(32, shape=(2, 5))
+    calls = []
+    real = NL.noisy_linear
+    monkeypatch.setattr(NL, "noisy_linear", lambda *x, **k: calls.append(1) or real(*x, **k))
+    fused = zoengine.MeZO(a.named_parameters(), lr=1e-2, eps=1e-2, seed=1, backend="triton",
+                          perturbation="virtual", model=a)
+    ref = zoengine.MeZO(b.named_parameters(), lr=1e-2, eps=1e-2, seed=1, backend="reference",
+                        perturbation="virtual", model=b)
+    for _ in range(2):
+        la, lb = float(fused.step(lm_closure(a, ids))), float(ref.step(lm_closure(b, ids)))
+        assert la == pytest.approx(lb, rel=1e-5)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in a.modules())
+    assert len(calls) == 2 * 2 * n_linear  # 2 steps x 2 evaluations x every Linear
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-6), n

@@ -20,6 +20,7 @@ eps = 0), so lr = 0 or a skipped step leaves θ bit-identical.
 from __future__ import annotations
 
 import functools
+import os
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from zoengine.kernels.reference import compute_dtype
 from zoengine.optim.masks import LazyMask
 
 PERTURBATIONS = ("inplace", "virtual")
+_TRITON_OPS = "zoengine.kernels.triton_ops"
 
 
 class _Replay:
@@ -103,10 +105,14 @@ class VirtualModel:
             self.owned[id(module._parameters[a])] = self.names[id(module._parameters[a])]
         if embedding:
             self.handles.append(module.register_forward_hook(self._embedding_hook))
-        else:
-            pre = functools.partial(self._swap_in, tuple(mine))
-            self.handles.append(module.register_forward_pre_hook(pre))
-            self.handles.append(module.register_forward_hook(self._swap_out, always_call=True))
+            return mine
+        if isinstance(module, nn.Linear) and "weight" in mine and "forward" not in vars(module):
+            # the Triton backend computes x @ (W + c·z)ᵀ without materialising W + c·z
+            module.forward = functools.partial(self._linear_forward, module, module.forward)
+            self.handles.append(_ForwardOverride(module))
+        pre = functools.partial(self._swap_in, tuple(mine))
+        self.handles.append(module.register_forward_pre_hook(pre))
+        self.handles.append(module.register_forward_hook(self._swap_out, always_call=True))
         return mine
 
     def register(self, module: nn.Module, name: str) -> None:
@@ -149,9 +155,45 @@ class VirtualModel:
                          masks=None if d.mask is None else [d.mask()], **extra)
         return w
 
+    def _fusable(self, module: nn.Module):
+        """(sample, scale, weight's, bias's displacement) when ``module`` (an nn.Linear) can
+        run the fused noisy-linear kernel now, else None: the step's ops are Triton's, one
+        sample is displaced, and the bias (if displaced) moves with the weight."""
+        if not self.displaced or getattr(self.context[0], "__name__", "") != _TRITON_OPS \
+                or os.environ.get("ZOENGINE_VIRTUAL_LINEAR", "fused") != "fused":
+            return None
+        d = self.displaced.get(id(module._parameters["weight"]))
+        if d is None or len(d.scales) != 1 or d.offset:
+            return None
+        bias = module._parameters.get("bias")
+        db = None if bias is None else self.displaced.get(id(bias))
+        if db is not None and (db.scales != d.scales or db.offset):
+            return None
+        (k, c), = d.scales.items()
+        return k, c, d, db
+
+    def _linear_forward(self, module: nn.Linear, original, x):
+        plan = self._fusable(module)
+        if plan is None:
+            return original(x)
+        from zoengine.kernels.triton_noisy_linear import noisy_linear
+
+        k, c, d, db = plan
+        _, seed, step, dist = self.context
+        w, b = module._parameters["weight"], module._parameters.get("bias")
+        self.consumed.update({id(w)} | ({id(b)} if db is not None else set()))
+        out = noisy_linear(x, w, b if db is not None else None, key=d.key, seed=seed,
+                           step=step, sample=k, scale=c, dist=dist,
+                           mask=None if d.mask is None else d.mask(),
+                           bias_key=None if db is None else db.key,
+                           bias_mask=None if db is None or db.mask is None else db.mask())
+        return out if b is None or db is not None else out + b
+
     def _swap_in(self, attrs, module: nn.Module, args) -> None:
         if not self.displaced:
             return
+        if isinstance(module, nn.Linear) and self._fusable(module) is not None:
+            return  # _linear_forward computes it fused
         for a in attrs:
             p = module._parameters[a]
             if id(p) in self.displaced:
@@ -314,6 +356,16 @@ def _mask_getter(masks, i: int):
         return lambda: masks[i]
     m = masks[i]
     return None if m is None else (lambda: m)
+
+
+class _ForwardOverride:
+    """A removable handle for the instance-level ``forward`` of a fused nn.Linear."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def remove(self) -> None:
+        vars(self.module).pop("forward", None)
 
 
 def _inert() -> VirtualModel:
