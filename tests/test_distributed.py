@@ -413,3 +413,89 @@ def test_cli_under_torchrun_trains_data_parallel_and_rank0_writes(tiny, tmp_path
                           "4")) == 0
     c = load_file(single / "head.safetensors")
     assert not torch.equal(a["head_rows"], c["head_rows"])
+
+
+_ACCELERATE_SCRIPT = '''
+import hashlib, os, sys
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+from test_hf import lm_dataset, tiny_model, zo_args
+from zoengine.hf import ZOTrainer, _unwrap_optimizer
+model = tiny_model()
+before = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters()))
+tr = ZOTrainer(model=model, args=zo_args({out!r}, max_steps=3, per_device_train_batch_size=2),
+               train_dataset=lm_dataset())
+tr.train()
+after = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters()))
+line = " ".join(map(str, ["WORLD", os.environ["WORLD_SIZE"], "MODE",
+                          _unwrap_optimizer(tr.optimizer).distributed, "CHANGED",
+                          before.digest() != after.digest(), "SHA", after.hexdigest()]))
+with open(os.path.join({out!r}, "rank" + os.environ["RANK"] + ".txt"), "w") as f:
+    f.write(line)
+'''
+
+
+def test_zotrainer_under_accelerate_launch(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU machine (torchrun underneath,
+    gloo): the ZOTrainer's optimizer reduces its losses and both replicas end identical."""
+    pytest.importorskip("accelerate")
+    script = tmp_path / "train.py"
+    script.write_text(_ACCELERATE_SCRIPT.format(tests=str(pathlib.Path(__file__).parent),
+                                                out=str(tmp_path / "hf")))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+           "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(script)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = [(tmp_path / "hf" / f"rank{r}.txt").read_text() for r in range(2)]
+    assert all(re.fullmatch(r"WORLD 2 MODE losses CHANGED True SHA [0-9a-f]{64}", x)
+               for x in lines), lines
+    assert lines[0] == lines[1]
+
+
+def _torchrun(args: list, env_extra: dict | None = None, world: int = 2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+           "--master_port", str(_free_port()), "-m", "zoengine", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})})
+
+
+def test_torchrun_resume_with_the_same_or_another_world_size(tiny, tmp_path):
+    """A 2-rank run killed (SIGKILL) during step 8 resumes under torchrun to the weights of an
+    uninterrupted 2-rank run; resumed by one process instead, its journal keeps the 8 steps
+    the two ranks took (their all-reduced losses) and the run completes with 1 rank."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from test_cli import tiny_args
+
+    from zoengine.cli import main
+    from zoengine.journal import read_records
+
+    def args(out):
+        return tiny_args(tiny, out, "--train", "head", "--steps", "12", "--batch-size", "4",
+                         "--checkpoint-every", "5", "--journal-fsync", "step")
+
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    r = _torchrun(args(full))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = _torchrun(args(crashed), {"ZOENGINE_CRASH_AT": "mid-step:18"})  # 2 evaluations a step
+    assert r.returncode != 0 and not (crashed / "metrics.json").exists()
+    one_rank = tmp_path / "one-rank"
+    shutil.copytree(crashed, one_rank)
+
+    r = _torchrun(["train", "--resume", str(crashed), "--no-progress"])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    a, b = load_file(full / "head.safetensors"), load_file(crashed / "head.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    assert main(["train", "--resume", str(one_rank), "--no-progress"]) == 0
+    metrics = json.loads((one_rank / "metrics.json").read_text())
+    assert metrics["ranks"] == 1 and len(metrics["curve"]["loss"]) == 12
+    _, ref, _ = read_records(full / "journal.zoj")
+    _, got, _ = read_records(one_rank / "journal.zoj")
+    assert [r.step for r in got] == list(range(12))
+    assert [r.values for r in got[:8]] == [r.values for r in ref[:8]]
+    assert [r.values for r in got[8:]] != [r.values for r in ref[8:]]  # rank 0's data alone

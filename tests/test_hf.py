@@ -61,8 +61,29 @@ def test_trains_tiny_model_with_scheduler(tmp_path):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="zo_method"):
         zo_args("x", zo_method="sgd")
-    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
-        zo_args("x", gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="zo_perturbation"):
+        zo_args("x", zo_perturbation="sideways")
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    """gradient_accumulation_steps=2 of batch 2 takes one ZO step per 4 rows whose loss is the
+    4 rows' (token-weighted) mean: the run matches batch 4 without accumulation (fp32 sums in
+    another order) and keeps the step count; nothing but the inputs is held between calls."""
+    runs = {}
+    for name, kw in {"accum": dict(per_device_train_batch_size=2,
+                                   gradient_accumulation_steps=2),
+                     "big": dict(per_device_train_batch_size=4)}.items():
+        model = tiny_model()
+        tr = ZOTrainer(model=model, args=zo_args(tmp_path / name, **kw),
+                       train_dataset=lm_dataset())
+        out = tr.train()
+        zo = tr.optimizer.optimizer if hasattr(tr.optimizer, "optimizer") else tr.optimizer
+        assert zo.state_dict()["state"]["zo"]["step"] == 6 and tr.state.global_step == 6
+        runs[name] = (model, out.training_loss)
+    (a, la), (b, lb) = runs["accum"], runs["big"]
+    assert la == pytest.approx(lb, rel=1e-5)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-6), n
 
 
 def test_peft_lora_only_adapter_changes(tmp_path):

@@ -75,6 +75,9 @@ TRAIN_FLAGS = [  # (flag, dest, type, help)
     ("--perturbation", "perturbation", str, "inplace (default) | virtual: θ is never written "
                                             "during the two evaluations (full/LoRA training; "
                                             "docs/virtual.md)"),
+    ("--replica-check-every", "replica_check_every", int, "under torchrun: compare a checksum "
+                                                          "of the ranks' weights every N steps "
+                                                          "(default 100; 0: never)"),
     ("--journal-fsync", "journal_fsync", str, "journal durability: step | checkpoint | every "
                                               "K steps (default 100; a kill -9 loses nothing "
                                               "either way, a power cut at most K steps)"),
@@ -250,6 +253,7 @@ def validate(cfg) -> None:
     need("eps", lambda v: v is None or (is_num(v) and v > 0), "must be a finite number > 0")
     need("train", lambda v: v in TRAIN_MODES, f"must be one of {TRAIN_MODES}")
     need("perturbation", lambda v: v in ("inplace", "virtual"), "must be inplace or virtual")
+    need("replica_check_every", lambda v: is_int(v) and v >= 0, "must be an integer >= 0")
     methods = available_methods()
     need("method", lambda v: v in methods, f"unknown method; available: {', '.join(methods)}")
     need("model", lambda v: v == DEFAULT_MODEL or os.path.isfile(os.path.join(str(v),

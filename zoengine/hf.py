@@ -61,10 +61,6 @@ class ZOTrainingArguments(TrainingArguments):
                              "'virtual'")
         if not (isinstance(self.zo_eps, (int, float)) and self.zo_eps > 0):
             raise ValueError(f"zo_eps={self.zo_eps!r}: must be a number > 0")
-        if self.gradient_accumulation_steps != 1:
-            raise ValueError(f"gradient_accumulation_steps={self.gradient_accumulation_steps}: "
-                             "must be 1 for ZO training (raise per_device_train_batch_size "
-                             "instead; each ZO step already averages over its batch)")
 
 
 def _closure_only(opt):
@@ -221,6 +217,21 @@ class SearchBatches:
         return closure
 
 
+def accumulate(trainer, inputs) -> list | None:
+    """Gradient accumulation, scalar-only: the micro-batches of one optimizer step are kept
+    (their inputs, not any gradient) until the last arrives; then the step's closure evaluates
+    all of them at θ+εz and at θ−εz and returns their combined loss. Returns the list at the
+    last micro-batch, None before it."""
+    k = int(getattr(trainer, "current_gradient_accumulation_steps", 1) or 1)
+    held = getattr(trainer, "_zo_micro", [])
+    held.append(inputs)
+    if len(held) < k:
+        trainer._zo_micro = held
+        return None
+    trainer._zo_micro = []
+    return held
+
+
 def journal_or_replay(trainer, opt) -> torch.Tensor | None:
     """With ``zo_journal``: open the journal once (a fresh run starts a new one; a resumed
     run queues the records after its checkpoint), then replay a queued record instead of
@@ -278,6 +289,9 @@ class ZOTrainer(Trainer):
         restored) is refused. DiZO without ``projection_closure`` gets one that draws its
         search batches from the training set (``SearchBatches``).
         """
+        micro = accumulate(self, self._prepare_inputs(inputs))
+        if micro is None:  # an earlier micro-batch of the step: kept, evaluated at the last
+            return torch.zeros((), device=self.args.device)
         opt = _unwrap_optimizer(self.optimizer)
         check_distributed(opt)
         check_resumed_state(opt, self.state.global_step)
@@ -289,13 +303,18 @@ class ZOTrainer(Trainer):
             opt.projection_closure = SearchBatches(self, opt)
         if isinstance(getattr(opt, "projection_closure", None), SearchBatches):
             opt.projection_closure.model = model
-        inputs = self._prepare_inputs(inputs)
         was_training = model.training
         model.eval()
+        # normalised by the step's token count already (HF's rule): the micro losses add up
+        summed = (getattr(self, "model_accepts_loss_kwargs", False)
+                  and num_items_in_batch is not None) or self.compute_loss_func is not None
 
         def closure():
             with self.compute_loss_context_manager():
-                return self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+                losses = [self.compute_loss(model, m, num_items_in_batch=num_items_in_batch)
+                          for m in micro]
+            total = sum(losses[1:], losses[0])
+            return total if summed else total / len(losses)
 
         try:
             loss = opt.step(closure)

@@ -163,6 +163,17 @@ def read_records(path: str) -> tuple[dict, list[Record], int]:
     return header, records, tail
 
 
+def _comparable(header: dict) -> dict:
+    """``header`` without what may change between a run and its resumption: the launch's
+    ``distributed=`` mode (journals before 2026-12-02 stored it; a data-parallel run may resume
+    on another number of ranks, since its records hold the all-reduced losses)."""
+    call = header.get("call")
+    if not isinstance(call, dict) or "distributed" not in call.get("kwargs", {}):
+        return header
+    kwargs = {k: v for k, v in call["kwargs"].items() if k != "distributed"}
+    return {**header, "call": {**call, "kwargs": kwargs}}
+
+
 class JournalWriter:
     """Appends records to a journal file; flushes every record, fsyncs as configured.
 
@@ -191,8 +202,9 @@ class JournalWriter:
 
     def _reopen(self) -> None:
         old, start = read_header(self.path)
-        mismatch = {k: (old.get(k), self.header.get(k)) for k in set(old) | set(self.header)
-                    if k not in _START_FIELDS and old.get(k) != self.header.get(k)}
+        old, now = _comparable(old), _comparable(self.header)
+        mismatch = {k: (old.get(k), now.get(k)) for k in set(old) | set(now)
+                    if k not in _START_FIELDS and old.get(k) != now.get(k)}
         if mismatch:
             raise JournalError(f"{self.path}: belongs to another run; differing header "
                                f"fields (journal, now): {mismatch}")

@@ -27,7 +27,10 @@ from zoengine.optim.journal_file import (
 )
 
 # constructor arguments that are not configuration: never written to a header
-_NOT_CONFIG = ("journal", "journal_fsync", "projection_closure", "masks", "model")
+# (``distributed``: a data-parallel journal holds the all-reduced losses, so one process, or
+# another number of ranks, replays or resumes it)
+_NOT_CONFIG = ("journal", "journal_fsync", "projection_closure", "masks", "model",
+               "distributed")
 
 
 def init_arguments(opt) -> dict:

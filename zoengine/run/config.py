@@ -53,6 +53,7 @@ class RunConfig:
     checkpoint_minutes: float = 10.0  # also checkpoint after this many minutes (0: never)
     journal_fsync: str = "100"  # journal durability: "step", "checkpoint" or every K steps
     perturbation: str = "inplace"  # or "virtual": θ never written during the evaluations
+    replica_check_every: int = 100  # torchrun: steps between replica checksums (0: never)
 
     def resolved(self, task) -> RunConfig:
         """A copy with every ``None``/``auto`` replaced by the default for ``task``."""

@@ -96,7 +96,10 @@ def make_optimizer(cfg: RunConfig, named_params, masks=None, distributed: str | 
                                               "read by no module)")
         extra.update(perturbation="virtual", model=model)
     if distributed is not None:
-        extra["distributed"] = distributed
+        from zoengine.optim.exchange import ScalarExchange
+
+        extra["distributed"] = ScalarExchange(distributed,
+                                              check_every=cfg.replica_check_every)
     if cfg.method == "dizo":
         # the projected set per --train: head -> the one tensor trained (the option rows),
         # lora -> every adapter A and B, full -> attention k_proj/v_proj (the authors' code)

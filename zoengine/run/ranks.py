@@ -11,6 +11,7 @@ final outputs; the other ranks only read it, to resume.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 
@@ -26,7 +27,11 @@ class Ranks:
             import torch.distributed as dist
 
             if not dist.is_initialized():
-                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+                # a rank that hangs (alive, not dead: a dead one closes its sockets and the
+                # others raise at once) stops the others after this many seconds
+                timeout = timedelta(seconds=float(os.environ.get("ZOENGINE_DIST_TIMEOUT", 600)))
+                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                        timeout=timeout)
                 self.owned = True  # we made it, we close it
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
