@@ -81,7 +81,7 @@ def worker(mode: str, steps: int, threads: int, out: str) -> None:
                         backend="native", distributed=exchange)
     g = torch.Generator().manual_seed(rank)
     times = []
-    for t in range(steps + 2):
+    for _ in range(steps + 2):
         ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
         if world > 1:
             dist.barrier()

@@ -33,6 +33,21 @@ PROJECTED_PRESETS = {
 }
 
 
+NORM_CHUNK = 1 << 22  # elements per float64 slice of delta_norm: 32 MB of temporaries
+
+
+def delta_norm(p: torch.Tensor, anchor: torch.Tensor, chunk: int = NORM_CHUNK) -> float:
+    """‖p − anchor‖₂ accumulated in float64 over slices of ``chunk`` elements: the same number
+    as a whole-tensor float64 norm to rounding, without two float64 copies of a tensor that
+    may hold more than 2^31 elements (17 GB each at 2^31)."""
+    a, b = p.detach().reshape(-1), anchor.reshape(-1)
+    total = 0.0
+    for s in range(0, a.numel(), chunk):
+        d = a[s:s + chunk].double() - b[s:s + chunk].double()
+        total += float(d.dot(d))
+    return total ** 0.5
+
+
 def _projected_regex(projected: str, names: list[str]) -> str:
     if projected == "auto":
         return PROJECTED_PRESETS["lora" if any("lora_" in n for n in names) else "code"]
@@ -168,8 +183,7 @@ class DiZO(ZO):
 
     # ---- projection ---------------------------------------------------------------------
     def _deltas_norms(self) -> list[float]:
-        return [float((p.detach().double() - self.state[p]["dizo_anchor"].double()).norm())
-                for _, p, _ in self.projected]
+        return [delta_norm(p, self.state[p]["dizo_anchor"]) for _, p, _ in self.projected]
 
     def _scale(self, factors: list[float]) -> None:
         """θ_l ← θ0_l + α_l (θ_l − θ0_l), in place."""

@@ -16,6 +16,18 @@ from zoengine.tasks.data import (
     task_from_file,
     tweet_sentiment,
 )
+from zoengine.tasks.distill import (
+    KDBatch,
+    KDCacheError,
+    TeacherCache,
+    build_teacher_cache,
+    cache_nbytes,
+    check_kd_weight,
+    kd_batch_loss,
+    kd_loss,
+    lm_cross_entropy,
+    mixed_loss,
+)
 from zoengine.tasks.metrics import auc, auc_binary, class_metrics, evaluate_scores, fit_bias
 from zoengine.tasks.scoring import (
     OptionScorer,
@@ -31,4 +43,6 @@ from zoengine.tasks.scoring import (
 __all__ = ["BUNDLED", "ClassificationTask", "LMTask", "OptionScorer", "TaskError", "auc",
            "auc_binary", "class_metrics", "column", "encode_prompts", "evaluate_scores",
            "fit_bias", "last_features", "left_pad", "length_batches", "lm_blocks", "lm_eval",
-           "lm_loss", "load_task", "shakespeare", "task_from_file", "tweet_sentiment"]
+           "lm_loss", "load_task", "shakespeare", "task_from_file", "tweet_sentiment",
+           "KDBatch", "KDCacheError", "TeacherCache", "build_teacher_cache", "cache_nbytes",
+           "check_kd_weight", "kd_batch_loss", "kd_loss", "lm_cross_entropy", "mixed_loss"]
