@@ -403,3 +403,31 @@ def test_triton_virtual_uses_the_fused_linear_and_matches_reference(NL, monkeypa
     assert len(calls) == 2 * 2 * n_linear  # 2 steps x 2 evaluations x every Linear
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(p, q, rtol=0, atol=1e-6), n
+
+
+def test_masked_lora_is_virtual_too():
+    """Masked LoRA reads lora_A/lora_B weights inside its own forward: virtual perturbation
+    swaps them around that forward (no fallback, no warning) and matches in place."""
+    import warnings
+
+    import peft
+
+    from zoengine.sparsity import prune
+    from zoengine.sparsity.lora import lora_config, mask_lora
+
+    base = tiny_llama()
+    masks = prune(base, "magnitude", 0.5)
+    runs = []
+    for mode in ("inplace", "virtual"):
+        torch.manual_seed(0)  # the same random A and B for both
+        model = peft.get_peft_model(copy.deepcopy(base), lora_config(
+            2, 4, ["q_proj", "v_proj"], init_lora_weights=False))
+        mask_lora(model, masks)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        kw = dict(perturbation="virtual", model=model) if mode == "virtual" else {}
+        opt = zoengine.MeZO(named, lr=1e-2, eps=1e-3, seed=6, **kw)
+        assert opt.inplace_fallback == []
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the "never read through its module" warning
+            runs.append([float(opt.step(lm_closure(model, batch()))) for _ in range(3)])
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)

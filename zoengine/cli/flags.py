@@ -76,6 +76,12 @@ TRAIN_FLAGS = [  # (flag, dest, type, help)
     ("--replica-check-every", "replica_check_every", int, "under torchrun: compare a checksum "
                                                           "of the ranks' weights every N steps "
                                                           "(default 100; 0: never)"),
+    ("--lora-scaling", "lora_scaling", str, "lora (alpha/r, default) | rslora (alpha/sqrt(r))"),
+    ("--objective", "objective", str, "LM tasks: lm (default) | kd (distil the dense model's "
+                                      "top-k logits) | kd+lm"),
+    ("--kd-weight", "kd_weight", float, "--objective kd+lm: weight of the KD term (default 0.5)"),
+    ("--kd-top-k", "kd_top_k", int, "teacher logits kept per position (default 64)"),
+    ("--kd-blocks", "kd_blocks", int, "training blocks the teacher cache covers (default 256)"),
     ("--journal-fsync", "journal_fsync", str, "journal durability: step | checkpoint | every "
                                               "K steps (default 100; a kill -9 loses nothing "
                                               "either way, a power cut at most K steps)"),
@@ -173,6 +179,11 @@ def validate(cfg) -> None:
     need("train", lambda v: v in TRAIN_MODES, f"must be one of {TRAIN_MODES}")
     need("perturbation", lambda v: v in ("inplace", "virtual"), "must be inplace or virtual")
     need("replica_check_every", lambda v: is_int(v) and v >= 0, "must be an integer >= 0")
+    need("lora_scaling", lambda v: v in ("lora", "rslora"), "must be lora or rslora")
+    need("objective", lambda v: v in ("lm", "kd", "kd+lm"), "must be lm, kd or kd+lm")
+    need("kd_weight", lambda v: is_num(v) and 0 <= v <= 1, "must be a number in [0, 1]")
+    for d in ("kd_top_k", "kd_blocks"):
+        need(d, lambda v: is_int(v) and v > 0, "must be an integer > 0")
     methods = available_methods()
     need("method", lambda v: v in methods, f"unknown method; available: {', '.join(methods)}")
     need("model", lambda v: v == DEFAULT_MODEL or os.path.isfile(os.path.join(str(v),

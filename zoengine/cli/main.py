@@ -34,6 +34,10 @@ def _add_prune_command(subparsers) -> None:
     p.add_argument("--sparsity", type=float, default=None,
                    help="fraction removed per layer (default 0.5; N:M fixes it)")
     p.add_argument("--pattern", default="unstructured", help="unstructured | 2:4 | 4:8")
+    p.add_argument("--structure", choices=("heads", "channels"), default=None,
+                   help="structured pruning instead: remove whole KV groups of attention heads "
+                        "or MLP channels (a smaller dense model; --sparsity is the fraction "
+                        "removed)")
     p.add_argument("--calib-task", default="shakespeare",
                    help="task whose *train* split calibrates Wanda (default shakespeare)")
     p.add_argument("--calib-blocks", type=int, default=16, help="128-token blocks (default 16)")
@@ -98,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "journal.zoj)")
     a.add_argument("out", help="output folder for the weights (head.safetensors, adapter/ or "
                               "model/)")
+    m = sub.add_parser("merge", help="merge a LoRA run's adapter into its base model (a pruned "
+                                     "base keeps its exact zeros)")
+    m.add_argument("run", help="a finished `zoengine train --lora` output folder")
+    m.add_argument("out", help="folder for the merged model (plain transformers)")
     h = sub.add_parser("hwsim", help="hardware RNG cost simulator", add_help=False)
     h.add_argument("rest", nargs=argparse.REMAINDER)
     return p
@@ -136,7 +144,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from zoengine.run.recovery import merge_run
+
+    merge_run(args.run, args.out)
+    return 0
+
+
 def cmd_prune(args) -> int:
+    if args.structure is not None:
+        from zoengine.run.pruning import run_prune_structured
+
+        run_prune_structured(model_spec=args.model, output_dir=args.output_dir,
+                             structure=args.structure, sparsity=args.sparsity,
+                             calib_task=args.calib_task, calib_blocks=args.calib_blocks,
+                             seed=args.seed)
+        return 0
     from zoengine.run.pruning import run_prune
 
     run_prune(model_spec=args.model, output_dir=args.output_dir, method=args.method,
@@ -195,7 +218,7 @@ def _main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return EXIT_USAGE
         commands = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods,
-                    "prune": cmd_prune, "export-journal": cmd_journal,
+                    "prune": cmd_prune, "merge": cmd_merge, "export-journal": cmd_journal,
                     "apply-journal": cmd_journal}
         return commands[args.command](args)
     except UsageError as exc:

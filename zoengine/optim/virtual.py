@@ -82,7 +82,7 @@ class VirtualModel:
         self.context: tuple | None = None  # (inner ops, seed, step, dist) of the running step
         self.consumed: set[int] = set()
         self.replay = model is VIRTUAL_REPLAY
-        self._swapped: dict[int, dict[str, nn.Parameter]] = {}
+        self._swapped: dict[int, list] = {}  # hook module -> [(owner, attr, Parameter)]
         self._warned = False
         if self.replay:
             self.owned = dict(names)
@@ -92,7 +92,14 @@ class VirtualModel:
         for module in model.modules():
             if id(module) in skip:
                 continue
-            if isinstance(module, nn.Embedding):
+            if getattr(module, "zo_reads_weights_directly", False):
+                # e.g. masked LoRA: its forward reads lora_A/lora_B weights, never calls them;
+                # swap its children's tensors around *its* forward instead
+                pairs = [(c, a) for c in module.modules() if c is not module
+                         for a in ("weight", "bias") if id(c._parameters.get(a)) in names]
+                skip |= {id(c) for c, _ in pairs}
+                self._hook_pairs(module, pairs)
+            elif isinstance(module, nn.Embedding):
                 self._own(module, ("weight",), embedding=True)
             elif _swap_kind(module):
                 self._own(module, ("weight", "bias"))
@@ -110,10 +117,19 @@ class VirtualModel:
             # the Triton backend computes x @ (W + c·z)ᵀ without materialising W + c·z
             module.forward = functools.partial(self._linear_forward, module, module.forward)
             self.handles.append(_ForwardOverride(module))
-        pre = functools.partial(self._swap_in, tuple(mine))
+        self._hook_pairs(module, [(module, a) for a in mine])
+        return mine
+
+    def _hook_pairs(self, module: nn.Module, pairs) -> None:
+        """Swap ``owner.<attr>`` for each pair around ``module``'s forward."""
+        if not pairs:
+            return
+        for owner, a in pairs:
+            p = owner._parameters[a]
+            self.owned[id(p)] = self.names[id(p)]
+        pre = functools.partial(self._swap_in, tuple(pairs))
         self.handles.append(module.register_forward_pre_hook(pre))
         self.handles.append(module.register_forward_hook(self._swap_out, always_call=True))
-        return mine
 
     def register(self, module: nn.Module, name: str) -> None:
         """Virtualise ``module.<name>``: ``module``'s own forward must be the only reader of
@@ -189,21 +205,21 @@ class VirtualModel:
                            bias_mask=None if db is None or db.mask is None else db.mask())
         return out if b is None or db is not None else out + b
 
-    def _swap_in(self, attrs, module: nn.Module, args) -> None:
+    def _swap_in(self, pairs, module: nn.Module, args) -> None:
         if not self.displaced:
             return
         if isinstance(module, nn.Linear) and self._fusable(module) is not None:
             return  # _linear_forward computes it fused
-        for a in attrs:
-            p = module._parameters[a]
+        for owner, a in pairs:
+            p = owner._parameters[a]
             if id(p) in self.displaced:
-                self._swapped.setdefault(id(module), {})[a] = p
-                module._parameters[a] = self._perturbed(p)
+                self._swapped.setdefault(id(module), []).append((owner, a, p))
+                owner._parameters[a] = self._perturbed(p)
                 self.consumed.add(id(p))
 
     def _swap_out(self, module: nn.Module, args, output):
-        for a, p in self._swapped.pop(id(module), {}).items():
-            module._parameters[a] = p
+        for owner, a, p in self._swapped.pop(id(module), []):
+            owner._parameters[a] = p
         return None
 
     def _embedding_hook(self, module: nn.Embedding, args, output):

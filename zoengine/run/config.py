@@ -54,6 +54,11 @@ class RunConfig:
     journal_fsync: str = "100"  # journal durability: "step", "checkpoint" or every K steps
     perturbation: str = "inplace"  # or "virtual": θ never written during the evaluations
     replica_check_every: int = 100  # torchrun: steps between replica checksums (0: never)
+    lora_scaling: str = "lora"  # "rslora": alpha / sqrt(r) (PEFT's rank-stabilised scaling)
+    objective: str = "lm"  # LM tasks: "lm", "kd" (distil the dense model) or "kd+lm"
+    kd_weight: float = 0.5  # "kd+lm": weight of the KD term
+    kd_top_k: int = 64  # teacher logits kept per position
+    kd_blocks: int = 256  # training blocks the teacher cache covers (KD trains on these)
 
     def resolved(self, task) -> RunConfig:
         """A copy with every ``None``/``auto`` replaced by the default for ``task``."""

@@ -20,6 +20,13 @@ from zoengine.run.folder import RunFolder
 from zoengine.run.fsio import atomic_write
 from zoengine.run.loop import dev_point_of, finish_curve, run_loop
 from zoengine.run.ranks import Ranks
+from zoengine.run.recovery import (
+    MASKS_FILE,
+    check_objective,
+    lora_for_run,
+    masks_writer,
+    teacher_for_run,
+)
 from zoengine.run.report import plot_curve, run_summary_json, summary_lines, weights_writer
 from zoengine.run.resume import Checkpointer, ResumeError, check_base, restore
 from zoengine.run.strategies import make_strategy
@@ -69,15 +76,7 @@ def auto_threads() -> int:
 
 def apply_lora(cfg: RunConfig, model):
     """Freeze the base and wrap ``model`` with PEFT LoRA adapters (``cfg.lora_*``)."""
-    from peft import LoraConfig, get_peft_model
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    pc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                    target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
-    model = get_peft_model(model, pc)
-    model.eval()
-    return model
+    return lora_for_run(cfg, model, None)
 
 
 def make_optimizer(cfg: RunConfig, named_params, masks=None, distributed: str | None = None,
@@ -121,10 +120,10 @@ def prune_and_plan(cfg: RunConfig, task, model, tok):
     applied to the batch size, sequence length and dtype). Returns (masks, plan or None)."""
     masks = None
     if cfg.prune or cfg.keep_zeros:
-        if cfg.train != "full":
+        if cfg.train == "head":
             raise TaskError("--prune" if cfg.prune else "--keep-zeros",
-                            "sparsity is preserved for full fine-tuning: add --train full "
-                            "(head and LoRA never touch the pruned weights)")
+                            "sparsity is kept by full fine-tuning and by masked LoRA: add "
+                            "--train full or --lora (the head never touches the weights)")
         from zoengine.run.pruning import masks_for_run
 
         masks = masks_for_run(
@@ -139,7 +138,7 @@ def prune_and_plan(cfg: RunConfig, task, model, tok):
     plan = memory.plan_for_run(model, cfg.max_memory, method=cfg.method,
                                batch_size=cfg.batch_size,
                                seq_len=cfg.block_size if lm else cfg.max_length,
-                               masks=masks, log=_log)
+                               masks=masks if cfg.train == "full" else None, log=_log)
     cfg.batch_size = plan.batch_size
     cfg.eval_batch_size = min(cfg.eval_batch_size, plan.batch_size)  # the budget covers eval too
     if lm:
@@ -185,14 +184,20 @@ def setup(cfg: RunConfig, task, report: dict, distributed: str | None = None):
     model, tok = load_model(cfg.model)
     report["timing"]["load_s"] = time.perf_counter() - t0
     torch.manual_seed(cfg.seed)
+    check_objective(cfg, task)
+    teacher = teacher_for_run(cfg, task, model, tok, log=_log)  # dense: before any pruning
     masks, plan = prune_and_plan(cfg, task, model, tok)
     if cfg.train == "lora":
-        model = apply_lora(cfg, model)
-    strategy = make_strategy(cfg, task, model, tok, log=_log)
+        model = lora_for_run(cfg, model, masks)  # a pruned base: the deltas are masked
+    strategy = make_strategy(cfg, task, model, tok, log=_log, teacher=teacher)
     report["timing"].update(strategy.timing)
+    if teacher is not None:
+        report["teacher_cache"] = {"disk_bytes": teacher.disk_bytes, "blocks": len(teacher),
+                                   "top_k": teacher.k}
     params = strategy.named_params()
     report["trainable_params"] = int(sum(p.numel() for _, p in params))
-    opt = make_optimizer(cfg, params, masks=masks, distributed=distributed, model=model)
+    opt = make_optimizer(cfg, params, masks=masks if cfg.train == "full" else None,
+                         distributed=distributed, model=model)
     return model, tok, masks, plan, strategy, opt
 
 
@@ -245,7 +250,8 @@ def run_train(cfg: RunConfig, *, resume: bool = False) -> dict:
                  f"{tensors_hash(strategy.named_params())}")
         if not ranks.main:
             return report
-        return write_outputs(cfg, report, strategy.trained(), tok, t_start, folder)
+        return write_outputs(cfg, report, strategy.trained(), tok, t_start, folder,
+                             masks=masks if isinstance(masks, dict) else None)
     finally:
         folder.release()
         ranks.close()
@@ -300,7 +306,11 @@ def finish_report(cfg, task, model, masks, plan, strategy, report) -> None:
     finish_curve(report, cfg.steps)
     if task.kind == "classification":
         report["gain"] = _gain(report)
-    if cfg.prune or cfg.keep_zeros:
+    if (cfg.prune or cfg.keep_zeros) and cfg.train == "lora" and isinstance(masks, dict):
+        from zoengine.sparsity.lora import merged_sparsity  # what `zoengine merge` will write
+
+        report["sparsity_after"] = merged_sparsity(model, list(masks))
+    elif cfg.prune or cfg.keep_zeros:
         from zoengine.sparsity import sparsity_report
 
         report["sparsity_after"] = sparsity_report(model, masks if isinstance(masks, dict)
@@ -312,7 +322,7 @@ def finish_report(cfg, task, model, masks, plan, strategy, report) -> None:
 
 
 def write_outputs(cfg: RunConfig, report: dict, trained, tok, t_start: float,
-                  folder: RunFolder | None = None) -> dict:
+                  folder: RunFolder | None = None, masks=None) -> dict:
     """Weights, curve.png and metrics.json, committed together by the folder's manifest (a
     kill leaves the previous outputs or these, never a mix); then the folder's lock is
     released. ``folder``: the acquired ``RunFolder`` (None: acquired here)."""
@@ -321,8 +331,11 @@ def write_outputs(cfg: RunConfig, report: dict, trained, tok, t_start: float,
     report["timing"]["total_s"] = time.perf_counter() - t_start
     folder = folder or RunFolder(cfg.output_dir, log=_log).acquire()
     try:
-        folder.write_final({name: write_weights, "curve.png": plot_curve(report),
-                            "metrics.json": run_summary_json(report)}, weights=name,
+        files = {name: write_weights, "curve.png": plot_curve(report),
+                 "metrics.json": run_summary_json(report)}
+        if masks and cfg.train == "lora":  # `zoengine merge` rebuilds the pruned base from them
+            files[MASKS_FILE] = masks_writer(masks)
+        folder.write_final(files, weights=name,
                            journal_records=cfg.steps if os.path.exists(folder.journal_path)
                            else None)
     finally:

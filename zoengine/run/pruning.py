@@ -11,7 +11,7 @@ from zoengine.run.fsio import probe_writable
 from zoengine.run.lock import FolderError
 from zoengine.run.modeldir import check_target, recover_model_dir, write_model_dir
 from zoengine.sparsity import mask_memory, parse_prune_spec, prune, sparsity_report
-from zoengine.tasks import load_task
+from zoengine.tasks import TaskError, load_task
 
 
 def calibration_blocks(tok, task_name: str = "shakespeare", n_blocks: int = 16,
@@ -83,3 +83,32 @@ def check_output_dir(output_dir: str) -> None:
     except OSError as exc:
         raise FolderError(f"cannot write {output_dir}: its folder {parent} is not writable "
                           f"({exc.strerror or exc})") from None
+
+
+def run_prune_structured(*, model_spec: str, output_dir: str, structure: str,
+                         sparsity: float | None, calib_task: str, calib_blocks: int,
+                         seed: int) -> dict:
+    """``zoengine prune --structure heads|channels``: remove whole KV groups or MLP channels by
+    a Wanda-style score on ``calib_task``'s blocks and save the smaller dense model (it loads
+    with plain transformers)."""
+    from zoengine.run.job import load_model
+    from zoengine.sparsity.structured import prune_structured
+
+    if sparsity is None:
+        raise TaskError("--sparsity", "structured pruning needs --sparsity (the fraction of "
+                                      "heads or channels removed)")
+    check_output_dir(output_dir)
+    torch.manual_seed(seed)
+    model, tok = load_model(model_spec)
+    calib = list(calibration_blocks(tok, calib_task, calib_blocks).split(4))
+    report = prune_structured(model, structure, sparsity, calib)
+
+    def write(folder: str) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tok.save_pretrained(folder)
+    write_model_dir(output_dir, write)
+    print(f"removed {structure} ({report['sparsity_achieved']:.3f} of them): "
+          f"{report['params_before']:,} -> {report['params_after']:,} parameters; wrote "
+          f"{output_dir}; recover it with: zoengine train --model {output_dir} --train full",
+          flush=True)
+    return report

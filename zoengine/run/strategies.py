@@ -198,8 +198,8 @@ class ClassifierStrategy(Strategy):
 class LMStrategy(Strategy):
     """Causal-LM loss on random ``block_size``-token blocks of the training text."""
 
-    def __init__(self, cfg, task, model, tok, log=print):
-        self.name, self.model, self.cfg = cfg.train, model, cfg
+    def __init__(self, cfg, task, model, tok, log=print, teacher=None):
+        self.name, self.model, self.cfg, self.teacher = cfg.train, model, cfg, teacher
         self.blocks = {s: lm_blocks(tok, task.splits[s]["text"][0], cfg.block_size)
                        for s in ("train", "dev", "test")}
         self.timing = {}
@@ -208,6 +208,13 @@ class LMStrategy(Strategy):
         return trainable(self.model)
 
     def batch_closure(self, rng):
+        if self.teacher is not None:  # --objective kd / kd+lm: the cached blocks and logits
+            from zoengine.run.recovery import kd_weight
+            from zoengine.tasks import kd_batch_loss
+
+            batch = self.teacher.batch(rng.randint(0, len(self.teacher), self.cfg.batch_size))
+            w = kd_weight(self.cfg)
+            return lambda: kd_batch_loss(self.model, batch, kd_weight=w)
         train = self.blocks["train"]
         b = train[torch.as_tensor(rng.randint(0, len(train), self.cfg.batch_size))]
         return lambda: lm_loss(self.model, b)
@@ -224,13 +231,14 @@ class LMStrategy(Strategy):
         return self.model
 
 
-def make_strategy(cfg, task, model, tok, log=print) -> Strategy:
-    """The strategy for ``cfg.train`` on ``task`` (an LM task never trains a head)."""
+def make_strategy(cfg, task, model, tok, log=print, teacher=None) -> Strategy:
+    """The strategy for ``cfg.train`` on ``task`` (an LM task never trains a head);
+    ``teacher``: the KD cache of ``--objective kd`` (LM tasks)."""
     if task.kind == "lm":
         if cfg.train == "head":
             raise TaskError("--train", "head trains classification options; an LM task needs "
                                        "--train full or --lora")
-        return LMStrategy(cfg, task, model, tok, log)
+        return LMStrategy(cfg, task, model, tok, log, teacher=teacher)
     if cfg.train == "head":
         return HeadStrategy(cfg, task, model, tok, log)
     return ClassifierStrategy(cfg, task, model, tok, log)

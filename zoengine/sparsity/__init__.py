@@ -25,8 +25,14 @@ from zoengine.sparsity.pruners import (
     parse_prune_spec,
     prune,
 )
+from zoengine.sparsity.structured import (
+    STRUCTURES,
+    heads_sparsities,
+    prune_structured,
+)
 
 __all__ = ["GROUPS", "METHODS", "PATTERNS", "apply_masks", "input_norms", "keep_mask",
            "mask_memory", "masks_from_prune", "masks_from_zeros", "nm_ok", "parse_pattern",
            "parse_prune_spec",
            "prunable_layers", "prune", "remove_prune_reparam", "sparsity_report"]
+__all__ += ["STRUCTURES", "heads_sparsities", "prune_structured"]

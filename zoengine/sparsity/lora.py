@@ -276,3 +276,31 @@ def merge_masked_lora(peft_model: torch.nn.Module) -> torch.nn.Module:
         elif isinstance(module, LoraLayer):
             module.merge()
     return peft_model.unload()
+
+
+def merged_sparsity(peft_model: torch.nn.Module, names) -> dict:
+    """``sparsity_report``'s numbers for the weights a merge would write, without merging: per
+    base-weight name in ``names``, the zeros of W + Σ ((B·A) ⊙ M)·s (LoRA layers; one layer's
+    sum at a time, in float32) or of W (frozen layers)."""
+    lins = _lora_layers(peft_model)
+    base = {_canon(n): p for n, p in peft_model.named_parameters()}
+    per, zeros, numel = {}, 0, 0
+    for name in names:
+        if name in lins:
+            module = lins[name][1]
+            w = module.get_base_layer().weight.detach().float()
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A and adapter not in module.merged_adapters:
+                    delta = (_masked_delta(module, adapter, torch.float32)
+                             if isinstance(module, MaskedLoraLinear)
+                             else module.lora_B[adapter].weight.float()
+                             @ module.lora_A[adapter].weight.float())
+                    w = w + (delta.T if module.fan_in_fan_out else delta) * module.scaling[adapter]
+        elif name in base:
+            w = base[name].detach()
+        else:
+            raise ValueError(f"merged_sparsity: {name!r} is not a weight of this model")
+        z = int((w == 0).sum())
+        per[name] = z / w.numel()
+        zeros, numel = zeros + z, numel + w.numel()
+    return {"zeros": zeros, "numel": numel, "sparsity": zeros / max(numel, 1), "per_tensor": per}
