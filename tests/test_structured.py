@@ -178,6 +178,35 @@ def test_sequential_and_single_pass_agree_on_the_first_layer():
     assert ra["sequential"] and not rb["sequential"]
 
 
+@pytest.mark.parametrize("structure, s, n", [("channels", 0.25, 32), ("heads", 1 / 3, 1)])
+def test_block_by_block_calibration_equals_stopped_full_passes(structure, s, n):
+    """The sequential path (one captured pass, then block by block) chooses what full passes
+    stopped after block i, with blocks < i already pruned, would choose; a dict item with a
+    padding mask exercises the captured per-block arguments."""
+    from zoengine.sparsity import input_norms
+
+    m = llama(seed=10, hidden_size=48, num_attention_heads=6, num_key_value_heads=3,
+              num_hidden_layers=3)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :4] = 0
+    calib = [ids(), {"input_ids": ids(2), "attention_mask": mask}]
+    fast = copy.deepcopy(m)
+    rep = prune_structured(fast, structure, s, calib=calib)
+    slow = copy.deepcopy(m)
+    for i, layer in enumerate(slow.model.layers):
+        if structure == "heads":
+            xn = input_norms(slow, [("o", layer.self_attn.o_proj)], calib, stop_after=layer)["o"]
+            keep = ST._keep(ST.group_scores(layer.self_attn, xn, 3, 16), n)
+            ST.shrink_heads(layer.self_attn, keep, 2, 16)
+        else:
+            xn = input_norms(slow, [("d", layer.mlp.down_proj)], calib, stop_after=layer)["d"]
+            keep = ST._keep(ST.channel_scores(layer.mlp, xn), n)
+            ST.shrink_channels(layer.mlp, keep)
+        assert keep.tolist() == rep["kept"][i], i
+    x = ids(3)
+    assert torch.equal(logits(fast, x), logits(slow, x))
+
+
 # ---- a plain transformers model ----------------------------------------------------------------
 
 @pytest.mark.parametrize("steps", [[("heads", 0.5)], [("channels", 0.25)],

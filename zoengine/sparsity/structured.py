@@ -206,18 +206,66 @@ def _n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _norms_for(model, layers, i: int, part: str, lin: str, calib, sequential: bool, cache: dict):
-    """‖X‖ of ``layers[i].<part>.<lin>``'s inputs: one pass stopped after block i (sequential,
-    the blocks before it already pruned) or one full pass over the dense model (cached)."""
-    if calib is None:
-        return None
-    if sequential:
-        mod = getattr(getattr(layers[i], part), lin)
-        return input_norms(model, [("x", mod)], calib, stop_after=layers[i])["x"]
-    if not cache:
-        mods = [(str(j), getattr(getattr(layer, part), lin)) for j, layer in enumerate(layers)]
-        cache.update(input_norms(model, mods, calib))
-    return cache[str(i)]
+class _StopForward(Exception):
+    pass
+
+
+def _call_model(model, item) -> None:
+    """One calibration item through ``model`` without a KV cache (see ``input_norms``)."""
+    if isinstance(item, torch.Tensor):
+        model(input_ids=item, use_cache=False)
+    elif isinstance(item, dict):
+        model(**{**item, "use_cache": False})
+    elif callable(item):
+        item(model)
+    else:
+        raise ValueError(f"calib item of type {type(item).__name__}: give token-id tensors, "
+                         "dicts of model inputs, callables model -> None, or a list of those")
+
+
+def block_inputs(model, layers, calib) -> tuple[list, list]:
+    """One pass over the model, stopped after the last block: block 0's input hidden states and
+    every block's other arguments (masks, position embeddings: they may differ per block, e.g.
+    sliding-window layers), one entry per calibration item. No KV cache is kept."""
+    hidden, extra = [], [[] for _ in layers]
+
+    def make(i):
+        def hook(_mod, args, kwargs):
+            kwargs = dict(kwargs)
+            h = args[0] if args else kwargs.pop("hidden_states")
+            if i == 0:
+                hidden.append(h.detach())
+            for key, off in (("past_key_values", None), ("past_key_value", None),
+                             ("use_cache", False)):
+                if key in kwargs:
+                    kwargs[key] = off
+            extra[i].append((tuple(args[1:]), kwargs))
+        return hook
+
+    def stop(*_a):
+        raise _StopForward
+
+    hooks = [layer.register_forward_pre_hook(make(i), with_kwargs=True)
+             for i, layer in enumerate(layers)]
+    hooks.append(layers[-1].register_forward_hook(stop))
+    try:
+        for item in (calib if isinstance(calib, (list, tuple)) else [calib]):
+            try:
+                _call_model(model, item)
+            except _StopForward:
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return hidden, extra
+
+
+def _run_block(layer, hidden: list, extra: list) -> list:
+    outs = []
+    for h, (args, kwargs) in zip(hidden, extra):
+        out = layer(h, *args, **kwargs)
+        outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    return outs
 
 
 @torch.no_grad()
@@ -243,9 +291,9 @@ def prune_structured(model: torch.nn.Module, structure: str, sparsity: float, ca
     ``calib``: token-id batches (a (B, T) LongTensor, a dict of model inputs, or a list of those;
     see ``input_norms``). ``None`` uses the weights alone (‖X‖ ≡ 1; the report says
     ``"score": "magnitude"``). ``sequential=True`` takes block i's activations with blocks
-    < i already pruned (one pass stopped after block i per layer); ``False``: one pass over the
-    dense model. sparsity=0 leaves the model untouched. Embeddings, norms and ``lm_head`` (tied
-    or not) are never changed.
+    < i already pruned (one captured pass, then block by block: ~3 forwards in all); ``False``:
+    one pass over the dense model. sparsity=0 leaves the model untouched. Embeddings, norms and
+    ``lm_head`` (tied or not) are never changed.
     """
     sparsity = _check_args(structure, sparsity)
     layers = decoder_layers(model)
@@ -278,14 +326,26 @@ def prune_structured(model: torch.nn.Module, structure: str, sparsity: float, ca
 
 
 def _prune_layers(model, layers, structure: str, remove: int, calib, sequential: bool):
-    """Score and shrink every block in order; the kept indices per block."""
+    """Score and shrink every block in order; the kept indices per block. Sequential: block i's
+    inputs are block i−1's outputs *after* its pruning (Wanda's procedure), run block by block
+    from one captured pass, so calibration costs about three forwards in all."""
     cfg = model.config
     head_dim, groups = _head_dim(cfg), cfg.num_key_value_heads
     ratio = cfg.num_attention_heads // groups
-    part, lin = ("self_attn", "o_proj") if structure == "heads" else ("mlp", "down_proj")
-    kept, cache = [], {}
+    part, name = ("self_attn", "o_proj") if structure == "heads" else ("mlp", "down_proj")
+    lins = [(str(i), getattr(getattr(layer, part), name)) for i, layer in enumerate(layers)]
+    norms, hidden, extra = {}, [], []
+    if calib is not None and sequential:
+        hidden, extra = block_inputs(model, layers, calib)
+    elif calib is not None:
+        norms = input_norms(model, lins, calib)
+    kept = []
     for i, layer in enumerate(layers):
-        x = _norms_for(model, layers, i, part, lin, calib, sequential, cache)
+        if hidden:
+            feed = [(lambda _m, h=h, e=e, b=layer: _run_block(b, [h], [e])) for h, e in
+                    zip(hidden, extra[i])]
+            norms = input_norms(layer, [lins[i]], feed)
+        x = norms.get(str(i))
         if structure == "heads":
             keep = _keep(group_scores(layer.self_attn, x, groups, head_dim), remove)
             shrink_heads(layer.self_attn, keep, ratio, head_dim)
@@ -293,6 +353,8 @@ def _prune_layers(model, layers, structure: str, remove: int, calib, sequential:
             keep = _keep(channel_scores(layer.mlp, x), remove)
             shrink_channels(layer.mlp, keep)
         kept.append(keep.tolist())
+        if hidden and i + 1 < len(layers):
+            hidden = _run_block(layer, hidden, extra[i])
     return kept
 
 
