@@ -128,3 +128,25 @@ def test_prune_structure_writes_a_smaller_model_that_trains(lm, tmp_path):
     assert main(["train", "--model", str(out), "--task", lm["task"], "--train", "full",
                  "--steps", "2", "--batch-size", "2", "--block-size", "8", "--output-dir",
                  str(tmp_path / "rec"), "--no-progress"]) == 0
+
+
+def test_lora_with_keep_zeros_on_an_already_pruned_model(lm, tmp_path):
+    """`zoengine prune` then `train --lora --keep-zeros`: the zeros the model holds become the
+    masks (by name), the report and the merge keep them."""
+    from transformers import AutoModelForCausalLM
+
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "--model", lm["model"], "--output-dir", str(pruned), "--method",
+                 "magnitude", "--pattern", "2:4"]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(pruned), "--task", lm["task"], "--lora",
+                 "--keep-zeros", "--steps", "2", "--batch-size", "2", "--block-size", "8",
+                 "--output-dir", str(run), "--no-progress"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["sparsity_after"]["sparsity"] == pytest.approx(0.5, abs=1e-12)
+    assert main(["merge", str(run), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    before = dict(AutoModelForCausalLM.from_pretrained(pruned).named_parameters())
+    for n, p in merged.named_parameters():
+        if "proj" in n:
+            assert bool((p[before[n] == 0] == 0).all()) and nm_ok(p.detach(), 2, 4), n

@@ -188,6 +188,10 @@ def setup(cfg: RunConfig, task, report: dict, distributed: str | None = None):
     teacher = teacher_for_run(cfg, task, model, tok, log=_log)  # dense: before any pruning
     masks, plan = prune_and_plan(cfg, task, model, tok)
     if cfg.train == "lora":
+        if isinstance(masks, str):  # --keep-zeros: the zeros the given model holds, by name
+            from zoengine.sparsity import masks_from_zeros
+
+            masks = masks_from_zeros(model)
         model = lora_for_run(cfg, model, masks)  # a pruned base: the deltas are masked
     strategy = make_strategy(cfg, task, model, tok, log=_log, teacher=teacher)
     report["timing"].update(strategy.timing)
