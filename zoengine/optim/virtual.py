@@ -108,9 +108,9 @@ class VirtualModel:
         mine = [a for a in attrs if id(module._parameters.get(a)) in self.names]
         if not mine:
             return []
-        for a in mine:
-            self.owned[id(module._parameters[a])] = self.names[id(module._parameters[a])]
         if embedding:
+            p = module._parameters["weight"]
+            self.owned[id(p)] = self.names[id(p)]
             self.handles.append(module.register_forward_hook(self._embedding_hook))
             return mine
         if isinstance(module, nn.Linear) and "weight" in mine and "forward" not in vars(module):

@@ -325,7 +325,7 @@ class ZO(ZOOptimizer):
                          exchange=exchange or self._exchange)
         zo["step"] += 1
         if self._exchange is not None:  # the drift guard, every check_every steps
-            self._exchange.after_step(zo["step"], [p for g in groups for p in g.params])
+            self._exchange.after_step(zo["step"], (p for g in groups for p in g.params))
         if self.noise == "pool":
             stride = pool_stride(self.trainable_numel(groups), self.pool_size)
             zo["pool_pointer"] = (zo["pool_pointer"] + self.n_samples * stride) % self.pool_size
