@@ -124,6 +124,15 @@ def current_rss_mb() -> float:
     return float("nan")
 
 
+def vm_hwm_bytes() -> int:
+    """This process's peak RSS since the last ``clear_refs`` reset (Linux VmHWM), in bytes."""
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def emit_result(result: dict) -> None:
     """Called by a worker: print its result (with peak RSS) for run_fresh to pick up."""
     result = dict(result, peak_rss_mb=round(peak_rss_mb(), 1))

@@ -19,10 +19,16 @@ cache (``~/.cache/zoengine/bench_recovery``), never to the repository:
              of wall clock has passed
   adam row   the same masked LoRA with torch.optim.AdamW and backprop, same clock budget
 
-Peak: VmHWM reset after loading and setting up (masks packed to bits, optimizer built), so it
-covers before-eval, training and after-eval; ``vs_pruned_inference`` divides it by the pruned
-model's ``infer`` peak. The machine is shared: CPU seconds are recorded next to wall seconds.
-Rows go to benchmarks/results/bench_recovery.csv; the markdown table is printed.
+Peak: VmHWM reset after loading and setting up (optimizer built), so it covers before-eval,
+training and after-eval; ``vs_pruned_inference`` divides it by the pruned model's ``infer``
+peak. Full rows pass ``masks="zeros"`` (as ``zoengine train --keep-zeros``), and the sparsity
+is counted from the zeros before and after, with no mask dict kept. Before 2026-12-02 17:20 the
+rows built a dict of bool masks (101 MiB) plus a packed copy and freed the dict before the
+window; glibc kept the freed heap fragmented and the peak read 1.10-1.17x instead of 1.05x
+(docs/sparsity.md, "Recovering a pruned model"). The machine is shared: CPU seconds are
+recorded next to wall seconds.
+Rows go to benchmarks/results/bench_recovery.csv; the markdown table is printed. The stages'
+code is in _recovery.py (shared with bench_recovery_methods.py and bench_recovery_budget.py).
 """
 
 from __future__ import annotations
@@ -37,8 +43,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+from _recovery import (  # noqa: E402,F401
+    LORA_TARGETS,
+    _load,
+    model_dir,
+    work,
+    worker_infer,
+    worker_prune,
+    worker_teacher,
+    worker_train,
+)
 
-LORA_TARGETS = "q_proj,v_proj,o_proj,up_proj,down_proj"
 PRUNED = ("wanda50", "wanda24", "channels25")
 FULL = {"train": "full", "lr": 3e-5, "eps": 1e-3}
 LORA = {"train": "lora", "lr": 2e-3, "eps": 1e-2, "scaling": "lora"}
@@ -58,174 +73,6 @@ ROWS = {  # name -> (model, settings); "best" rows are resolved from finished ro
 DEFAULT_ROWS = ["zo-full-lm@wanda50", "zo-lora-lm@wanda50", "zo-lora-kd@wanda50",
                 "zo-rslora-best@wanda50", "adam-lora-lm@wanda50", "zo-best@wanda24",
                 "zo-full-lm@channels25"]
-
-
-def work() -> Path:
-    return C.cache_dir("bench_recovery")
-
-
-def model_dir(name: str) -> str:
-    return "smollm2-135m" if name == "dense" else str(work() / name)
-
-
-# ---- workers (fresh processes) -------------------------------------------------------------
-
-def _load(a, name):
-    import torch
-
-    from zoengine.run.job import load_model
-    from zoengine.tasks import lm_blocks, shakespeare
-
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    model, tok = load_model(model_dir(name))
-    task = shakespeare(block_size=a.seq)
-    blocks = {s: lm_blocks(tok, task.splits[s]["text"][0], a.seq) for s in ("train", "test")}
-    return model, tok, blocks
-
-
-def worker_prune(a, name: str) -> dict:
-    from zoengine import sparsity as S
-    from zoengine.run.pruning import calibration_blocks
-
-    model, tok, _ = _load(a, "dense")
-    t0 = time.perf_counter()
-    calib = [calibration_blocks(tok, "shakespeare", 4, 128, seed=0)]
-    if name == "channels25":
-        rep = S.prune_structured(model, "channels", 0.25, calib=calib, sequential=False)
-        res = {"params_after": rep["params_after"], "params_before": rep["params_before"]}
-    else:
-        S.prune(model, "wanda", 0.5, "2:4" if name == "wanda24" else "unstructured",
-                calib=calib, sequential=False)
-        res = {}
-    res["prune_s"] = time.perf_counter() - t0
-    if hasattr(model.config, "quantization_config"):  # the GGUF origin, not a quantized model
-        del model.config.quantization_config
-    tmp = work() / f".{name}.tmp"
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    tmp.rename(work() / name)
-    return dict(res, row=f"prune@{name}", model=name)
-
-
-def worker_teacher(a, _: str) -> dict:
-    from zoengine.tasks import build_teacher_cache
-
-    model, _, blocks = _load(a, "dense")
-    t0 = time.perf_counter()
-    cache = build_teacher_cache(model, blocks["train"][:256], str(work() / "teacher"), k=64,
-                                progress=False, overwrite=True)
-    return {"row": "teacher", "model": "dense", "build_s": time.perf_counter() - t0,
-            "teacher_cache_bytes": cache.disk_bytes}
-
-
-def worker_infer(a, name: str) -> dict:
-    """Test perplexity and inference peak of ``name`` at batch ``a.batch`` x ``a.seq``."""
-    from zoengine import sparsity as S
-    from zoengine.sparsity import memory
-    from zoengine.tasks import lm_eval
-
-    model, _, blocks = _load(a, name)
-    memory.reset_peak()  # the load's transient is not the phase we measure
-    t0, c0 = time.perf_counter(), time.process_time()
-    ev = lm_eval(model, blocks["test"], a.batch)
-    res = {"row": f"infer@{name}", "model": name, "ppl_test": ev["perplexity"],
-           "loss_test": ev["loss"], "phase_peak_mb": memory.peak_memory() / 2**20,
-           "params": sum(p.numel() for p in model.parameters()),
-           "eval_s": time.perf_counter() - t0, "eval_cpu_s": time.process_time() - c0}
-    if name != "dense":
-        res["sparsity"] = S.sparsity_report(model, S.masks_from_zeros(model))["sparsity"]
-    return res
-
-
-def worker_train(a, row: str) -> dict:
-    """One recovery row: ZO (MeZO) or Adam, full or masked LoRA, LM or KD+LM, until the clock."""
-    import gc
-
-    import numpy as np
-    import torch
-
-    from zoengine import sparsity as S
-    from zoengine.optim.masks import pack_mask, unpack_mask
-    from zoengine.sparsity import memory
-    from zoengine.tasks import TeacherCache, kd_batch_loss, lm_eval, lm_loss
-
-    name, st = a.row_model, json.loads(a.settings)
-    model, _, blocks = _load(a, name)
-    masks = S.masks_from_zeros(model)  # empty for the structured (dense) model
-    packed = {n: (pack_mask(m), m.shape) for n, m in masks.items()}
-    zeros_start = S.sparsity_report(model, masks)["zeros"] if masks else 0
-    net = model
-    if st["train"] in ("lora", "adam"):
-        from peft import get_peft_model
-
-        from zoengine.sparsity.lora import lora_config, mask_lora
-
-        for p in model.parameters():
-            p.requires_grad_(False)
-        net = get_peft_model(model, lora_config(8, 16, LORA_TARGETS.split(","),
-                                                scaling=st.get("scaling", "lora")))
-        if masks:
-            mask_lora(net, masks)  # kept as bits inside the layers
-        net.eval()
-        params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-    else:
-        params = list(model.named_parameters())
-    if st["train"] == "adam":
-        opt = torch.optim.AdamW([p for _, p in params], lr=st["lr"])
-    else:
-        from zoengine.optim import create
-
-        opt = create("mezo", params, lr=st["lr"], eps=st["eps"], seed=0,
-                     masks=masks if (st["train"] == "full" and masks) else None)
-    del masks
-    gc.collect()
-    teacher = None
-    if st.get("objective", "lm") != "lm":
-        teacher = TeacherCache.open(str(work() / "teacher"), blocks["train"][:256])
-    memory.reset_peak()
-    before = lm_eval(net, blocks["test"], a.batch)
-    train = blocks["train"]
-    steps, t0, c0 = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - t0 < a.budget_s:
-        rng = np.random.RandomState(steps)
-        if teacher is not None:
-            b = teacher.batch(rng.randint(0, len(teacher), a.batch))
-            closure = lambda b=b: kd_batch_loss(net, b, kd_weight=st["kd_weight"])  # noqa: E731
-        else:
-            b = train[torch.as_tensor(rng.randint(0, len(train), a.batch))]
-            closure = lambda b=b: lm_loss(net, b)  # noqa: E731
-        if st["train"] == "adam":
-            net.train()
-            opt.zero_grad(set_to_none=True)
-            closure().backward()
-            opt.step()
-        else:
-            with torch.no_grad():
-                opt.step(closure)
-        steps += 1
-    train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
-    net.eval()
-    after = lm_eval(net, blocks["test"], a.batch)
-    peak = memory.peak_memory() / 2**20
-    sp = {"sparsity": 0.0, "zeros": 0}
-    if packed:
-        if st["train"] == "full":
-            sp = S.sparsity_report(model, {n: unpack_mask(b, sh) for n, (b, sh) in packed.items()})
-        else:
-            from zoengine.sparsity.lora import merged_sparsity  # what a masked merge writes
-
-            sp = merged_sparsity(net, list(packed))
-    return {"row": row, "model": name, "kind": st["train"], "objective": st.get("objective", "lm"),
-            "lora_scaling": st.get("scaling", ""), "steps": steps,
-            "forwards": steps if st["train"] == "adam" else 2 * steps,
-            "backwards": steps if st["train"] == "adam" else 0, "lr": st["lr"], "eps": st["eps"],
-            "ppl_before": before["perplexity"], "ppl_after": after["perplexity"],
-            "train_s": train_s, "train_cpu_s": train_cpu, "phase_peak_mb": peak,
-            "sparsity_after": sp["sparsity"], "zeros_after": sp["zeros"],
-            "zeros_start": zeros_start, "sparsity_exact": sp["zeros"] == zeros_start,
-            "trainable_params": sum(p.numel() for _, p in params),
-            "batch": a.batch, "seq": a.seq, "budget_s": a.budget_s}
 
 
 # ---- driver ----------------------------------------------------------------------------------
@@ -289,6 +136,8 @@ def resolve(row: str, results: dict) -> dict:
 
 
 def finish(rows: list[dict], base: dict) -> list[dict]:
+    if not rows:
+        return rows
     dense = base["dense"]["ppl_test"]
     for r in rows:
         b = base[r["model"]]
@@ -311,6 +160,79 @@ def table(rows: list[dict]) -> str:
             ("time", "train wall s / CPU s"), ("phase_peak_mb", "peak MiB"),
             ("vs_pruned_inference", "÷ pruned inference"), ("sp", "sparsity at end")]
     return C.markdown_table(out, cols)
+
+
+class Lanes:
+    """Runs the stages on ``a.jobs`` threads, in priority order, each once its dependencies are
+    done; a failed stage's dependents, and everything after ``a.deadline_min``, are skipped."""
+
+    def __init__(self, a, items: list, done: set):
+        self.a, self.items, self.done = a, items, done
+        self.results, self.base, self.errors, self.skipped = {}, {}, [], []
+        self.cv, self.t_start = threading.Condition(), time.perf_counter()
+
+    def take(self):
+        with self.cv:
+            while True:
+                if time.perf_counter() - self.t_start > self.a.deadline_min * 60:
+                    self.skipped.extend(i for i, _ in self.items)
+                    self.items.clear()
+                if not self.items:
+                    return None
+                failed = {e.split(" ")[0] for e in self.errors}
+                for k, (item, deps) in enumerate(self.items):
+                    if any(d in failed or d in self.skipped for d in deps):
+                        self.skipped.append(item)
+                        self.items.pop(k)
+                        break
+                    if all(d in self.done for d in deps):
+                        return self.items.pop(k)[0]
+                else:
+                    self.cv.wait(10)
+
+    def run_item(self, item: str) -> str:
+        kind, _, arg = item.partition(":")
+        if kind == "row":
+            with self.cv:
+                st = resolve(arg, self.results)
+            r = run_worker(self.a, item, ["--row-model", ROWS[arg][0], "--settings",
+                                          json.dumps(st)])
+            r["settings"], r["picked"] = st, st.get("picked", "")
+            msg = (f"{r['steps']} steps, ppl {r['ppl_before']:.2f} -> {r['ppl_after']:.2f}, "
+                   f"train {r['train_s']:.0f} s / {r['train_cpu_s']:.0f} CPU s, peak "
+                   f"{r['phase_peak_mb']:.0f} MiB")
+        else:
+            r = run_worker(self.a, item)
+            msg = (f"ppl {r['ppl_test']:.2f} peak {r['phase_peak_mb']:.0f} MiB"
+                   if kind == "infer" else "")
+        with self.cv:
+            if kind == "row":
+                self.results[arg] = r
+            elif kind == "infer":
+                self.base[arg] = r
+            self.done.add(item)
+            self.cv.notify_all()
+        return msg
+
+    def lane(self):
+        while (item := self.take()) is not None:
+            t = time.perf_counter()
+            try:
+                msg = self.run_item(item)
+                print(f"{item}: {msg} ({time.perf_counter() - t:.0f} s)", flush=True)
+            except Exception as exc:  # keep the other stages going; report at the end
+                with self.cv:
+                    self.errors.append(f"{item} {exc}")
+                    self.cv.notify_all()
+                print(f"FAILED {item}: {exc}", flush=True)
+
+    def run(self) -> Lanes:
+        lanes = [threading.Thread(target=self.lane) for _ in range(self.a.jobs)]
+        for t in lanes:
+            t.start()
+        for t in lanes:
+            t.join()
+        return self
 
 
 def main(argv=None) -> int:
@@ -344,65 +266,9 @@ def main(argv=None) -> int:
     if (work() / "teacher" / "header.json").exists():
         done.add("teacher")
     items = [(i, d) for i, d in items if i not in done]
-    results, base, errors, skipped = {}, {}, [], []
-    cv, t_start = threading.Condition(), time.perf_counter()
-
-    def take():
-        with cv:
-            while True:
-                if time.perf_counter() - t_start > a.deadline_min * 60:
-                    skipped.extend(i for i, _ in items)
-                    items.clear()
-                if not items:
-                    return None
-                failed = {e.split(" ")[0] for e in errors}
-                for k, (item, deps) in enumerate(items):
-                    if any(d in failed or d in skipped for d in deps):
-                        skipped.append(item)
-                        items.pop(k)
-                        break
-                    if all(d in done for d in deps):
-                        return items.pop(k)[0]
-                else:
-                    cv.wait(10)
-
-    def lane():
-        while (item := take()) is not None:
-            t = time.perf_counter()
-            try:
-                kind, _, arg = item.partition(":")
-                if kind == "row":
-                    with cv:
-                        st = resolve(arg, results)
-                    r = run_worker(a, item, ["--row-model", ROWS[arg][0], "--settings",
-                                             json.dumps(st)])
-                    r["settings"], r["picked"] = st, st.get("picked", "")
-                    msg = (f"{r['steps']} steps, ppl {r['ppl_before']:.2f} -> "
-                           f"{r['ppl_after']:.2f}, train {r['train_s']:.0f} s / "
-                           f"{r['train_cpu_s']:.0f} CPU s, peak {r['phase_peak_mb']:.0f} MiB")
-                else:
-                    r = run_worker(a, item)
-                    msg = (f"ppl {r['ppl_test']:.2f} peak {r['phase_peak_mb']:.0f} MiB"
-                           if kind == "infer" else "")
-                with cv:
-                    if kind == "row":
-                        results[arg] = r
-                    elif kind == "infer":
-                        base[arg] = r
-                    done.add(item)
-                    cv.notify_all()
-                print(f"{item}: {msg} ({time.perf_counter() - t:.0f} s)", flush=True)
-            except Exception as exc:  # keep the other stages going; report at the end
-                with cv:
-                    errors.append(f"{item} {exc}")
-                    cv.notify_all()
-                print(f"FAILED {item}: {exc}", flush=True)
-
-    lanes = [threading.Thread(target=lane) for _ in range(a.jobs)]
-    for t in lanes:
-        t.start()
-    for t in lanes:
-        t.join()
+    run = Lanes(a, items, done).run()
+    results, base, errors, skipped, t_start = (run.results, run.base, run.errors, run.skipped,
+                                               run.t_start)
     rows = finish([dict(results[r], **{"settings": json.dumps(results[r]["settings"])})
                    for r in rows_wanted if r in results and ROWS[r][0] in base and "dense" in base],
                   base)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from zoengine.cli import main
 
@@ -250,6 +251,21 @@ def test_train_full_with_prune_keeps_the_sparsity(tiny, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["sparsity_after"]["sparsity"] == pytest.approx(0.5, abs=1e-12)
     assert m["memory"]["measured_peak_bytes"] > 0 and m["memory"]["budget_bytes"] == 8 * 2**30
+
+
+def test_full_run_keeps_no_bool_masks_after_setup(tiny, tmp_path):
+    """The optimizer holds the masks as bits; setup hands the run only their names."""
+    from zoengine.run.config import RunConfig
+    from zoengine.run.job import resolve, setup
+
+    txt = tmp_path / "t.txt"
+    txt.write_text("\n\n".join(f"the movie is good {i}. i love this day." for i in range(60)))
+    cfg, task = resolve(RunConfig(model=tiny["model"], task=str(txt), train="full",
+                                  prune="magnitude", steps=1, block_size=8))
+    _, _, masks, _, _, opt = setup(cfg, task, {"timing": {}})
+    assert masks and all(v is None for v in masks.values())
+    bits = [s["mask_bits"] for s in opt.state.values() if "mask_bits" in s]
+    assert len(bits) == len(masks) and all(b.dtype == torch.uint8 for b in bits)
 
 
 @pytest.mark.parametrize("extra, flag", [

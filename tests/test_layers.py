@@ -22,6 +22,7 @@ LAYERS = [
     ("zoengine.sparsity", 3),
     ("zoengine.tasks", 3),
     ("zoengine.models", 3),
+    ("zoengine.loading", 3),  # model folders read with one copy of the weights
     ("zoengine.journal", 3),
     ("zoengine.distributed", 3),
     ("zoengine.run", 4),

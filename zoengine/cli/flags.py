@@ -51,7 +51,8 @@ TRAIN_FLAGS = [  # (flag, dest, type, help)
     ("--output-dir", "output_dir", str, "where metrics.json, curve.png and weights go "
                                         "(default outputs/<task>-<train>-<method>-s<seed>)"),
     ("--train-examples", "train_examples", int, "head: training prompts cached (default 512)"),
-    ("--eval-limit", "eval_limit", int, "score only the first N dev/test rows (0: all)"),
+    ("--eval-limit", "eval_limit", int, "score only the first N dev/test rows (LM tasks: "
+                                        "blocks; 0: all)"),
     ("--eval-every", "eval_every", int, "dev evaluation every N steps (head default 250)"),
     ("--max-length", "max_length", int, "prompt tokens kept (default 128)"),
     ("--eval-batch-size", "eval_batch_size", int, "batch size of evaluation (default 16)"),
@@ -82,10 +83,13 @@ TRAIN_FLAGS = [  # (flag, dest, type, help)
     ("--kd-weight", "kd_weight", float, "--objective kd+lm: weight of the KD term (default 0.5)"),
     ("--kd-top-k", "kd_top_k", int, "teacher logits kept per position (default 64)"),
     ("--kd-blocks", "kd_blocks", int, "training blocks the teacher cache covers (default 256)"),
+    ("--dtype", "dtype", str, "float32 (default) | bfloat16 | float16: the dtype the model "
+                              "loads and trains in (with --max-memory: the widest that fits)"),
     ("--journal-fsync", "journal_fsync", str, "journal durability: step | checkpoint | every "
                                               "K steps (default 100; a kill -9 loses nothing "
                                               "either way, a power cut at most K steps)"),
 ]
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype
 _FLAG_OF = {dest: flag for flag, dest, _, _ in TRAIN_FLAGS}
 
 
@@ -180,6 +184,7 @@ def validate(cfg) -> None:
     need("perturbation", lambda v: v in ("inplace", "virtual"), "must be inplace or virtual")
     need("replica_check_every", lambda v: is_int(v) and v >= 0, "must be an integer >= 0")
     need("lora_scaling", lambda v: v in ("lora", "rslora"), "must be lora or rslora")
+    need("dtype", lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}")
     need("objective", lambda v: v in ("lm", "kd", "kd+lm"), "must be lm, kd or kd+lm")
     need("kd_weight", lambda v: is_num(v) and 0 <= v <= 1, "must be a number in [0, 1]")
     for d in ("kd_top_k", "kd_blocks"):

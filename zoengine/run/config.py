@@ -59,6 +59,7 @@ class RunConfig:
     kd_weight: float = 0.5  # "kd+lm": weight of the KD term
     kd_top_k: int = 64  # teacher logits kept per position
     kd_blocks: int = 256  # training blocks the teacher cache covers (KD trains on these)
+    dtype: str = "float32"  # load and train in this dtype (--max-memory may narrow it)
 
     def resolved(self, task) -> RunConfig:
         """A copy with every ``None``/``auto`` replaced by the default for ``task``."""

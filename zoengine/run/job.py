@@ -37,26 +37,56 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def load_model(spec: str):
-    """(model, tokenizer): the embedded default or a local Hugging Face model folder."""
+def load_model(spec: str, dtype: str | torch.dtype = torch.float32, *, log=_log):
+    """(model, tokenizer): the embedded default or a local Hugging Face model folder, in
+    ``dtype``. A folder loads through ``zoengine.loading`` (peak ~ one copy of the model)."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if spec == DEFAULT_MODEL:
         from zoengine.models import default_model_available, load_default_model
 
         reason = default_model_available()
         if reason:
             raise TaskError("--model", f"the default model cannot load: {reason}")
-        return load_default_model()
+        return load_default_model(dtype)
     if not os.path.isdir(spec) or not os.path.exists(os.path.join(spec, "config.json")):
         raise TaskError("--model", f"{spec!r} is neither {DEFAULT_MODEL!r} nor a local Hugging "
                                    "Face model folder (with config.json)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from zoengine.loading import load_pretrained
 
     tok = AutoTokenizer.from_pretrained(spec)
-    model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
-    model.eval()
+    model = load_pretrained(spec, dtype, log=log)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return model, tok
+
+
+def plan_dtypes(cfg: RunConfig) -> tuple[str, ...]:
+    """The dtypes a run may use: ``--dtype``, and with ``--max-memory`` and the default float32
+    also bfloat16 (the planner takes the first that fits)."""
+    return ("float32", "bfloat16") if cfg.max_memory and cfg.dtype == "float32" else (cfg.dtype,)
+
+
+def load_dtype(cfg: RunConfig, task) -> str:
+    """The dtype to load in. With ``--max-memory``, a first plan from the model folder's config
+    alone (before any weight is read), so a model too large in float32 loads straight into
+    bfloat16 instead of loading, then converting; the plan after loading decides the rest."""
+    dtypes = plan_dtypes(cfg)
+    if len(dtypes) == 1 or cfg.model == DEFAULT_MODEL:
+        return dtypes[0]
+    from transformers import AutoConfig
+
+    from zoengine.sparsity import memory
+
+    lm = task.kind == "lm"
+    try:
+        p = memory.plan(AutoConfig.from_pretrained(cfg.model), cfg.max_memory, cfg.method,
+                        batch_size=cfg.batch_size, dtypes=dtypes,
+                        seq_len=cfg.block_size if lm else cfg.max_length)
+    except memory.MemoryBudgetError:
+        return dtypes[-1]  # the plan after loading refuses, with the measured runtime
+    return p.dtype
 
 
 def auto_threads() -> int:
@@ -135,8 +165,11 @@ def prune_and_plan(cfg: RunConfig, task, model, tok):
     from zoengine.sparsity import memory
 
     lm = task.kind == "lm"
+    loaded = str(next(model.parameters()).dtype).removeprefix("torch.")
+    dtypes = plan_dtypes(cfg)
     plan = memory.plan_for_run(model, cfg.max_memory, method=cfg.method,
-                               batch_size=cfg.batch_size,
+                               batch_size=cfg.batch_size, dtypes=dtypes[dtypes.index(loaded):]
+                               if loaded in dtypes else dtypes,
                                seq_len=cfg.block_size if lm else cfg.max_length,
                                masks=masks if cfg.train == "full" else None, log=_log)
     cfg.batch_size = plan.batch_size
@@ -145,7 +178,7 @@ def prune_and_plan(cfg: RunConfig, task, model, tok):
         cfg.block_size = plan.seq_len
     else:
         cfg.max_length = plan.seq_len
-    if plan.dtype != "float32":
+    if plan.dtype != loaded:
         model.to(getattr(torch, plan.dtype))
     memory.reset_peak()
     return masks, plan
@@ -181,7 +214,7 @@ def setup(cfg: RunConfig, task, report: dict, distributed: str | None = None):
     """Model, pruning/plan, LoRA, strategy and optimizer of a run on ``task`` (no training)."""
     _log(f"loading model {cfg.model} ...")
     t0 = time.perf_counter()
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, load_dtype(cfg, task))
     report["timing"]["load_s"] = time.perf_counter() - t0
     torch.manual_seed(cfg.seed)
     check_objective(cfg, task)
@@ -202,6 +235,10 @@ def setup(cfg: RunConfig, task, report: dict, distributed: str | None = None):
     report["trainable_params"] = int(sum(p.numel() for _, p in params))
     opt = make_optimizer(cfg, params, masks=masks if cfg.train == "full" else None,
                          distributed=distributed, model=model)
+    if cfg.train == "full" and isinstance(masks, dict):
+        # the optimizer keeps them as bits; the report needs only the names (the bool tensors
+        # are 101 MiB for SmolLM2, ~8 % of its pruned inference peak)
+        masks = dict.fromkeys(masks)
     return model, tok, masks, plan, strategy, opt
 
 

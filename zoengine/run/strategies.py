@@ -202,6 +202,9 @@ class LMStrategy(Strategy):
         self.name, self.model, self.cfg, self.teacher = cfg.train, model, cfg, teacher
         self.blocks = {s: lm_blocks(tok, task.splits[s]["text"][0], cfg.block_size)
                        for s in ("train", "dev", "test")}
+        if cfg.eval_limit:  # --eval-limit N: the first N dev and test blocks
+            for s in ("dev", "test"):
+                self.blocks[s] = self.blocks[s][:cfg.eval_limit]
         self.timing = {}
 
     def named_params(self):

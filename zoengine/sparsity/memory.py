@@ -36,7 +36,8 @@ RUNTIME_CPU = 420 * 2**20  # python + torch + transformers RSS (measured: 415-44
 C_HIDDEN, C_INTER = 8.0, 3.0  # live (B,T,D) and (B,T,I) tensors at a block's peak
 SLACK = 1.10  # allocator rounding and fragmentation (fit: tests/test_memory_plan.py)
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
-BASELINES = ("inference", "adam")  # priced here; every other method is a registered class
+BACKPROP = ("adam", "adam8bit", "lora-adam")  # first-order baselines (backprop_bytes)
+BASELINES = ("inference", *BACKPROP)  # priced here; every other method is a registered class
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
           "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,
           "tib": 2**40}
@@ -154,13 +155,32 @@ def activation_bytes(shape: ModelShape, batch: int, seq: int, dtype: str,
     return int(SLACK * (block + head))
 
 
-def adam_bytes(shape: ModelShape, batch: int, seq: int, dtype: str) -> int:
-    """Adam with backprop (for comparison): params, grads, two fp32 moments, stored activations
-    of every block (~(16 D + 5 I) per token per block: a rough model; bench_pruned measures)."""
+def lora_numel(shape: ModelShape, r: int = 8) -> int:
+    """Adapter parameters of LoRA rank ``r`` on q_proj and v_proj (PEFT's default targets)."""
+    return shape.layers * r * (2 * shape.hidden + shape.hidden + shape.kv_dim)
+
+
+def backprop_bytes(shape: ModelShape, batch: int, seq: int, dtype: str, method: str) -> int:
+    """A first-order baseline, for comparison: the weights, and for the trained tensors a
+    gradient and the optimizer's states, plus every block's stored activations
+    (~(16 D + 5 I) per token per block: a rough model that bench_scale.py checks per size).
+
+    - ``adam``: torch.optim.Adam on every weight; its two moments in the weights' dtype
+    - ``adam8bit``: bitsandbytes' Adam8bit: two 1-byte moments (block absmax: +1/256)
+    - ``lora-adam``: frozen weights, LoRA r=8 on q_proj/v_proj trained by Adam in fp32
+    """
     s = DTYPES[dtype]
     tokens = batch * seq
     stored = shape.layers * tokens * (16 * shape.hidden + 5 * shape.intermediate) * s
-    return int(shape.params * (s + 8) + stored + 2 * activation_bytes(shape, batch, seq, dtype))
+    trained, state = {"adam": (shape.params, 2 * s), "adam8bit": (shape.params, 2.03),
+                      "lora-adam": (lora_numel(shape), 8)}[method]
+    return int(shape.params * s + trained * (s + state) + stored
+               + 2 * activation_bytes(shape, batch, seq, dtype))
+
+
+def adam_bytes(shape: ModelShape, batch: int, seq: int, dtype: str) -> int:
+    """``backprop_bytes(..., "adam")``."""
+    return backprop_bytes(shape, batch, seq, dtype, "adam")
 
 
 def zo_methods() -> tuple[str, ...]:
@@ -209,9 +229,9 @@ def predict(model_or_config, method: str = "mezo", batch_size: int = 16, seq_len
         ModelShape.of(model_or_config, masked)
     s = DTYPES[dtype]
     rt = RUNTIME_CPU if runtime is None else runtime
-    if method == "adam":
-        bd = {"runtime": rt, "adam_params_grads_states_activations":
-              adam_bytes(shape, batch_size, seq_len, dtype)}
+    if method in BACKPROP:
+        bd = {"runtime": rt, "params_grads_states_activations":
+              backprop_bytes(shape, batch_size, seq_len, dtype, method)}
     else:
         bd = {"runtime": rt, "params": shape.params * s,
               "activations": activation_bytes(shape, batch_size, seq_len, dtype)}
@@ -314,7 +334,7 @@ def resident_runtime(model) -> int | None:
 # ---- for zoengine train ----------------------------------------------------------------------
 
 def plan_for_run(model, max_memory, *, method: str, batch_size: int, seq_len: int,
-                 masks=None, log=print) -> Plan:
+                 masks=None, dtypes=("float32", "bfloat16"), log=print) -> Plan:
     """Plan for ``zoengine train`` and print it; ``MemoryBudgetError`` (a ValueError) if nothing
     fits. Call after the model is loaded (and pruned); apply ``plan.batch_size``,
     ``plan.seq_len`` (max_length / block_size) and ``plan.dtype`` before building the
@@ -328,7 +348,8 @@ def plan_for_run(model, max_memory, *, method: str, batch_size: int, seq_len: in
     # the runtime term measured in this process, never below the bare-interpreter constant
     rt = max(RUNTIME_CPU, resident_runtime(model) or 0) if not torch.cuda.is_available() else None
     p = plan(model, max_memory, name, batch_size=batch_size, seq_len=seq_len,
-             masks=masks is not None, masked=masked if masks is not None else 0, runtime=rt)
+             masks=masks is not None, masked=masked if masks is not None else 0, runtime=rt,
+             dtypes=tuple(dtypes))
     log(str(p))
     return p
 
