@@ -62,15 +62,21 @@ ROWS = {  # name -> (model, settings); "best" rows are resolved from finished ro
     "zo-full-lm@wanda50": ("wanda50", FULL),
     "zo-lora-lm@wanda50": ("wanda50", LORA),
     "zo-lora-kd@wanda50": ("wanda50", dict(LORA, **KD)),
+    "zo-full-kd@wanda50": ("wanda50", dict(FULL, **KD)),
     "zo-rslora-best@wanda50": ("wanda50", "best-lora"),
     "adam-lora-lm@wanda50": ("wanda50", {"train": "adam", "lr": 1e-3, "eps": ""}),
     "zo-best@wanda24": ("wanda24", "best"),
     # the same, fixed (what the "best" rows resolved to on 2026-12-02)
     "zo-rslora-lm@wanda50": ("wanda50", dict(LORA, scaling="rslora")),
+    # rsLoRA's scale alpha/sqrt(r) is sqrt(8) = 2.83x LoRA's alpha/r at r = 8: the same
+    # effective step needs lr / 2.83 (at LoRA's lr the LM row diverged)
+    "zo-rslora-lm-lr@wanda50": ("wanda50", dict(LORA, scaling="rslora", lr=7e-4)),
+    "zo-rslora-kd-lr@wanda50": ("wanda50", dict(LORA, **KD, scaling="rslora", lr=7e-4)),
     "zo-full-lm@wanda24": ("wanda24", FULL),
     "zo-full-lm@channels25": ("channels25", FULL),
 }
-DEFAULT_ROWS = ["zo-full-lm@wanda50", "zo-lora-lm@wanda50", "zo-lora-kd@wanda50",
+DEFAULT_ROWS = ["zo-full-lm@wanda50", "zo-full-kd@wanda50", "zo-lora-lm@wanda50",
+                "zo-lora-kd@wanda50",
                 "zo-rslora-best@wanda50", "adam-lora-lm@wanda50", "zo-best@wanda24",
                 "zo-full-lm@channels25"]
 

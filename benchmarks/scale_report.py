@@ -94,11 +94,49 @@ def plot(rows: list[dict], path: Path, budget: float, batch: int, seq: int) -> N
             title=f"peak RSS, batch {batch} x {seq} tokens (dots: measured, faint: planner)")
     ax2.set(xscale="log", yscale="log", xlabel="parameters",
             ylabel="step time / two forwards", title="step cost in forwards (1 thread)")
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax2.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax2.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+COMPACT = [("inference", "float32"), ("mezo", "float32"), ("mezo", "bfloat16"),
+           ("dizo", "float32"), ("lora-adam", "float32"), ("adam8bit", "float32"),
+           ("adam", "float32"), ("adam", "bfloat16")]
+
+
+def compact_table(rows: list[dict]) -> str:
+    """One line per size: peak GiB per (method, dtype) ("-" not run, "> 21" did not fit, with
+    the prediction), MeZO's planner error and step cost (README's table)."""
+    by = {(r["size"], r["method"], r["dtype"]): r for r in rows}
+    params = family_params()
+    out = []
+    for size in B.SIZES:
+        line = {"size": size, "params": f"{params[size] / 1e9:.2f}B"}
+        for m, d in COMPACT:
+            r = by.get((size, m, d))
+            if r is None:
+                cell = "–"
+            elif r.get("peak_gib"):
+                cell = f"{float(r['peak_gib']):.2f}"
+            else:
+                cell = f"no fit ({float(r['predicted_gib']):.0f})"
+            line[f"{m}/{d}"] = cell
+        mezo = next((r for d in ("float32", "bfloat16") if (r := by.get((size, "mezo", d)))
+                     and r.get("peak_gib")), {})
+        line["err"] = f"{float(mezo['planner_error']):+.1%}" if mezo.get("planner_error") else ""
+        line["ratio"] = mezo.get("step_over_two_forwards", "")
+        out.append(line)
+    short = {"float32": "fp32", "bfloat16": "bf16"}
+    return C.markdown_table(out, [("size", "size"), ("params", "params")]
+                            + [(f"{m}/{d}", f"{m} {short[d]}") for m, d in COMPACT]
+                            + [("err", "planner error (MeZO)"),
+                               ("ratio", "MeZO step ÷ 2 fwd")])
 
 
 def _bound(b) -> str:
@@ -119,6 +157,8 @@ def report(path: Path, budget_gib: float = 22.0) -> int:
         ("peak_gib", "peak GiB"), ("predicted_gib", "planner GiB"),
         ("planner_error", "planner error"), ("step_over_two_forwards", "step / 2 fwd"),
         ("status", "status")]))
+    print("\npeak GiB (planner's prediction where it did not fit):\n")
+    print(compact_table(rows))
     plot(rows, C.RESULTS / "bench_scale.png", budget, batch, seq)
     print(f"\nwrote {C.RESULTS / 'bench_scale.png'}\n")
     out = [largest(m, d, rows, budget, batch, seq) for m in ("mezo", "dizo", "lora-adam",
