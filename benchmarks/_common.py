@@ -153,6 +153,25 @@ def run_fresh(script: Path, args: Sequence[str], timeout: float = 3600) -> dict:
                        f"{proc.stderr[-3000:]}")
 
 
+def run_logged(script: Path, args: Sequence[str], log: Path) -> dict:
+    """``run_fresh`` with the child's output kept in ``log`` (long stages: read it while it
+    runs) and the child's own wall and CPU seconds added (``proc_wall_s``, ``proc_cpu_s``)."""
+    import time
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        p = subprocess.Popen([sys.executable, str(script), *args], stdout=f,
+                             stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    for line in reversed(log.read_text().splitlines()):
+        if line.startswith(_MARK):
+            return dict(json.loads(line[len(_MARK):]), proc_wall_s=wall,
+                        proc_cpu_s=ru.ru_utime + ru.ru_stime)
+    raise RuntimeError(f"{script.name} {' '.join(args[:2])} failed (status {status}); see {log}")
+
+
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 

@@ -85,22 +85,8 @@ DEFAULT_ROWS = ["zo-full-lm@wanda50", "zo-full-kd@wanda50", "zo-lora-lm@wanda50"
 
 def run_worker(a, stage: str, extra=()) -> dict:
     """``stage`` in a fresh interpreter; its result, with the child's own wall and CPU time."""
-    import os
-    import subprocess
-
     log = work() / "logs" / f"{stage.replace(':', '-').replace('@', '-')}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        p = subprocess.Popen([sys.executable, __file__, "--worker", stage, *a.common, *extra],
-                             stdout=f, stderr=subprocess.STDOUT, cwd=C.ROOT)
-        _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    for line in reversed(log.read_text().splitlines()):
-        if line.startswith("@@BENCH_RESULT@@ "):
-            return dict(json.loads(line.split(" ", 1)[1]), proc_wall_s=wall,
-                        proc_cpu_s=ru.ru_utime + ru.ru_stime)
-    raise RuntimeError(f"worker {stage} failed (status {status}); see {log}")
+    return C.run_logged(Path(__file__), ["--worker", stage, *a.common, *extra], log)
 
 
 def plan_items(rows_wanted: list[str]) -> list[tuple[str, list[str]]]:

@@ -335,24 +335,13 @@ def main(argv=None) -> int:
 
 def run_method(a, method: str, extra: list) -> dict:
     """One method in a fresh interpreter (this file's worker), with its wall and CPU time."""
-    import subprocess
-
-    log = R.work() / "logs" / f"methods-{method}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with open(log, "w") as f:
-        p = subprocess.Popen([sys.executable, __file__, "--worker", method, *a.common, *extra],
-                             stdout=f, stderr=subprocess.STDOUT, cwd=C.ROOT)
-        _, status, ru = os.wait4(p.pid, 0)
-    for line in reversed(log.read_text().splitlines()):
-        if line.startswith("@@BENCH_RESULT@@ "):
-            r = json.loads(line.split(" ", 1)[1])
-            print(f"{method}: {r['steps']} steps, {r['forwards']} forwards, ppl "
-                  f"{r['ppl_before']:.2f} -> {r['ppl_after']:.2f}, {r['train_s']:.0f} s "
-                  f"({time.perf_counter() - t0:.0f} s in all)", flush=True)
-            return dict(r, proc_wall_s=time.perf_counter() - t0,
-                        proc_cpu_s=ru.ru_utime + ru.ru_stime)
-    raise RuntimeError(f"{method} failed (status {status}); see {log}")
+    r = C.run_logged(Path(__file__), ["--worker", method, *a.common, *extra],
+                     R.work() / "logs" / f"methods-{method}.log")
+    print(f"{method}: {r['steps']} steps, {r['forwards']} forwards, ppl "
+          f"{r['ppl_before']:.2f} -> {r['ppl_after']:.2f}, {r['train_s']:.0f} s "
+          f"({time.perf_counter() - t0:.0f} s in all)", flush=True)
+    return r
 
 
 if __name__ == "__main__":
