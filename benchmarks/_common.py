@@ -15,6 +15,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -156,8 +157,6 @@ def run_fresh(script: Path, args: Sequence[str], timeout: float = 3600) -> dict:
 def run_logged(script: Path, args: Sequence[str], log: Path) -> dict:
     """``run_fresh`` with the child's output kept in ``log`` (long stages: read it while it
     runs) and the child's own wall and CPU seconds added (``proc_wall_s``, ``proc_cpu_s``)."""
-    import time
-
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:

@@ -41,9 +41,8 @@ def worker(folder: str, loader: str, dtype: str, threads: int) -> None:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
     load_s = time.perf_counter() - t
     with torch.no_grad():  # read every weight: lazily mapped pages count from here on
-        total = sum(float(p.float().sum()) if p.numel() < 2**24 else
-                    float(sum(c.float().sum() for c in p.view(-1).split(2**24)))
-                    for p in model.parameters())
+        total = sum(float(c.float().sum()) for p in model.parameters()
+                    for c in p.view(-1).split(2**24))  # 16M numbers at a time
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     C.emit_result({"folder": folder, "loader": loader, "dtype": dtype,
                    "checkpoint_gib": round(checkpoint_bytes(folder) / 2**30, 3),

@@ -20,6 +20,7 @@ with a note saying so.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -141,19 +142,14 @@ def _fill(model, tensors: dict[str, StoredTensor]) -> list[str]:
     unknown = sorted(set(tensors) - set(targets))
     if unknown:
         raise KeyError(f"checkpoint tensors with no model tensor of that name: {unknown[:5]}")
-    files: dict[str, object] = {}
     filled = set()
-    try:
-        with torch.no_grad():
-            for name, stored in sorted(tensors.items(), key=lambda kv: (kv[1].path,
-                                                                        kv[1].offset)):
-                f = files.get(stored.path) or files.setdefault(stored.path,
-                                                               open(stored.path, "rb"))
-                read_into(stored, targets[name].data, f)
-                filled.add(targets[name].data_ptr())
-    finally:
-        for f in files.values():
-            f.close()
+    by_place = sorted(tensors.items(), key=lambda kv: (kv[1].path, kv[1].offset))
+    with torch.no_grad():
+        for path, group in itertools.groupby(by_place, key=lambda kv: kv[1].path):
+            with open(path, "rb") as f:  # one file at a time, read front to back
+                for name, stored in group:
+                    read_into(stored, targets[name].data, f)
+                    filled.add(targets[name].data_ptr())
     return [n for n, p in model.named_parameters() if p.data_ptr() not in filled]
 
 

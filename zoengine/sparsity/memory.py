@@ -178,11 +178,6 @@ def backprop_bytes(shape: ModelShape, batch: int, seq: int, dtype: str, method: 
                + 2 * activation_bytes(shape, batch, seq, dtype))
 
 
-def adam_bytes(shape: ModelShape, batch: int, seq: int, dtype: str) -> int:
-    """``backprop_bytes(..., "adam")``."""
-    return backprop_bytes(shape, batch, seq, dtype, "adam")
-
-
 def zo_methods() -> tuple[str, ...]:
     """The registered ZO methods (``zoengine.optim.available_methods()``)."""
     return available_methods()
