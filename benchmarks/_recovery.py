@@ -114,6 +114,11 @@ def setup_row(st: dict, model, names: list[str]):
         params = list(model.named_parameters())
         return model, params, create("mezo", params, lr=st["lr"], eps=st["eps"], seed=0,
                                      masks="zeros" if names else None)
+    if st["train"] == "norms":  # no prunable weight is trained: the zeros need no mask
+        from zoengine.sparsity.norms import train_norms_only
+
+        params = train_norms_only(model)
+        return model, params, create("mezo", params, lr=st["lr"], eps=st["eps"], seed=0)
     from peft import get_peft_model
 
     from zoengine.sparsity.lora import lora_config, mask_lora
@@ -133,16 +138,28 @@ def setup_row(st: dict, model, names: list[str]):
     return net, params, create("mezo", params, lr=st["lr"], eps=st["eps"], seed=0)
 
 
-def train_until(a, st, net, opt, blocks, teacher) -> tuple[int, float, float]:
-    """Steps until ``a.budget_s`` of wall clock: (steps, wall s, CPU s)."""
+def train_until(a, st, net, opt, blocks, teacher, curve=None) -> tuple[int, float, float]:
+    """Steps until ``a.budget_s`` of training wall clock: (steps, wall s, CPU s). With
+    ``a.curve_every`` > 0, the test perplexity every that many training seconds is appended to
+    ``curve`` as (train s, steps, ppl); the clock stops while it is measured."""
     import numpy as np
     import torch
 
-    from zoengine.tasks import kd_batch_loss, lm_loss
+    from zoengine.tasks import kd_batch_loss, lm_eval, lm_loss
 
     train = blocks["train"]
     steps, t0, c0 = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - t0 < a.budget_s:
+    paused = paused_cpu = 0.0  # time spent on the curve's evaluations, not training
+    every = getattr(a, "curve_every", 0) or 0
+    while (elapsed := time.perf_counter() - t0 - paused) < a.budget_s:
+        if every and curve is not None and elapsed >= every * (len(curve) + 1):
+            p0, pc = time.perf_counter(), time.process_time()
+            net.eval()
+            with torch.no_grad():
+                curve.append((round(elapsed, 1), steps,
+                              lm_eval(net, blocks["test"], a.batch)["perplexity"]))
+            paused += time.perf_counter() - p0
+            paused_cpu += time.process_time() - pc
         rng = np.random.RandomState(steps)
         if teacher is not None:
             b = teacher.batch(rng.randint(0, len(teacher), a.batch))
@@ -159,7 +176,7 @@ def train_until(a, st, net, opt, blocks, teacher) -> tuple[int, float, float]:
             with torch.no_grad():
                 opt.step(closure)
         steps += 1
-    return steps, time.perf_counter() - t0, time.process_time() - c0
+    return (steps, time.perf_counter() - t0 - paused, time.process_time() - c0 - paused_cpu)
 
 
 def worker_train(a, row: str) -> dict:
@@ -181,12 +198,13 @@ def worker_train(a, row: str) -> dict:
         teacher = TeacherCache.open(str(work() / "teacher"), blocks["train"][:256])
     memory.reset_peak()
     before = lm_eval(net, blocks["test"], a.batch)
-    steps, train_s, train_cpu = train_until(a, st, net, opt, blocks, teacher)
+    curve = []
+    steps, train_s, train_cpu = train_until(a, st, net, opt, blocks, teacher, curve)
     net.eval()
     after = lm_eval(net, blocks["test"], a.batch)
     peak = memory.peak_memory() / 2**20
     sp = {"sparsity": 0.0, "zeros": 0}
-    if names and st["train"] == "full":
+    if names and st["train"] in ("full", "norms"):
         sp = S.sparsity_report(model, names)
     elif names:
         from zoengine.sparsity.lora import merged_sparsity  # what a masked merge writes
@@ -202,4 +220,5 @@ def worker_train(a, row: str) -> dict:
             "zeros_start": zeros_start, "sparsity_exact": sp["zeros"] == zeros_start,
             "trainable_params": sum(p.numel() for _, p in params),
             "batch": a.batch, "seq": a.seq, "budget_s": a.budget_s,
-            "loadavg_end": os.getloadavg()[0]}
+            "loadavg_end": os.getloadavg()[0],
+            "curve": json.dumps(curve + [(round(train_s, 1), steps, after["perplexity"])])}

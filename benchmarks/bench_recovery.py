@@ -18,6 +18,17 @@ cache (``~/.cache/zoengine/bench_recovery``), never to the repository:
              merge keeps the zeros), objective LM or KD+LM; the loop stops when ``--budget-s``
              of wall clock has passed
   adam row   the same masked LoRA with torch.optim.AdamW and backprop, same clock budget
+  norms rows MeZO on the normalisation gains only (``--train norms``, 35,136 parameters; no
+             pruned weight is trained, so no mask is needed)
+
+The 30-minute run (issue 15's budget; ~100 min for six rows, two at a time):
+
+    python benchmarks/bench_recovery.py --budget-s 1800 --curve-every 300 --deadline-min 80 \
+        --rows zo-norms-lm@wanda50,zo-norms-lm-2x@wanda50,zo-full-lm@wanda50,\
+zo-norms-kd@wanda50,zo-norms-lm@wanda24,zo-norms-lm@channels25
+
+``--curve-every S`` measures the test perplexity every S training seconds (the clock stops
+meanwhile) and plots gap closed against time (bench_recovery_curves.png).
 
 Peak: VmHWM reset after loading and setting up (optimizer built), so it covers before-eval,
 training and after-eval; ``vs_pruned_inference`` divides it by the pruned model's ``infer``
@@ -56,6 +67,10 @@ from _recovery import (  # noqa: E402,F401
 
 PRUNED = ("wanda50", "wanda24", "channels25")
 FULL = {"train": "full", "lr": 3e-5, "eps": 1e-3}
+# the normalisation gains only (--train norms): 35,136 parameters; lr from a 240 s sweep on
+# Wanda 50 % (one core each, two at once): 3e-5 closed 12 %, 1e-4 23 %, 2e-4 26 %; 4e-4 was
+# at 170 after 60 s and 225 (worse than pruned) after 240 s, 1e-3 diverged
+NORMS = {"train": "norms", "lr": 1e-4, "eps": 1e-3}
 LORA = {"train": "lora", "lr": 2e-3, "eps": 1e-2, "scaling": "lora"}
 KD = {"objective": "kd+lm", "kd_weight": 0.5}
 ROWS = {  # name -> (model, settings); "best" rows are resolved from finished rows at run time
@@ -74,6 +89,11 @@ ROWS = {  # name -> (model, settings); "best" rows are resolved from finished ro
     "zo-rslora-kd-lr@wanda50": ("wanda50", dict(LORA, **KD, scaling="rslora", lr=7e-4)),
     "zo-full-lm@wanda24": ("wanda24", FULL),
     "zo-full-lm@channels25": ("channels25", FULL),
+    "zo-norms-lm@wanda50": ("wanda50", NORMS),
+    "zo-norms-lm-2x@wanda50": ("wanda50", dict(NORMS, lr=2e-4)),
+    "zo-norms-kd@wanda50": ("wanda50", dict(NORMS, **KD)),
+    "zo-norms-lm@wanda24": ("wanda24", NORMS),
+    "zo-norms-lm@channels25": ("channels25", NORMS),
 }
 DEFAULT_ROWS = ["zo-full-lm@wanda50", "zo-full-kd@wanda50", "zo-lora-lm@wanda50",
                 "zo-lora-kd@wanda50",
@@ -152,6 +172,34 @@ def table(rows: list[dict]) -> str:
             ("time", "train wall s / CPU s"), ("phase_peak_mb", "peak MiB"),
             ("vs_pruned_inference", "÷ pruned inference"), ("sp", "sparsity at end")]
     return C.markdown_table(out, cols)
+
+
+def plot_curves(rows: list[dict], path: Path) -> bool:
+    """Gap closed against training seconds, one line per row that recorded a curve."""
+    with_curve = [r for r in rows if len(json.loads(r.get("curve") or "[]")) > 1]
+    if not with_curve:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in with_curve:
+        gap = r["ppl_pruned"] - r["ppl_dense"]
+        pts = [(0.0, 0.0)] + [(t / 60, (r["ppl_pruned"] - p) / gap)
+                              for t, _, p in json.loads(r["curve"])]
+        ax.plot(*zip(*pts), marker=".", label=r["row"])
+    ax.axhline(1 / 3, color="grey", ls="--", lw=0.8)
+    ax.text(0.5, 1 / 3 + 0.01, "target: a third of the gap", color="grey", fontsize=8)
+    ax.set_xlabel("training wall clock (min, one core per row)")
+    ax.set_ylabel("perplexity gap closed")
+    ax.set_title("Recovering pruned SmolLM2-135M (held-out Shakespeare)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 class Lanes:
@@ -238,13 +286,16 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--curve-every", type=float, default=0,
+                    help="test perplexity every this many training seconds (0: before and "
+                         "after only; the clock stops while it is measured)")
     ap.add_argument("--no-csv", action="store_true")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--row-model", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--settings", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.common = ["--batch", str(a.batch), "--seq", str(a.seq), "--threads", str(a.threads),
-                "--budget-s", str(a.budget_s)]
+                "--budget-s", str(a.budget_s), "--curve-every", str(a.curve_every)]
     if a.worker is not None:
         kind, _, arg = a.worker.partition(":")
         fn = {"prune": worker_prune, "teacher": worker_teacher, "infer": worker_infer,
@@ -272,6 +323,8 @@ def main(argv=None) -> int:
     print(f"budget: {a.budget_s:.0f} s of training wall clock per row; "
           f"total {time.perf_counter() - t_start:.0f} s")
     print(table(rows))
+    if not a.no_csv and plot_curves(rows, C.RESULTS / "bench_recovery_curves.png"):
+        print("wrote", C.RESULTS / "bench_recovery_curves.png")
     for e in errors:
         print("FAILED", e)
     for s in skipped:

@@ -27,6 +27,10 @@ test split, 64 blocks, as bench_recovery.py); the peak RSS of the window (set up
 eval) and the CPU seconds. Reported for KerZOO and DiZO: the forwards they need to reach MeZO's
 final smoothed step loss (and final probe loss), or "not reached within N forwards".
 Rows: benchmarks/results/bench_recovery_methods.csv (+ _curves.csv); plot: the .png.
+
+``--train norms`` runs the same comparison on the normalisation gains only (the fastest
+recovery in bench_recovery.py: lr 1e-4, no masks needed; DiZO projects every gain):
+curves and plot go to bench_recovery_methods_norms_curves.csv / _norms.png.
 """
 
 from __future__ import annotations
@@ -45,10 +49,15 @@ import bench_recovery as R  # noqa: E402
 
 METHODS = ("mezo", "kerzoo", "dizo")
 MODEL = "wanda50"
-LR, EPS = R.FULL["lr"], R.FULL["eps"]
+SETTINGS = {"full": R.FULL, "norms": R.NORMS}  # --train: bench_recovery.py's lr and eps
 CSV = C.RESULTS / "bench_recovery_methods.csv"
-CURVES = C.RESULTS / "bench_recovery_methods_curves.csv"
-PNG = C.RESULTS / "bench_recovery_methods.png"
+
+
+def outputs(train: str) -> tuple[Path, Path]:
+    """(curves CSV, plot) of one trainable set; ``full`` keeps the first run's file names."""
+    tail = "" if train == "full" else f"_{train}"
+    return (C.RESULTS / f"bench_recovery_methods{tail}_curves.csv",
+            C.RESULTS / f"bench_recovery_methods{tail}.png")
 
 
 def loadavg() -> float:
@@ -76,8 +85,13 @@ def build(method: str, model, counted: Counted, train, a):
 
     from zoengine.optim import create
 
-    params = list(model.named_parameters())
-    kw = {}
+    st = SETTINGS[a.train]
+    if a.train == "norms":  # the gains only: no pruned weight is trained, no mask needed
+        from zoengine.sparsity.norms import train_norms_only
+
+        params, kw = train_norms_only(model), {}
+    else:
+        params, kw = list(model.named_parameters()), {"masks": "zeros"}
     if method == "dizo":
         opt_box, calls = [], {"step": -1, "i": 0}
 
@@ -88,8 +102,9 @@ def build(method: str, model, counted: Counted, train, a):
             calls["i"] += 1
             rng = np.random.RandomState(10**6 + 100 * step + calls["i"])
             return counted.closure(train[torch.as_tensor(rng.randint(0, len(train), a.batch))])
-        kw = {"projected": "code", "interval": a.dizo_interval, "projection_closure": fresh}
-    opt = create(method, params, lr=LR, eps=EPS, seed=0, masks="zeros", **kw)
+        kw.update(projected="code" if a.train == "full" else "all", interval=a.dizo_interval,
+                  projection_closure=fresh)
+    opt = create(method, params, lr=st["lr"], eps=st["eps"], seed=0, **kw)
     if method == "dizo":
         opt_box.append(opt)
     return opt
@@ -148,8 +163,10 @@ def worker(a, method: str) -> dict:
     after = lm_eval(model, blocks["test"], a.batch)
     peak = memory.peak_memory() / 2**20
     zeros_end = S.sparsity_report(model)["zeros"]
-    res = {"row": f"{method}@{MODEL}", "method": method, "model": MODEL,
-           "steps": curve[-1]["step"], "forwards": counted.forwards, "lr": LR, "eps": EPS,
+    st = SETTINGS[a.train]
+    res = {"row": f"{method}@{MODEL}", "method": method, "model": MODEL, "train": a.train,
+           "steps": curve[-1]["step"], "forwards": counted.forwards, "lr": st["lr"],
+           "eps": st["eps"],
            "ppl_before": before["perplexity"], "ppl_after": after["perplexity"],
            "train_s": train_s, "train_cpu_s": train_cpu, "phase_peak_mb": peak,
            "zeros_start": zeros_start, "zeros_end": zeros_end,
@@ -186,7 +203,7 @@ def paired(curve: list[dict], ref: list[dict], window: int) -> float:
     return sum(mine[s] - theirs[s] for s in steps) / len(steps) if steps else math.nan
 
 
-def from_curves(path: Path = CURVES) -> dict:
+def from_curves(path: Path) -> dict:
     """The last recorded run of each method, rebuilt from the curves CSV (for re-analysis)."""
     import csv
 
@@ -229,7 +246,7 @@ def analyse(rows: dict, window: int) -> None:
             for what, f in (("smoothed step loss", f1), ("probe loss", f2)))
 
 
-def plot(rows: dict, window: int, path: Path) -> None:
+def plot(rows: dict, window: int, path: Path, train: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -251,7 +268,9 @@ def plot(rows: dict, window: int, path: Path) -> None:
     for ax in (ax1, ax2):
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.suptitle("Wanda-50 % SmolLM2-135M, full ZO on the LM loss, batch 4 x 64, lr 3e-5")
+    what = {"full": "full ZO", "norms": "ZO on the norm gains"}[train]
+    fig.suptitle(f"Wanda-50 % SmolLM2-135M, {what} on the LM loss, batch 4 x 64, "
+                 f"lr {SETTINGS[train]['lr']:g}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -289,6 +308,9 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=10, help="smoothing window, in steps")
     ap.add_argument("--probe-every", type=int, default=20, help="forwards between probes")
     ap.add_argument("--dizo-interval", type=int, default=20)
+    ap.add_argument("--train", choices=sorted(SETTINGS), default="full",
+                    help="the trainable set: all weights (pruned zeros kept by masks) or the "
+                         "normalisation gains (--train norms)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
@@ -299,13 +321,13 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     a.budget_s = 0.0  # bench_recovery's workers read it; unused here
     extra = ["--forwards", str(a.forwards), "--probe-every", str(a.probe_every),
-             "--dizo-interval", str(a.dizo_interval)]
+             "--dizo-interval", str(a.dizo_interval), "--train", a.train]
     a.common = ["--batch", str(a.batch), "--seq", str(a.seq), "--threads", str(a.threads)]
     if a.worker is not None:
         C.emit_result(dict(worker(a, a.worker), **C.env_info(a.threads)))
         return 0
     if a.reanalyse:  # from the recorded curves: no training
-        rows = from_curves()
+        rows = from_curves(outputs(a.train)[0])
         analyse(rows, a.window)
         for m, r in rows.items():
             print(f"{m} ({r['t']}): final smoothed {r['final_smoothed_loss']:.4f}, probe "
@@ -325,8 +347,9 @@ def main(argv=None) -> int:
                  window_steps=a.window, probe_every=a.probe_every)
     if not a.no_csv:
         C.append_csv(CSV, [{k: v for k, v in r.items() if k != "curve"} for r in rows.values()])
-        C.append_csv(CURVES, curve_rows(rows))
-        plot(rows, a.window, PNG)
+        curves, png = outputs(a.train)
+        C.append_csv(curves, curve_rows(rows))
+        plot(rows, a.window, png, a.train)
     print(f"dense {dense:.2f}, pruned {pruned:.2f} (test ppl); inference peak "
           f"{base[MODEL]['phase_peak_mb']:.0f} MiB")
     print(table(rows))

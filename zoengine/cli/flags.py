@@ -41,12 +41,14 @@ TRAIN_FLAGS = [  # (flag, dest, type, help)
     ("--model", "model", str, "'smollm2-135m' (embedded, default) or a local HF model folder"),
     ("--task", "task", str, "sentiment | sentiment3 | shakespeare | a .csv/.json/.jsonl/.txt file"),
     ("--method", "method", str, "ZO method from the registry (zoengine methods lists them)"),
-    ("--train", "train", str, "what to train: auto | head | full | lora (auto: head for "
-                              "classification, lora for LM)"),
-    ("--steps", "steps", int, "ZO steps (default: head 8000, full 60, lora 100)"),
+    ("--train", "train", str, "what to train: auto | head | full | lora | norms (auto: head "
+                              "for classification, lora for LM; norms: the RMSNorm/LayerNorm "
+                              "gains only, the fast recovery of a pruned model)"),
+    ("--steps", "steps", int, "ZO steps (default: head 8000, full 60, lora 100, norms 300)"),
     ("--batch-size", "batch_size", int, "examples per step (default 16)"),
-    ("--lr", "lr", float, "learning rate (default per --train: head 1e-4, full 1e-5, lora 1e-3)"),
-    ("--eps", "eps", float, "perturbation scale (default: head/full 1e-3, lora 1e-2)"),
+    ("--lr", "lr", float, "learning rate (default per --train: head 1e-4, full 1e-5, lora 1e-3, "
+                          "norms 1e-4)"),
+    ("--eps", "eps", float, "perturbation scale (default: head/full/norms 1e-3, lora 1e-2)"),
     ("--seed", "seed", int, "seed of the data split, batches and noise (default 0)"),
     ("--output-dir", "output_dir", str, "where metrics.json, curve.png and weights go "
                                         "(default outputs/<task>-<train>-<method>-s<seed>)"),

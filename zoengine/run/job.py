@@ -25,6 +25,7 @@ from zoengine.run.recovery import (
     check_objective,
     lora_for_run,
     masks_writer,
+    norms_for_run,
     teacher_for_run,
 )
 from zoengine.run.report import plot_curve, run_summary_json, summary_lines, weights_writer
@@ -131,8 +132,10 @@ def make_optimizer(cfg: RunConfig, named_params, masks=None, distributed: str | 
                                               check_every=cfg.replica_check_every)
     if cfg.method == "dizo":
         # the projected set per --train: head -> the one tensor trained (the option rows),
-        # lora -> every adapter A and B, full -> attention k_proj/v_proj (the authors' code)
-        extra["projected"] = {"head": "all", "lora": "lora", "full": "code"}[cfg.train]
+        # lora -> every adapter A and B, full -> attention k_proj/v_proj (the authors' code),
+        # norms -> every gain trained
+        extra["projected"] = {"head": "all", "lora": "lora", "full": "code",
+                              "norms": "all"}[cfg.train]
         if cfg.dizo_interval is not None:
             extra["interval"] = cfg.dizo_interval
     try:
@@ -152,8 +155,9 @@ def prune_and_plan(cfg: RunConfig, task, model, tok):
     if cfg.prune or cfg.keep_zeros:
         if cfg.train == "head":
             raise TaskError("--prune" if cfg.prune else "--keep-zeros",
-                            "sparsity is kept by full fine-tuning and by masked LoRA: add "
-                            "--train full or --lora (the head never touches the weights)")
+                            "sparsity is kept by full fine-tuning, masked LoRA and norms "
+                            "training: add --train full, --train norms or --lora (the head "
+                            "never touches the weights)")
         from zoengine.run.pruning import masks_for_run
 
         masks = masks_for_run(
@@ -226,6 +230,8 @@ def setup(cfg: RunConfig, task, report: dict, distributed: str | None = None):
 
             masks = masks_from_zeros(model)
         model = lora_for_run(cfg, model, masks)  # a pruned base: the deltas are masked
+    elif cfg.train == "norms":
+        norms_for_run(model)
     strategy = make_strategy(cfg, task, model, tok, log=_log, teacher=teacher)
     report["timing"].update(strategy.timing)
     if teacher is not None:

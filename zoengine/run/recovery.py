@@ -75,6 +75,16 @@ def lora_for_run(cfg, model, masks):
     return model
 
 
+def norms_for_run(model) -> None:
+    """``--train norms``: freeze all but the normalisation gains (no pruned weight moves)."""
+    from zoengine.sparsity.norms import train_norms_only
+
+    try:
+        train_norms_only(model)
+    except ValueError as exc:
+        raise TaskError("--train", str(exc)) from None
+
+
 MASKS_FILE = "keep_masks.safetensors"
 
 

@@ -90,7 +90,7 @@ def summary_lines(report: dict) -> list[str]:
 def weights_writer(cfg, trained, tok) -> tuple[str, Callable[[str], None]]:
     """(name, writer) of a run's trained weights for ``RunFolder.write_final``: ``head``:
     ``head.safetensors`` (the option rows, their bias and token ids); ``lora``: the PEFT
-    ``adapter`` folder; ``full``: a ``model`` folder with the tokenizer."""
+    ``adapter`` folder; ``full``, ``norms``: a ``model`` folder with the tokenizer."""
     if cfg.train == "head":
         def write_head(path: str) -> None:
             from safetensors.torch import save_file
@@ -103,6 +103,6 @@ def weights_writer(cfg, trained, tok) -> tuple[str, Callable[[str], None]]:
 
     def write_folder(path: str) -> None:
         trained.save_pretrained(path, safe_serialization=True)
-        if cfg.train == "full":
+        if cfg.train in ("full", "norms"):
             tok.save_pretrained(path)
     return ("adapter" if cfg.train == "lora" else "model"), write_folder

@@ -37,6 +37,7 @@ def export_journal(run: str, out: str) -> None:
 def _trained_tensors(cfg: RunConfig, model, tok):
     """(named tensors the run trained, in their starting state; what to save afterwards)."""
     from zoengine.run.job import apply_lora, prune_and_plan, run_task
+    from zoengine.run.recovery import norms_for_run
 
     task = run_task(cfg)
 
@@ -48,6 +49,8 @@ def _trained_tensors(cfg: RunConfig, model, tok):
         return [("head_rows", rows)], masks, saved
     if cfg.train == "lora":
         model = apply_lora(cfg, model)
+    elif cfg.train == "norms":
+        norms_for_run(model)
     return trainable(model), masks, model
 
 

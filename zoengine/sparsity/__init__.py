@@ -17,6 +17,7 @@ from zoengine.sparsity.masks import (
     remove_prune_reparam,
     sparsity_report,
 )
+from zoengine.sparsity.norms import norm_parameters, train_norms_only
 from zoengine.sparsity.pruners import (
     GROUPS,
     METHODS,
@@ -36,3 +37,4 @@ __all__ = ["GROUPS", "METHODS", "PATTERNS", "apply_masks", "input_norms", "keep_
            "parse_prune_spec",
            "prunable_layers", "prune", "remove_prune_reparam", "sparsity_report"]
 __all__ += ["STRUCTURES", "heads_sparsities", "prune_structured"]
+__all__ += ["norm_parameters", "train_norms_only"]
