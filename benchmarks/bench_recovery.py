@@ -1,4 +1,4 @@
-"""Recover pruned SmolLM2-135M under one wall-clock budget per row (issue 15, reduced budget).
+"""Recover pruned SmolLM2-135M under one wall-clock budget per row (issue 15).
 
     python benchmarks/bench_recovery.py --budget-s 240 --jobs 2 --threads 1
 
@@ -27,6 +27,11 @@ The 30-minute run (issue 15's budget; ~100 min for six rows, two at a time):
         --rows zo-norms-lm@wanda50,zo-norms-lm-2x@wanda50,zo-full-lm@wanda50,\
 zo-norms-kd@wanda50,zo-norms-lm@wanda24,zo-norms-lm@channels25
 
+The rest of the issue's matrix (2:4 and channels 25 %: full KD+LM, masked LoRA and rsLoRA
+with LM and KD+LM, AdamW + backprop on masked LoRA), at the first budget, ~40 min:
+
+    python benchmarks/bench_recovery.py --budget-s 240 --jobs 2 --threads 1 --rows matrix-rest
+
 ``--curve-every S`` measures the test perplexity every S training seconds (the clock stops
 meanwhile) and plots gap closed against time (bench_recovery_curves.png).
 
@@ -45,6 +50,7 @@ code is in _recovery.py (shared with bench_recovery_methods.py and bench_recover
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import sys
@@ -95,6 +101,19 @@ ROWS = {  # name -> (model, settings); "best" rows are resolved from finished ro
     "zo-norms-lm@wanda24": ("wanda24", NORMS),
     "zo-norms-lm@channels25": ("channels25", NORMS),
 }
+# the rest of the issue's matrix on 2:4 and channels 25 %, with Wanda 50 %'s settings
+for _m in ("wanda24", "channels25"):
+    ROWS.update({
+        f"zo-full-kd@{_m}": (_m, dict(FULL, **KD)),
+        f"zo-lora-lm@{_m}": (_m, LORA),
+        f"zo-lora-kd@{_m}": (_m, dict(LORA, **KD)),
+        f"zo-rslora-lm-lr@{_m}": (_m, dict(LORA, scaling="rslora", lr=7e-4)),
+        f"zo-rslora-kd-lr@{_m}": (_m, dict(LORA, **KD, scaling="rslora", lr=7e-4)),
+        f"adam-lora-lm@{_m}": (_m, {"train": "adam", "lr": 1e-3, "eps": ""}),
+    })
+MATRIX_REST = [r for r in ROWS if r.split("@")[1] in ("wanda24", "channels25")
+               and r.split("@")[0] in ("zo-full-kd", "zo-lora-lm", "zo-lora-kd",
+                                       "zo-rslora-lm-lr", "zo-rslora-kd-lr", "adam-lora-lm")]
 DEFAULT_ROWS = ["zo-full-lm@wanda50", "zo-full-kd@wanda50", "zo-lora-lm@wanda50",
                 "zo-lora-kd@wanda50",
                 "zo-rslora-best@wanda50", "adam-lora-lm@wanda50", "zo-best@wanda24",
@@ -124,7 +143,7 @@ def plan_items(rows_wanted: list[str]) -> list[tuple[str, list[str]]]:
     for r in rows_wanted:
         m = ROWS[r][0]
         d = [f"prune:{m}", f"infer:{m}"] + [f"row:{x}" for x in deps.get(r, [])]
-        if r.endswith("@wanda50") and "kd" in r or ROWS[r][1] in ("best", "best-lora"):
+        if "-kd" in r or ROWS[r][1] in ("best", "best-lora"):
             d.append("teacher")
         items.append((f"row:{r}", d))
         if r == "adam-lora-lm@wanda50":
@@ -174,28 +193,58 @@ def table(rows: list[dict]) -> str:
     return C.markdown_table(out, cols)
 
 
+def curve_rows(csv_path: Path, budget_s: float) -> list[dict]:
+    """The newest row of each name at ``budget_s`` that recorded a perplexity curve."""
+    if not csv_path.exists():
+        return []
+    newest: dict[str, dict] = {}
+    with open(csv_path, newline="") as f:
+        for r in csv.DictReader(f):
+            if not r.get("curve") or not r.get("budget_s") or float(r["budget_s"]) != budget_s:
+                continue
+            if r["row"] not in newest or r["timestamp_utc"] > newest[r["row"]]["timestamp_utc"]:
+                newest[r["row"]] = r
+    return list(newest.values())
+
+
+FLOOR = -0.25  # gap closed below this is drawn at it (diverged rows)
+
+
 def plot_curves(rows: list[dict], path: Path) -> bool:
-    """Gap closed against training seconds, one line per row that recorded a curve."""
-    with_curve = [r for r in rows if len(json.loads(r.get("curve") or "[]")) > 1]
-    if not with_curve:
+    """Gap closed against training minutes, one line per row, one panel per pruned model
+    (Wanda 50 % apart: most rows are there)."""
+    rows = [r for r in rows if len(json.loads(r.get("curve") or "[]")) > 1]
+    if not rows:
         return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r in with_curve:
-        gap = r["ppl_pruned"] - r["ppl_dense"]
-        pts = [(0.0, 0.0)] + [(t / 60, (r["ppl_pruned"] - p) / gap)
-                              for t, _, p in json.loads(r["curve"])]
-        ax.plot(*zip(*pts), marker=".", label=r["row"])
-    ax.axhline(1 / 3, color="grey", ls="--", lw=0.8)
-    ax.text(0.5, 1 / 3 + 0.01, "target: a third of the gap", color="grey", fontsize=8)
-    ax.set_xlabel("training wall clock (min, one core per row)")
-    ax.set_ylabel("perplexity gap closed")
-    ax.set_title("Recovering pruned SmolLM2-135M (held-out Shakespeare)")
-    ax.legend(fontsize=7)
+    panels = [("Wanda 50 % unstructured", [r for r in rows if r["model"] == "wanda50"]),
+              ("Wanda 2:4 and channels 25 %", [r for r in rows if r["model"] != "wanda50"])]
+    panels = [p for p in panels if p[1]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), sharey=True,
+                             squeeze=False)
+    for ax, (title, group) in zip(axes[0], panels):
+        for r in sorted(group, key=lambda r: r["row"]):
+            pruned, dense = float(r["ppl_pruned"]), float(r["ppl_dense"])
+            pts = [(0.0, 0.0)] + [(t / 60, (pruned - p) / (pruned - dense))
+                                  for t, _, p in json.loads(r["curve"])]
+            label = r["row"].split("@")[0] if title.startswith("Wanda 50") else r["row"]
+            if pts[-1][1] < FLOOR:  # a diverged row would squash every other line
+                label += f" (diverged: ppl {float(pts[-1][1]) * (dense - pruned) + pruned:.3g})"
+            ax.plot(*zip(*[(t, max(g, FLOOR)) for t, g in pts]), marker=".", label=label)
+        ax.axhline(1 / 3, color="grey", ls="--", lw=0.8)
+        ax.axhline(1 / 2, color="grey", ls=":", lw=0.8)
+        ax.text(0.3, 1 / 3 + 0.01, "target: a third", color="grey", fontsize=8)
+        ax.text(0.3, 1 / 2 + 0.01, "stretch: a half", color="grey", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(bottom=FLOOR - 0.02)
+        ax.set_xlabel("training wall clock (min, one core per row)")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("perplexity gap closed (held-out Shakespeare)")
+    fig.suptitle("Recovering pruned SmolLM2-135M by ZO, same clock per row")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -275,6 +324,26 @@ class Lanes:
         return self
 
 
+def from_logs(rows_wanted: list[str]):
+    """The results a stopped driver had finished, read back from its stages' logs (each
+    worker prints its result line before exiting); what has no result line is reported."""
+    def read(stage: str):
+        log = work() / "logs" / f"{stage.replace(':', '-').replace('@', '-')}.log"
+        lines = log.read_text().splitlines() if log.exists() else []
+        marked = [x for x in lines if x.startswith(C._MARK)]
+        return json.loads(marked[-1][len(C._MARK):]) if marked else None
+
+    results = {}
+    for r in rows_wanted:
+        if (x := read(f"row:{r}")) is not None:
+            st = ROWS[r][1] if isinstance(ROWS[r][1], dict) else {}
+            results[r] = dict(x, settings=st, picked="")
+    models = {"dense"} | {ROWS[r][0] for r in results}
+    base = {m: x for m in sorted(models) if (x := read(f"infer:{m}")) is not None}
+    missing = [r for r in rows_wanted if r not in results]
+    return results, base, [], missing, time.perf_counter()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget-s", type=float, default=240, help="training wall seconds per row")
@@ -290,12 +359,23 @@ def main(argv=None) -> int:
                     help="test perplexity every this many training seconds (0: before and "
                          "after only; the clock stops while it is measured)")
     ap.add_argument("--no-csv", action="store_true")
+    ap.add_argument("--plot", action="store_true",
+                    help="only redraw results/bench_recovery_curves.png from the CSV's rows "
+                         "at --budget-s")
+    ap.add_argument("--from-logs", action="store_true",
+                    help="run nothing: rebuild the rows (and their baselines) from the stage "
+                         "logs of an earlier run that was stopped before writing the CSV")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--row-model", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--settings", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.common = ["--batch", str(a.batch), "--seq", str(a.seq), "--threads", str(a.threads),
                 "--budget-s", str(a.budget_s), "--curve-every", str(a.curve_every)]
+    if a.plot:
+        ok = plot_curves(curve_rows(C.RESULTS / "bench_recovery.csv", a.budget_s),
+                         C.RESULTS / "bench_recovery_curves.png")
+        print("wrote" if ok else "no curves at this budget in", C.RESULTS / "bench_recovery_curves.png")
+        return 0 if ok else 1
     if a.worker is not None:
         kind, _, arg = a.worker.partition(":")
         fn = {"prune": worker_prune, "teacher": worker_teacher, "infer": worker_infer,
@@ -303,15 +383,21 @@ def main(argv=None) -> int:
         C.emit_result(dict(fn(a, arg), **C.env_info(a.threads)))
         return 0
     work().mkdir(parents=True, exist_ok=True)
-    rows_wanted = [r for r in a.rows.split(",") if r]
+    rows_wanted = MATRIX_REST if a.rows == "matrix-rest" else [r for r in a.rows.split(",") if r]
+    unknown = [r for r in rows_wanted if r not in ROWS]
+    if unknown:
+        ap.error(f"--rows: unknown row(s) {unknown}; known: {sorted(ROWS)} or 'matrix-rest'")
     items = plan_items(rows_wanted)
     done = {f"prune:{m}" for m in PRUNED if (work() / m / "config.json").exists()}
     if (work() / "teacher" / "header.json").exists():
         done.add("teacher")
     items = [(i, d) for i, d in items if i not in done]
-    run = Lanes(a, items, done).run()
-    results, base, errors, skipped, t_start = (run.results, run.base, run.errors, run.skipped,
-                                               run.t_start)
+    if a.from_logs:
+        results, base, errors, skipped, t_start = from_logs(rows_wanted)
+    else:
+        run = Lanes(a, items, done).run()
+        results, base, errors, skipped, t_start = (run.results, run.base, run.errors,
+                                                   run.skipped, run.t_start)
     rows = finish([dict(results[r], **{"settings": json.dumps(results[r]["settings"])})
                    for r in rows_wanted if r in results and ROWS[r][0] in base and "dense" in base],
                   base)
@@ -323,7 +409,9 @@ def main(argv=None) -> int:
     print(f"budget: {a.budget_s:.0f} s of training wall clock per row; "
           f"total {time.perf_counter() - t_start:.0f} s")
     print(table(rows))
-    if not a.no_csv and plot_curves(rows, C.RESULTS / "bench_recovery_curves.png"):
+    csv_path = C.RESULTS / "bench_recovery.csv"
+    if not a.no_csv and plot_curves(curve_rows(csv_path, a.budget_s),
+                                    C.RESULTS / "bench_recovery_curves.png"):
         print("wrote", C.RESULTS / "bench_recovery_curves.png")
     for e in errors:
         print("FAILED", e)

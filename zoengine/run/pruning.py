@@ -13,6 +13,11 @@ from zoengine.run.modeldir import check_target, recover_model_dir, write_model_d
 from zoengine.sparsity import mask_memory, parse_prune_spec, prune, sparsity_report
 from zoengine.tasks import TaskError, load_task
 
+# 30 min of one core on Wanda-50 % SmolLM2 (docs/sparsity.md): the norms led for the first 15 min
+# (38 % of the gap at 1.01x memory), full MeZO went further (46 % at 1.04x)
+RECOVER_HINT = ("--train norms --keep-zeros (quick, inference memory), or --train full "
+                "--keep-zeros (slower, goes further)")
+
 
 def calibration_blocks(tok, task_name: str = "shakespeare", n_blocks: int = 16,
                        block_size: int = 128, seed: int = 0) -> torch.Tensor:
@@ -66,8 +71,8 @@ def run_prune(*, model_spec: str, output_dir: str, method: str, pattern: str,
         model.save_pretrained(folder, safe_serialization=True)
         tok.save_pretrained(folder)
     write_model_dir(output_dir, write)
-    print(f"wrote {output_dir}; recover it with: zoengine train --model "
-          f"{output_dir} --train full --keep-zeros", flush=True)
+    print(f"wrote {output_dir}; recover it with: zoengine train --model {output_dir} "
+          f"{RECOVER_HINT}", flush=True)
     return output_dir
 
 
@@ -109,6 +114,6 @@ def run_prune_structured(*, model_spec: str, output_dir: str, structure: str,
     write_model_dir(output_dir, write)
     print(f"removed {structure} ({report['sparsity_achieved']:.3f} of them): "
           f"{report['params_before']:,} -> {report['params_after']:,} parameters; wrote "
-          f"{output_dir}; recover it with: zoengine train --model {output_dir} --train full",
+          f"{output_dir}; recover it with: zoengine train --model {output_dir} {RECOVER_HINT}",
           flush=True)
     return report
