@@ -456,10 +456,16 @@ def test_zotrainer_under_accelerate_launch(tmp_path):
 
 
 def _torchrun(args: list, env_extra: dict | None = None, world: int = 2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-           "--master_port", str(_free_port()), "-m", "zoengine", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})})
+    # _free_port releases the port before torchrun binds it; if another process took it in
+    # between, the store fails with EADDRINUSE before any rank ran: take another port, once
+    for _attempt in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+               "--master_port", str(_free_port()), "-m", "zoengine", *args]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})})
+        if r.returncode == 0 or "address already in use" not in r.stderr.lower():
+            return r
+    return r
 
 
 def test_torchrun_resume_with_the_same_or_another_world_size(tiny, tmp_path):
