@@ -166,7 +166,8 @@ def test_interrupted_run_leaves_no_half_written_files(tiny, tmp_path):
     from zoengine.run import LOOP_STARTED
 
     out = tmp_path / "intr"
-    code = ("import sys; from zoengine.cli import main; sys.exit(main(sys.argv[1:]))")
+    code = ("import faulthandler, signal, sys; faulthandler.register(signal.SIGUSR1); "
+            "from zoengine.cli import main; sys.exit(main(sys.argv[1:]))")
     args = tiny_args(tiny, out, "--train", "head", "--steps", "2000000", "--batch-size", "4")
     p = subprocess.Popen([sys.executable, "-u", "-c", code, *args], cwd=ROOT, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -179,7 +180,18 @@ def test_interrupted_run_leaves_no_half_written_files(tiny, tmp_path):
         p.wait(timeout=60)
         pytest.fail(f"the run ended (rc {p.returncode}) without starting its loop: {seen}")
     p.send_signal(signal.SIGINT)
-    log, _ = p.communicate(timeout=120)
+    try:
+        log, _ = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # seen once in a fresh clone: keep where it hung
+        p.send_signal(signal.SIGUSR1)  # faulthandler prints every thread's stack
+        try:
+            log, _ = p.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            log, _ = p.communicate()
+        p.kill()
+        pytest.fail("no exit within 120 s of SIGINT; output and stacks:\n" + "".join(seen)
+                    + (log or "")[-6000:])
     log = "".join(seen) + log
     assert p.returncode == 130, log
     assert "Traceback" not in log and "interrupted" in log
