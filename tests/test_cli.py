@@ -166,7 +166,10 @@ def test_interrupted_run_leaves_no_half_written_files(tiny, tmp_path):
     from zoengine.run import LOOP_STARTED
 
     out = tmp_path / "intr"
+    # a shell's background job (`cmd &`, nohup) starts with SIGINT ignored and Python keeps
+    # it so; the child restores Ctrl-C as a terminal gives it (this test hung 120 s under `&`)
     code = ("import faulthandler, signal, sys; faulthandler.register(signal.SIGUSR1); "
+            "signal.signal(signal.SIGINT, signal.default_int_handler); "
             "from zoengine.cli import main; sys.exit(main(sys.argv[1:]))")
     args = tiny_args(tiny, out, "--train", "head", "--steps", "2000000", "--batch-size", "4")
     p = subprocess.Popen([sys.executable, "-u", "-c", code, *args], cwd=ROOT, text=True,

@@ -295,10 +295,11 @@ def run_train(cfg: RunConfig, *, resume: bool = False) -> dict:
         if ranks.world > 1:
             _log(f"rank {ranks.rank}: trained tensors sha256 "
                  f"{tensors_hash(strategy.named_params())}")
-        if not ranks.main:
-            return report
-        return write_outputs(cfg, report, strategy.trained(), tok, t_start, folder,
-                             masks=masks if isinstance(masks, dict) else None)
+        out = report if not ranks.main else write_outputs(
+            cfg, report, strategy.trained(), tok, t_start, folder,
+            masks=masks if isinstance(masks, dict) else None)
+        ranks.barrier()  # leave the group together: a rank tearing gloo down early aborted
+        return out
     finally:
         folder.release()
         ranks.close()
