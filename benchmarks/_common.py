@@ -140,6 +140,14 @@ def emit_result(result: dict) -> None:
     print(_MARK + json.dumps(result), flush=True)
 
 
+def result_in(lines: Sequence[str]) -> dict | None:
+    """The last result a worker emitted in ``lines`` (its stdout or log), or None."""
+    for line in reversed(lines):
+        if line.startswith(_MARK):
+            return json.loads(line[len(_MARK):])
+    return None
+
+
 def run_fresh(script: Path, args: Sequence[str], timeout: float = 3600) -> dict:
     """Run ``python script *args`` in a fresh interpreter and return the dict it emitted.
 
@@ -147,9 +155,8 @@ def run_fresh(script: Path, args: Sequence[str], timeout: float = 3600) -> dict:
     """
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(_MARK):
-            return json.loads(line[len(_MARK):])
+    if (result := result_in(proc.stdout.splitlines())) is not None:
+        return result
     raise RuntimeError(f"{script.name} {' '.join(args)} failed (exit {proc.returncode}):\n"
                        f"{proc.stderr[-3000:]}")
 
@@ -164,10 +171,8 @@ def run_logged(script: Path, args: Sequence[str], log: Path) -> dict:
                              stderr=subprocess.STDOUT, cwd=ROOT)
         _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
-    for line in reversed(log.read_text().splitlines()):
-        if line.startswith(_MARK):
-            return dict(json.loads(line[len(_MARK):]), proc_wall_s=wall,
-                        proc_cpu_s=ru.ru_utime + ru.ru_stime)
+    if (result := result_in(log.read_text().splitlines())) is not None:
+        return dict(result, proc_wall_s=wall, proc_cpu_s=ru.ru_utime + ru.ru_stime)
     raise RuntimeError(f"{script.name} {' '.join(args[:2])} failed (status {status}); see {log}")
 
 

@@ -102,18 +102,12 @@ ROWS = {  # name -> (model, settings); "best" rows are resolved from finished ro
     "zo-norms-lm@channels25": ("channels25", NORMS),
 }
 # the rest of the issue's matrix on 2:4 and channels 25 %, with Wanda 50 %'s settings
-for _m in ("wanda24", "channels25"):
-    ROWS.update({
-        f"zo-full-kd@{_m}": (_m, dict(FULL, **KD)),
-        f"zo-lora-lm@{_m}": (_m, LORA),
-        f"zo-lora-kd@{_m}": (_m, dict(LORA, **KD)),
-        f"zo-rslora-lm-lr@{_m}": (_m, dict(LORA, scaling="rslora", lr=7e-4)),
-        f"zo-rslora-kd-lr@{_m}": (_m, dict(LORA, **KD, scaling="rslora", lr=7e-4)),
-        f"adam-lora-lm@{_m}": (_m, {"train": "adam", "lr": 1e-3, "eps": ""}),
-    })
-MATRIX_REST = [r for r in ROWS if r.split("@")[1] in ("wanda24", "channels25")
-               and r.split("@")[0] in ("zo-full-kd", "zo-lora-lm", "zo-lora-kd",
-                                       "zo-rslora-lm-lr", "zo-rslora-kd-lr", "adam-lora-lm")]
+MATRIX_REST = [f"{name}@{m}" for m in ("wanda24", "channels25") for name in (
+    "zo-full-kd", "zo-lora-lm", "zo-lora-kd", "zo-rslora-lm-lr", "zo-rslora-kd-lr",
+    "adam-lora-lm")]
+ROWS.update({r: (r.split("@")[1], ROWS[r.split("@")[0] + "@wanda50"][1]) for r in MATRIX_REST})
+CSV_PATH = C.RESULTS / "bench_recovery.csv"
+CURVES_PNG = C.RESULTS / "bench_recovery_curves.png"
 DEFAULT_ROWS = ["zo-full-lm@wanda50", "zo-full-kd@wanda50", "zo-lora-lm@wanda50",
                 "zo-lora-kd@wanda50",
                 "zo-rslora-best@wanda50", "adam-lora-lm@wanda50", "zo-best@wanda24",
@@ -122,10 +116,13 @@ DEFAULT_ROWS = ["zo-full-lm@wanda50", "zo-full-kd@wanda50", "zo-lora-lm@wanda50"
 
 # ---- driver ----------------------------------------------------------------------------------
 
+def stage_log(stage: str) -> Path:
+    return work() / "logs" / f"{stage.replace(':', '-').replace('@', '-')}.log"
+
+
 def run_worker(a, stage: str, extra=()) -> dict:
     """``stage`` in a fresh interpreter; its result, with the child's own wall and CPU time."""
-    log = work() / "logs" / f"{stage.replace(':', '-').replace('@', '-')}.log"
-    return C.run_logged(Path(__file__), ["--worker", stage, *a.common, *extra], log)
+    return C.run_logged(Path(__file__), ["--worker", stage, *a.common, *extra], stage_log(stage))
 
 
 def plan_items(rows_wanted: list[str]) -> list[tuple[str, list[str]]]:
@@ -328,10 +325,8 @@ def from_logs(rows_wanted: list[str]):
     """The results a stopped driver had finished, read back from its stages' logs (each
     worker prints its result line before exiting); what has no result line is reported."""
     def read(stage: str):
-        log = work() / "logs" / f"{stage.replace(':', '-').replace('@', '-')}.log"
-        lines = log.read_text().splitlines() if log.exists() else []
-        marked = [x for x in lines if x.startswith(C._MARK)]
-        return json.loads(marked[-1][len(C._MARK):]) if marked else None
+        log = stage_log(stage)
+        return C.result_in(log.read_text().splitlines()) if log.exists() else None
 
     results = {}
     for r in rows_wanted:
@@ -372,9 +367,9 @@ def main(argv=None) -> int:
     a.common = ["--batch", str(a.batch), "--seq", str(a.seq), "--threads", str(a.threads),
                 "--budget-s", str(a.budget_s), "--curve-every", str(a.curve_every)]
     if a.plot:
-        ok = plot_curves(curve_rows(C.RESULTS / "bench_recovery.csv", a.budget_s),
-                         C.RESULTS / "bench_recovery_curves.png")
-        print("wrote" if ok else "no curves at this budget in", C.RESULTS / "bench_recovery_curves.png")
+        ok = plot_curves(curve_rows(CSV_PATH, a.budget_s), CURVES_PNG)
+        print("wrote" if ok else f"no curves at --budget-s {a.budget_s} in {CSV_PATH}; kept",
+              CURVES_PNG)
         return 0 if ok else 1
     if a.worker is not None:
         kind, _, arg = a.worker.partition(":")
@@ -387,14 +382,13 @@ def main(argv=None) -> int:
     unknown = [r for r in rows_wanted if r not in ROWS]
     if unknown:
         ap.error(f"--rows: unknown row(s) {unknown}; known: {sorted(ROWS)} or 'matrix-rest'")
-    items = plan_items(rows_wanted)
-    done = {f"prune:{m}" for m in PRUNED if (work() / m / "config.json").exists()}
-    if (work() / "teacher" / "header.json").exists():
-        done.add("teacher")
-    items = [(i, d) for i, d in items if i not in done]
     if a.from_logs:
         results, base, errors, skipped, t_start = from_logs(rows_wanted)
     else:
+        done = {f"prune:{m}" for m in PRUNED if (work() / m / "config.json").exists()}
+        if (work() / "teacher" / "header.json").exists():
+            done.add("teacher")
+        items = [(i, d) for i, d in plan_items(rows_wanted) if i not in done]
         run = Lanes(a, items, done).run()
         results, base, errors, skipped, t_start = (run.results, run.base, run.errors,
                                                    run.skipped, run.t_start)
@@ -402,17 +396,15 @@ def main(argv=None) -> int:
                    for r in rows_wanted if r in results and ROWS[r][0] in base and "dense" in base],
                   base)
     if not a.no_csv:
-        C.append_csv(C.RESULTS / "bench_recovery.csv",
+        C.append_csv(CSV_PATH,
                      [dict(b, budget_s=a.budget_s) for b in base.values()] + rows)
     for m, b in base.items():
         print(f"{m}: test ppl {b['ppl_test']:.2f}, inference peak {b['phase_peak_mb']:.0f} MiB")
     print(f"budget: {a.budget_s:.0f} s of training wall clock per row; "
           f"total {time.perf_counter() - t_start:.0f} s")
     print(table(rows))
-    csv_path = C.RESULTS / "bench_recovery.csv"
-    if not a.no_csv and plot_curves(curve_rows(csv_path, a.budget_s),
-                                    C.RESULTS / "bench_recovery_curves.png"):
-        print("wrote", C.RESULTS / "bench_recovery_curves.png")
+    if not a.no_csv and plot_curves(curve_rows(CSV_PATH, a.budget_s), CURVES_PNG):
+        print("wrote", CURVES_PNG)
     for e in errors:
         print("FAILED", e)
     for s in skipped:

@@ -186,13 +186,12 @@ def test_interrupted_run_leaves_no_half_written_files(tiny, tmp_path):
     try:
         log, _ = p.communicate(timeout=120)
     except subprocess.TimeoutExpired:  # seen once in a fresh clone: keep where it hung
-        p.send_signal(signal.SIGUSR1)  # faulthandler prints every thread's stack
+        p.send_signal(signal.SIGUSR1)  # faulthandler prints every thread's stack, runs on
         try:
             log, _ = p.communicate(timeout=20)
         except subprocess.TimeoutExpired:
             p.kill()
             log, _ = p.communicate()
-        p.kill()
         pytest.fail("no exit within 120 s of SIGINT; output and stacks:\n" + "".join(seen)
                     + (log or "")[-6000:])
     log = "".join(seen) + log
