@@ -3,7 +3,7 @@
     python benchmarks/bench_noise.py [--numel 4194304 --reps 7 --threads 1]
 
 Rows: torch.normal (MeZO's generator), the reference oracle (eager-PyTorch Philox, as
-zoengine.noise.generate and kernels/reference.py use it), and the native backend, both as pure
+zoengine.noise.generate and zoengine/kernels/reference.py use it), and the native backend, both as pure
 generation into a buffer (``native_ops.noise``) and as the op a ZO step runs (``perturb_`` of an
 fp32 tensor: generate, scale, add, store). Reports the best and the median of ``--reps`` timed
 runs (the best is the least disturbed by other processes on a shared machine) and values per

@@ -203,16 +203,11 @@ else
     run_phase install 60 "$PY" -m pip install --no-deps --no-build-isolation -e .
 fi
 if ! "$PY" -c "import zoengine" 2>>"$LOG"; then
-    # e.g. an image whose setuptools cannot do PEP 660 editable installs offline: the package
-    # layout (zoengine.kernels = kernels/, zoengine.hwsim = hwsim/) rebuilt with symlinks
-    SHIM="$WORK/site"
-    mkdir -p "$SHIM/zoengine"
-    for f in "$ROOT"/zoengine/*; do ln -s "$f" "$SHIM/zoengine/"; done
-    ln -s "$ROOT/kernels" "$SHIM/zoengine/kernels"
-    ln -s "$ROOT/hwsim" "$SHIM/zoengine/hwsim"
-    export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+    # e.g. an image whose setuptools cannot do PEP 660 editable installs offline: every module
+    # lives under zoengine/, so the repository root on PYTHONPATH is the whole package
+    export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
     if "$PY" -c "import zoengine" 2>>"$LOG"; then
-        log "WARNING: the install did not make zoengine importable; using a symlink shim ($SHIM on PYTHONPATH)"
+        log "WARNING: the install did not make zoengine importable; using the repository root on PYTHONPATH"
     else
         log "WARNING: zoengine does not import (install and shim both failed); the next phases will fail"
     fi

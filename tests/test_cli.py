@@ -118,7 +118,7 @@ def test_hwsim_and_methods(capsys):
 
 def test_subprocess_error_has_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "zoengine", "train", "--steps", "-1"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "--steps" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -172,7 +172,7 @@ def test_interrupted_run_leaves_no_half_written_files(tiny, tmp_path):
             "signal.signal(signal.SIGINT, signal.default_int_handler); "
             "from zoengine.cli import main; sys.exit(main(sys.argv[1:]))")
     args = tiny_args(tiny, out, "--train", "head", "--steps", "2000000", "--batch-size", "4")
-    p = subprocess.Popen([sys.executable, "-u", "-c", code, *args], cwd=ROOT, text=True,
+    p = subprocess.Popen([sys.executable, "-u", "-c", code, *args], cwd=tmp_path, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     seen = []
     for line in p.stdout:  # blocks until the child prints; the child flushes every line

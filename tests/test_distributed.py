@@ -14,10 +14,10 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
-from test_cli import ROOT
 
 import zoengine
 from zoengine.distributed import dtensor_shards, replicas_agree, row_shard, sharded_group
@@ -395,7 +395,7 @@ def test_cli_under_torchrun_trains_data_parallel_and_rank0_writes(tiny, tmp_path
            "--master_port", str(_free_port()), "-m", "zoengine",
            *tiny_args(tiny, out, "--train", "head", "--steps", "12", "--batch-size", "4",
                       "--checkpoint-every", "5")]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     # both ranks print to one pipe, so their lines may interleave: match anywhere
@@ -446,7 +446,7 @@ def test_zotrainer_under_accelerate_launch(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
            "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), str(script)]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     lines = [(tmp_path / "hf" / f"rank{r}.txt").read_text() for r in range(2)]
@@ -461,8 +461,8 @@ def _torchrun(args: list, env_extra: dict | None = None, world: int = 2):
     for _attempt in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
                "--master_port", str(_free_port()), "-m", "zoengine", *args]
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
-                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})})
+        r = subprocess.run(cmd, cwd=tempfile.gettempdir(), capture_output=True, text=True,
+                           timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})})
         if r.returncode == 0 or "address already in use" not in r.stderr.lower():
             return r
     return r

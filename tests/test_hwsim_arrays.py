@@ -1,5 +1,5 @@
 """The lane-array model (rotator, on-the-fly array, banked pool) against the cached Yosys table
-``hwsim/data/synth_rotate_pool.json`` (no Yosys needed: the synthesis runs are in
+``zoengine/hwsim/data/synth_rotate_pool.json`` (no Yosys needed: the synthesis runs are in
 tests/test_hwsim_synth.py behind HWSIM_SYNTH=1)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""hwsim's restatement of the optimizers' rng_budget() (hwsim/budget.py) against the real
-optimizers, the model tensor sizes against transformers' Llama, and run pricing (hwsim/runs.py,
+"""hwsim's restatement of the optimizers' rng_budget() (zoengine/hwsim/budget.py) against the real
+optimizers, the model tensor sizes against transformers' Llama, and run pricing (zoengine/hwsim/runs.py,
 ``zoengine hwsim estimate --model/--budget``)."""
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import pytest
 from zoengine.hwsim import generators as G
 from zoengine.hwsim import sources as S
 
-HWSIM_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hwsim")
+HWSIM_DIR = os.path.dirname(os.path.abspath(G.__file__))
 
 
 # ---- bit accuracy ----------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def test_hwsim_sources_do_not_import_torch():
                         (fn, n)
 
 
-def test_hwsim_runs_with_torch_blocked():
+def test_hwsim_runs_with_torch_blocked(tmp_path):
     """``import zoengine.hwsim`` and its CLI work with torch (and cupy) unimportable."""
     code = """
 import sys
@@ -252,6 +252,6 @@ assert zoengine.hwsim.cli.main(['--params', '1e6', '--json']) == 0
 print('ok')
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                       cwd=os.path.dirname(HWSIM_DIR))
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("ok")

@@ -60,3 +60,14 @@ def test_cached_table_reproduces(design, bits, n):
     p = next(q for q in table["points"] if (q["design"], q["bits"], q["n"]) == (design, bits, n))
     r = rtl.synthesize(design, bits=bits, n=n, pool=POOL_SIZE)
     assert (r.lut, r.ff, r.bram18) == (p["lut"], p["ff"], p["bram18"])
+
+
+@pytest.mark.parametrize("design", rtl.DESIGNS)
+def test_committed_verilog_is_what_emit_writes(design):
+    """hwsim/verilog/*.v at the repository root are generated files: never stale, never edited."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "hwsim", "verilog", f"{design}.v")
+    with open(path, encoding="utf-8") as fh:
+        committed = fh.read()
+    assert committed == rtl.emit(design)[0], (
+        f"{path} is stale: zoengine hwsim synth --design {design} --emit {path}")

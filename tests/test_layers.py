@@ -30,7 +30,7 @@ LAYERS = [
     ("zoengine.cli", 5),
     ("zoengine.__main__", 6),
 ]
-SOURCE_DIRS = {"zoengine": "zoengine", "kernels": "zoengine.kernels", "hwsim": "zoengine.hwsim"}
+SOURCE_DIRS = {"zoengine": "zoengine"}
 
 
 def _layer(module: str) -> tuple[str, int] | None:

@@ -96,10 +96,9 @@ print(json.dumps({"before": before, "peak": memory.peak_memory(),
 @pytest.mark.parametrize("dims", [(8000, 256, 1024, 4, 256),  # logits dominate
                                   (512, 512, 2048, 8, 256)],  # decoder blocks dominate
                          ids=["logits", "blocks"])
-def test_activation_model_matches_measured_rss(dims):
+def test_activation_model_matches_measured_rss(dims, tmp_path):
     pytest.importorskip("transformers")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", _WORKER, *map(str, dims)], cwd=root,
+    out = subprocess.run([sys.executable, "-c", _WORKER, *map(str, dims)], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     r = json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,4 +1,4 @@
-"""The compiled CPU backend ("native") against the pure-PyTorch oracle (kernels/reference.py).
+"""The compiled CPU backend ("native") against the pure-PyTorch oracle (zoengine/kernels/reference.py).
 
 Promises checked here (docs/backends.md):
 - uniform and Rademacher z, and every op result built from them, are bit-identical to the oracle

@@ -1,4 +1,4 @@
-"""Fused noisy linear (kernels/triton_noisy_linear.py) against the noise contract, on CPU under
+"""Fused noisy linear (zoengine/kernels/triton_noisy_linear.py) against the noise contract, on CPU under
 TRITON_INTERPRET=1, and (gpu-marked, in a fresh process) compiled on CUDA.
 
 The interpreted kernel module is imported inside a module fixture after the variable is set,
@@ -39,7 +39,7 @@ SHAPES = [(5, 24, 12), (37, 70, 19)]  # (M, K, N): K % 4 == 0 (block path) and K
 
 @pytest.fixture(scope="module")
 def NL(tops):  # noqa: F811
-    """kernels/triton_noisy_linear.py imported under the interpreter (after triton_ops)."""
+    """zoengine/kernels/triton_noisy_linear.py imported under the interpreter (after triton_ops)."""
     saved = sys.modules.pop(MOD, None)
     try:
         mod = importlib.import_module(MOD)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import ROOT, make_tiny_model, tiny_args
+from test_cli import make_tiny_model, tiny_args
 
 from zoengine.cli import main
 from zoengine.run import LOOP_STARTED
@@ -49,7 +49,8 @@ def reference(tiny, tmp_path_factory):
 def _killed(tiny, out, extra, point):
     env = {**os.environ, "ZOENGINE_CRASH_AT": point}
     r = subprocess.run([sys.executable, "-m", "zoengine", *args(tiny, out, *extra)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                       cwd=os.path.dirname(out), env=env, capture_output=True, text=True,
+                       timeout=300)
     return r
 
 
@@ -134,7 +135,7 @@ def test_a_second_run_into_the_folder_is_refused_and_the_first_completes(tiny, t
     first = subprocess.Popen([sys.executable, "-u", "-m", "zoengine",
                               *args(tiny, out, "--train", "head", "--steps", "400",
                                     "--batch-size", "4")],
-                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
     for line in first.stdout:
         if LOOP_STARTED in line:

@@ -177,7 +177,7 @@ def crashed(tmp_path_factory):
     jobs = [{"scenario": s, "point": p, "folder": str(base / f"{i:02d}-{s}")}
             for i, (s, p, _) in enumerate(CRASHES)]
     env = {k: v for k, v in os.environ.items() if k != "ZOENGINE_CRASH_AT"}
-    r = subprocess.run([sys.executable, "-c", HELPER, TESTS, json.dumps(jobs)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-c", HELPER, TESTS, json.dumps(jobs)], cwd=base,
                        env=env, capture_output=True, text=True, timeout=240)
     lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
     assert r.returncode == 0 and lines, r.stdout + r.stderr
@@ -460,7 +460,7 @@ print("RELEASED", flush=True)
 
 def test_a_second_run_is_refused_while_the_first_lives(tiny, tmp_path, capsys):
     d = str(tmp_path / "run")
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, d], cwd=ROOT, text=True,
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, d], cwd=tmp_path, text=True,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert p.stdout.readline().strip() == "HELD"  # waits for the event, no sleep

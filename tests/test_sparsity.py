@@ -310,7 +310,7 @@ def test_mask_memory_is_one_thirty_second_of_fp32():
     assert mem["bit_bytes"] * 32 == mem["fp32_weight_bytes"]
 
 
-# ---- one optimizer-level Triton case (interpreter; kernels/triton_ops.py) ---------------------
+# ---- one optimizer-level Triton case (interpreter; zoengine/kernels/triton_ops.py) ---------------------
 
 _TRITON_CASE = """
 import torch, zoengine

@@ -1,4 +1,4 @@
-"""Triton kernels (kernels/triton_ops.py) against the reference, under TRITON_INTERPRET=1 on CPU.
+"""Triton kernels (zoengine/kernels/triton_ops.py) against the reference, under TRITON_INTERPRET=1 on CPU.
 
 The interpreter must be switched on before a ``@triton.jit`` runs, so the kernel module is
 imported inside the module-scoped fixture ``tops`` after setting the variable, and the
@@ -38,7 +38,7 @@ KEYS = [0x0, 0x12345678, 0xFFFFFFFF, 0x9E3779B9]
 
 @pytest.fixture(scope="module")
 def tops():
-    """kernels/triton_ops.py imported under the interpreter (and tests/triton_probes.py)."""
+    """zoengine/kernels/triton_ops.py imported under the interpreter (and tests/triton_probes.py)."""
     saved_env = os.environ.get("TRITON_INTERPRET")
     saved = {m: sys.modules.pop(m) for m in (MOD, "triton_probes") if m in sys.modules}
     os.environ["TRITON_INTERPRET"] = "1"

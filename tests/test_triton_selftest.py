@@ -1,4 +1,4 @@
-"""First-use self-test of the Triton kernels for backend='auto' on CUDA (kernels/triton_selftest.py).
+"""First-use self-test of the Triton kernels for backend='auto' on CUDA (zoengine/kernels/triton_selftest.py).
 
 On CPU: the real self-test runs under TRITON_INTERPRET=1 (test_triton_ops' ``tops`` fixture
 puts the interpreted triton_ops in sys.modules); corrupted or raising ops make it fail; and the

@@ -1,4 +1,4 @@
-"""Tiny Triton kernels that expose pieces of kernels/triton_ops.py to tests.
+"""Tiny Triton kernels that expose pieces of zoengine/kernels/triton_ops.py to tests.
 
 Import this module only after TRITON_INTERPRET=1 is set (the test fixture does): a
 ``@triton.jit`` defined before that stays a compiled-only kernel and cannot run on CPU.

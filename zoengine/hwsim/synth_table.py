@@ -6,7 +6,7 @@
 
 The grid is n = 4 ... 256 lanes, W = 8 and 16, for ``otf_array`` (explicit radix-4 rotator),
 ``pool_array`` (P = 65,536 numbers) and ``otf_shiftx`` (the unstructured part-select rotator,
-for the record). Each point is written to ``hwsim/data/synth_rotate_pool.json`` as soon as it is
+for the record). Each point is written to ``zoengine/hwsim/data/synth_rotate_pool.json`` as soon as it is
 done, with the Yosys version and the flow, so an interrupted run resumes where it stopped and CI
 never needs Yosys.
 """

@@ -1,4 +1,4 @@
-"""Host side of the multi-tensor Triton launch of kernels/triton_ops.py: argument checks, uint8
+"""Host side of the multi-tensor Triton launch of zoengine/kernels/triton_ops.py: argument checks, uint8
 mask views, launch geometry and the pointer table each program reads its tensor from.
 
 Nothing here is ``@triton.jit``, so this module means the same with or without

@@ -19,7 +19,7 @@ import numpy as np
 __all__ = ["CHUNK", "MODELS", "WINDOW", "llama_numels", "model_numels", "pool_stride",
            "rng_budget"]
 
-CHUNK = 1 << 16  # elements per request of the reuse ops (kernels/reuse.py CHUNK_ELEMENTS)
+CHUNK = 1 << 16  # elements per request of the reuse ops (zoengine/kernels/reuse.py CHUNK_ELEMENTS)
 WINDOW = 1 << 14  # adaptive-scaling window of the rotate source (RotateSource.window)
 NOISES = ("normal", "uniform", "rademacher", "pool", "rotate")
 

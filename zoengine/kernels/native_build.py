@@ -1,4 +1,4 @@
-"""Building and caching the native CPU library (used by kernels/native_ops.py).
+"""Building and caching the native CPU library (used by zoengine/kernels/native_ops.py).
 
 Where the library is kept: ``$ZOENGINE_CACHE_DIR``, else ``$XDG_CACHE_HOME/zoengine``, else
 ``~/.cache/zoengine``; if that cannot be created or written, the per-user temp dir

@@ -87,7 +87,7 @@ _XC7 = {
     "bram_port_bits": Coef("BRAM18 port width (SDP)", 36, "bit", "P", "Xilinx UG473 (dossier §7.2)"),
     "rot_lut_rule": Coef("rotation network n*W*ceil(ceil(log2 n)/2) LUT6 (one 4:1 mux per LUT6, "
                          "radix-4 levels)", 1.0, "LUT per output bit and radix-4 level", "S",
-                         "hwsim/data/synth_rotate_pool.json (Yosys 0.70, n = 4..256, W = 8, 16)"),
+                         "zoengine/hwsim/data/synth_rotate_pool.json (Yosys 0.70, n = 4..256, W = 8, 16)"),
 }
 _DS = ("Xilinx DS180 / DS190 part tables quoted from memory (not in the dossier): verify "
        "before relying on utilisation")

@@ -1,5 +1,5 @@
 """Structural cost model of the lane arrays (rotator, on-the-fly array, banked pool) and its
-check against the synthesized table ``hwsim/data/synth_rotate_pool.json``.
+check against the synthesized table ``zoengine/hwsim/data/synth_rotate_pool.json``.
 
 What Yosys builds (``synth_xilinx -family xc7``, see ``rtl_arrays``), per n lanes of W bits with
 lg = ceil(log2 n):

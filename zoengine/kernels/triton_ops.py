@@ -17,7 +17,7 @@ are host addresses, so the pointer table works there as well (tests/test_triton_
 
 This module holds everything ``@triton.jit`` (so that one import decides compiled vs
 interpreted for all of it) and the public launchers; the host-side checks, launch geometry and
-table building are in kernels/triton_launch.py.
+table building are in zoengine/kernels/triton_launch.py.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ __all__ = ["perturb_", "restore_update_", "is_interpreted", "clear_table_cache"]
 
 # Distribution codes (constexpr: each gets its own compiled kernel).
 _DIST_CODE = {"normal": 0, "uniform": 1, "rademacher": 2}
-# Extension point, PeZO reuse pool (kernels/reuse.py PoolSource, docs/kernels.md): code 3 would
+# Extension point, PeZO reuse pool (zoengine/kernels/reuse.py PoolSource, docs/kernels.md): code 3 would
 # read z[j] = s * Q[(p_k + j) mod N], j = the tensor's global offset (a 7th table row) + element
 # index, in `_noise_tile` below; Q's address, N and s become runtime args and p_k joins the
 # sample table. Masks, restore, the n-sample sum and rounding stay as they are.

@@ -72,7 +72,7 @@ def _native_problem(tensors: Sequence[torch.Tensor]) -> str | None:
     if devices != ["cpu"]:
         return f"it needs CPU tensors; got devices {devices}"
     if importlib.util.find_spec(_MODULES["native"]) is None:
-        return "this zoengine build has no native CPU kernels (kernels/native_ops.py)"
+        return "this zoengine build has no native CPU kernels (zoengine/kernels/native_ops.py)"
     from zoengine.kernels import native_ops  # builds or loads the shared library once
 
     return native_ops.unavailable_reason(tensors)
