@@ -28,7 +28,7 @@ def model_dir(name: str) -> str:
 def _load(a, name):
     import torch
 
-    from zoengine.run.job import load_model
+    from zoengine.run.resources import load_model
     from zoengine.tasks import lm_blocks, shakespeare
 
     torch.set_num_threads(a.threads)

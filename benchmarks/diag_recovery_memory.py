@@ -47,7 +47,7 @@ def load(loader: str):
         tok = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     else:
-        from zoengine.run.job import load_model
+        from zoengine.run.resources import load_model
 
         model, tok = load_model(folder)
     task = shakespeare(block_size=64)

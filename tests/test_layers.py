@@ -1,6 +1,7 @@
 """The house rules, checked: dependencies point one way (noise contract -> kernels -> optim ->
-sparsity/tasks -> run -> cli/hf), the Philox stream words are unique, and every package imports
-on its own."""
+sparsity/tasks/storage -> run -> cli/hf), no module imports itself back through any chain (lazy
+and TYPE_CHECKING imports counted, inside a package too), the Philox stream words are unique, and
+every package imports on its own."""
 
 import ast
 import importlib
@@ -24,6 +25,7 @@ LAYERS = [
     ("zoengine.models", 3),
     ("zoengine.loading", 3),  # model folders read with one copy of the weights
     ("zoengine.journal", 3),
+    ("zoengine.storage", 3),  # run folders on disk: imports only zoengine.faults
     ("zoengine.distributed", 3),
     ("zoengine.run", 4),
     ("zoengine.hf", 5),
@@ -82,6 +84,87 @@ def _violations():
     return bad
 
 
+def _import_graph(modules: dict) -> dict:
+    """module -> the zoengine modules it imports (each target resolved to the longest known
+    module: ``from zoengine.run.job import f`` -> ``zoengine.run.job``). The implicit import of
+    a parent package is not an edge: Python runs ``zoengine.run``'s __init__ before
+    ``zoengine.run.job`` whatever job imports, and that is not a cycle of ours."""
+    graph = {}
+    for module, path in modules.items():
+        targets = set()
+        for target in _imports(path, module):
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            # an ancestor package has run its __init__ before this module: importing a name
+            # from it (`from zoengine.kernels import reference`) adds no edge to the __init__
+            if target and target != module and not module.startswith(target + "."):
+                targets.add(target)
+        graph[module] = targets
+    return graph
+
+
+def _cycles(graph: dict) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan, iterative)."""
+    index, low, on_stack, stack, out, counter = {}, {}, set(), [], [], [0]
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter[0]
+        counter[0] += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            for child in children:
+                if child not in graph:
+                    continue
+                if child not in index:
+                    index[child] = low[child] = counter[0]
+                    counter[0] += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                    break
+                if child in on_stack:
+                    low[node] = min(low[node], index[child])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    comp = []
+                    while True:
+                        w = stack.pop()
+                        on_stack.discard(w)
+                        comp.append(w)
+                        if w == node:
+                            break
+                    if len(comp) > 1:
+                        out.append(sorted(comp))
+    return out
+
+
+def test_no_import_cycle_anywhere():
+    """No module reaches itself again through imports, lazy ones inside functions and
+    ``if TYPE_CHECKING:`` ones included, within a package as well as across packages."""
+    assert _cycles(_import_graph(dict(_modules()))) == []
+
+
+def test_cycle_check_catches_a_lazy_cycle_inside_a_package(tmp_path):
+    # the check itself must be able to fail: a -> b at top level, b -> c -> a inside functions
+    files = {"a": "from zoengine.pkg.b import f\n",
+             "b": "def f():\n    from zoengine.pkg import c\n",
+             "c": "def g():\n    import zoengine.pkg.a\n",
+             "d": "from zoengine.pkg.a import x\n"}
+    modules = {}
+    for name, text in files.items():
+        (tmp_path / f"{name}.py").write_text(text)
+        modules[f"zoengine.pkg.{name}"] = tmp_path / f"{name}.py"
+    assert _cycles(_import_graph(modules)) == [["zoengine.pkg.a", "zoengine.pkg.b",
+                                                 "zoengine.pkg.c"]]
+
+
 def test_every_module_has_a_layer():
     unplaced = [m for m, _ in _modules() if _layer(m) is None and m != "zoengine"]
     assert unplaced == []
@@ -120,8 +203,8 @@ def test_stream_words_are_unique_and_used_from_the_table():
 
 
 @pytest.mark.parametrize("package", ["zoengine.kernels", "zoengine.optim", "zoengine.sparsity",
-                                     "zoengine.tasks", "zoengine.run", "zoengine.hwsim",
-                                     "zoengine.cli"])
+                                     "zoengine.tasks", "zoengine.storage", "zoengine.run",
+                                     "zoengine.hwsim", "zoengine.cli"])
 def test_each_package_imports_in_a_fresh_process(package):
     # a cycle shows up as an ImportError only when a package is the first one imported
     r = subprocess.run([sys.executable, "-c", f"import {package}"], capture_output=True,

@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from zoengine import loading
 from zoengine.run.config import RunConfig
-from zoengine.run.job import load_dtype, load_model
+from zoengine.run.job import load_dtype
+from zoengine.run.resources import load_model
 
 
 def _save(folder, *, tied=True, dtype=torch.bfloat16, shard="40KB", hidden=32, layers=2):

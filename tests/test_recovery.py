@@ -34,7 +34,7 @@ def test_lora_on_a_pruned_model_merges_with_the_exact_zeros(lm, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from zoengine.run.recovery import read_masks
+    from zoengine.run.mask_files import read_masks
     from zoengine.sparsity.lora import mask_lora
 
     run = tmp_path / "run"

@@ -75,7 +75,7 @@ def test_kill_then_resume_is_bit_identical(tiny, reference, tmp_path, mode, poin
     r = _killed(tiny, out, extra, point)
     assert r.returncode == -9, (point, r.returncode, r.stdout[-500:], r.stderr[-500:])
     # the folder is consistent after the kill: its manifest names only matching files
-    from zoengine.run.folder import RunFolder
+    from zoengine.storage.folder import RunFolder
 
     with RunFolder(str(out)) as folder:
         if folder.manifest():

@@ -22,12 +22,12 @@ import torch
 from test_cli import ROOT, tiny_args
 
 from zoengine.cli import main
-from zoengine.run import checkpoint as checkpoint_mod
-from zoengine.run import fsio, lock
-from zoengine.run import manifest as manifest_mod
-from zoengine.run.folder import FolderError, IntegrityError, LockedError, RunFolder, SaveError
-from zoengine.run.manifest import MANIFEST, file_entry, read_manifest, write_manifest
-from zoengine.run.modeldir import recover_model_dir, verify_model_dir, write_model_dir
+from zoengine.storage import checkpoint as checkpoint_mod
+from zoengine.storage import fsio, lock
+from zoengine.storage import manifest as manifest_mod
+from zoengine.storage.folder import FolderError, IntegrityError, LockedError, RunFolder, SaveError
+from zoengine.storage.manifest import MANIFEST, file_entry, read_manifest, write_manifest
+from zoengine.storage.modeldir import recover_model_dir, verify_model_dir, write_model_dir
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -256,7 +256,7 @@ def test_every_crash_point_in_the_sources_is_tested():
 
     names = set()
     for mod in ("fsio", "manifest", "checkpoint", "commit", "folder", "modeldir"):
-        with open(os.path.join(ROOT, "zoengine", "run", f"{mod}.py")) as fh:
+        with open(os.path.join(ROOT, "zoengine", "storage", f"{mod}.py")) as fh:
             names |= set(re.findall(r'crashpoint\("([^"]+)"\)', fh.read()))
     tested = {p.partition(":")[0] for _, p, _ in CRASHES}
     assert names and names == tested, names ^ tested
@@ -449,7 +449,7 @@ def test_read_only_folder_by_permissions_is_refused(tmp_path):
 
 HOLDER = r"""
 import sys
-from zoengine.run.folder import RunFolder
+from zoengine.storage.folder import RunFolder
 f = RunFolder(sys.argv[1]).acquire()
 print("HELD", flush=True)
 sys.stdin.readline()
@@ -620,7 +620,7 @@ def test_prune_replaces_its_own_output(tiny, tmp_path):
 def test_a_reader_racing_a_commit_retries_on_the_new_manifest(tmp_path, monkeypatch):
     """A reader that read the manifest just before a live writer's commit finds files that no
     longer match it; it reads the new manifest instead of reporting corruption."""
-    from zoengine.run import folder as folder_mod
+    from zoengine.storage import folder as folder_mod
 
     d = str(tmp_path / "run")
     writer = RunFolder(d).acquire()

@@ -145,7 +145,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from zoengine.run.recovery import merge_run
+    from zoengine.run.merge import merge_run
 
     merge_run(args.run, args.out)
     return 0

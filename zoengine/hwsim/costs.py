@@ -12,13 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from zoengine.hwsim.catalogue import CATALOGUE, DOSSIER, FF_GE, ROWS, TAGS, CatalogueRow, Coef
-from zoengine.hwsim.platforms import (
-    PLATFORMS,
-    Platform,
-    asic_energy_per_cycle_fj,
-    fpga_energy_per_cycle_fj,
-    get_platform,
-)
+from zoengine.hwsim.platforms import PLATFORMS, Platform, get_platform
 
 __all__ = [
     "CATALOGUE",
@@ -268,3 +262,16 @@ def generator_cost(source: str, dist: str, bits: int, *, clt_k: int = 4, icdf_bi
     elif scale != "folded":
         raise ValueError(f"scale={scale!r}: must be 'folded' or 'separate'")
     return c
+
+
+# ---- energy of one generator unit per clock on a platform ---------------------------------
+def asic_energy_per_cycle_fj(c: GenCost, p: Platform) -> float:
+    """E_cycle = e_GE * GE_logic * (alpha/alpha_ref) + e_FF * N_FF (dossier §6.2, §7.3)."""
+    return p.c("e_ge_fj") * c.ge_logic * p.c("alpha_rng") + p.c("e_ff_fj") * c.dff
+
+
+def fpga_energy_per_cycle_fj(c: GenCost, p: Platform, alpha: float | None = None) -> float:
+    """alpha*E_LUT*LUT + E_FF*FF + E_DSP*DSP + E_BRAM*reads (dossier §6.1, §7.3)."""
+    a = p.c("alpha_rng") if alpha is None else alpha
+    return (a * p.c("e_lut_fj") * c.lut + p.c("e_ff_fj") * c.ff + 1000 * p.c("e_dsp_pj") * c.dsp
+            + 1000 * p.c("e_bram_pj") * c.bram_reads_per_clock)

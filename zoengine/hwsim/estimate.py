@@ -16,13 +16,13 @@ from dataclasses import asdict, dataclass, field
 
 from zoengine.hwsim.arrays import pool_array_cost, pool_banked_bram18, rotator_cost
 from zoengine.hwsim.catalogue import FF_GE, MUX2_GE, Coef
-from zoengine.hwsim.costs import GenCost, generator_cost
-from zoengine.hwsim.platforms import (
-    Platform,
+from zoengine.hwsim.costs import (
+    GenCost,
     asic_energy_per_cycle_fj,
     fpga_energy_per_cycle_fj,
-    get_platform,
+    generator_cost,
 )
+from zoengine.hwsim.platforms import Platform, get_platform
 from zoengine.hwsim.workload import Workload
 
 __all__ = ["Budget", "estimate", "pool_pointer_bits", "unit_cost"]

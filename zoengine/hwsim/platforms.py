@@ -1,18 +1,14 @@
 """Target technologies: FPGA families and ASIC nodes with their provenance-tagged energy, area
-and capacity constants, and the per-cycle energy of a generator unit on each kind."""
+and capacity constants. (The per-cycle energy of a generator unit on a platform is in
+``costs.py``: it needs both, and this module imports nothing but the catalogue.)"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from zoengine.hwsim.catalogue import DOSSIER, Coef
 
-if TYPE_CHECKING:
-    from zoengine.hwsim.costs import GenCost
-
-__all__ = ["PLATFORMS", "Platform", "asic_energy_per_cycle_fj", "fpga_energy_per_cycle_fj",
-           "get_platform"]
+__all__ = ["PLATFORMS", "Platform", "get_platform"]
 
 _KR = "Kuon & Rose, IEEE TCAD 26(2):203-215 2007 (FPGA/ASIC dynamic power gap ~14x)"
 _HOR = "Horowitz, ISSCC 2014 Digest pp. 10-14"
@@ -126,14 +122,3 @@ def get_platform(name: str) -> Platform:
         raise ValueError(f"platform={name!r}: must be one of {tuple(PLATFORMS)}")
     return PLATFORMS[name]
 
-
-def asic_energy_per_cycle_fj(c: GenCost, p: Platform) -> float:
-    """E_cycle = e_GE * GE_logic * (alpha/alpha_ref) + e_FF * N_FF (dossier §6.2, §7.3)."""
-    return p.c("e_ge_fj") * c.ge_logic * p.c("alpha_rng") + p.c("e_ff_fj") * c.dff
-
-
-def fpga_energy_per_cycle_fj(c: GenCost, p: Platform, alpha: float | None = None) -> float:
-    """alpha*E_LUT*LUT + E_FF*FF + E_DSP*DSP + E_BRAM*reads (dossier §6.1, §7.3)."""
-    a = p.c("alpha_rng") if alpha is None else alpha
-    return (a * p.c("e_lut_fj") * c.lut + p.c("e_ff_fj") * c.ff + 1000 * p.c("e_dsp_pj") * c.dsp
-            + 1000 * p.c("e_bram_pj") * c.bram_reads_per_clock)

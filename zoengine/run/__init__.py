@@ -5,8 +5,9 @@ sit above this package; ``zoengine.tasks``, ``zoengine.sparsity`` and ``zoengine
 
 from zoengine.run.config import DEFAULT_MODEL, MODE_DEFAULTS, TRAIN_MODES, RunConfig
 from zoengine.run.evaluate import run_eval
-from zoengine.run.job import auto_threads, load_model, make_optimizer, run_train
+from zoengine.run.job import make_optimizer, run_train
 from zoengine.run.loop import LOOP_STARTED, run_loop
+from zoengine.run.resources import auto_threads, load_model
 from zoengine.run.strategies import (
     ClassifierStrategy,
     HeadStrategy,

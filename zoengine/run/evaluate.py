@@ -7,11 +7,17 @@ import os
 
 import torch
 
-from zoengine.run.folder import RunFolder, nonfinite
-from zoengine.run.job import auto_threads, load_model
-from zoengine.run.manifest import MANIFEST, IntegrityError, names_under, read_manifest, verify_under
-from zoengine.run.modeldir import verify_model_dir
+from zoengine.run.resources import auto_threads, load_model
 from zoengine.run.strategies import split_seqs
+from zoengine.storage.folder import RunFolder, nonfinite
+from zoengine.storage.manifest import (
+    MANIFEST,
+    IntegrityError,
+    names_under,
+    read_manifest,
+    verify_under,
+)
+from zoengine.storage.modeldir import verify_model_dir
 from zoengine.tasks import (
     OptionScorer,
     TaskError,

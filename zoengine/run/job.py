@@ -16,51 +16,20 @@ import torch
 
 from zoengine.journal import tensors_hash
 from zoengine.run.config import DEFAULT_MODEL, RunConfig
-from zoengine.run.folder import RunFolder
-from zoengine.run.fsio import atomic_write
+from zoengine.run.kd import check_objective, teacher_for_run
 from zoengine.run.loop import dev_point_of, finish_curve, run_loop
+from zoengine.run.lora import lora_for_run
+from zoengine.run.mask_files import MASKS_FILE, masks_writer
+from zoengine.run.norms import norms_for_run
 from zoengine.run.ranks import Ranks
-from zoengine.run.recovery import (
-    MASKS_FILE,
-    check_objective,
-    lora_for_run,
-    masks_writer,
-    norms_for_run,
-    teacher_for_run,
-)
 from zoengine.run.report import plot_curve, run_summary_json, summary_lines, weights_writer
+from zoengine.run.resources import auto_threads, load_model
+from zoengine.run.resources import log as _log
 from zoengine.run.resume import Checkpointer, ResumeError, check_base, restore
 from zoengine.run.strategies import make_strategy
+from zoengine.storage.folder import RunFolder
+from zoengine.storage.fsio import atomic_write
 from zoengine.tasks import TaskError, load_task
-
-
-def _log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def load_model(spec: str, dtype: str | torch.dtype = torch.float32, *, log=_log):
-    """(model, tokenizer): the embedded default or a local Hugging Face model folder, in
-    ``dtype``. A folder loads through ``zoengine.loading`` (peak ~ one copy of the model)."""
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if spec == DEFAULT_MODEL:
-        from zoengine.models import default_model_available, load_default_model
-
-        reason = default_model_available()
-        if reason:
-            raise TaskError("--model", f"the default model cannot load: {reason}")
-        return load_default_model(dtype)
-    if not os.path.isdir(spec) or not os.path.exists(os.path.join(spec, "config.json")):
-        raise TaskError("--model", f"{spec!r} is neither {DEFAULT_MODEL!r} nor a local Hugging "
-                                   "Face model folder (with config.json)")
-    from transformers import AutoTokenizer
-
-    from zoengine.loading import load_pretrained
-
-    tok = AutoTokenizer.from_pretrained(spec)
-    model = load_pretrained(spec, dtype, log=log)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    return model, tok
 
 
 def plan_dtypes(cfg: RunConfig) -> tuple[str, ...]:
@@ -90,46 +59,25 @@ def load_dtype(cfg: RunConfig, task) -> str:
     return p.dtype
 
 
-def auto_threads() -> int:
-    """torch's thread count, lowered to the cores other processes leave free.
-
-    On a 2-core machine with one busy neighbour, 2 threads made a forward 2.5x slower than
-    1 thread (spinning threads wait on a descheduled peer), so a busy machine gets fewer.
-    """
-    n = torch.get_num_threads()
-    try:
-        busy = os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return n
-    free = int((os.cpu_count() or n) - busy + 0.5)
-    return max(1, min(n, free))
-
-
-def apply_lora(cfg: RunConfig, model):
-    """Freeze the base and wrap ``model`` with PEFT LoRA adapters (``cfg.lora_*``)."""
-    return lora_for_run(cfg, model, None)
-
-
 def make_optimizer(cfg: RunConfig, named_params, masks=None, distributed: str | None = None,
                    model=None):
     """``zoengine.optim.create(cfg.method, ...)`` with the run's lr, eps, seed and masks (DiZO:
-    ``--dizo-interval`` and the projected set of ``--train``; its search data is wired by the
-    loop; ``--perturbation virtual``: ``model``'s modules). A DiZO set that matches nothing is
-    refused here, before any step."""
+    ``--dizo-interval`` and the projected set of ``--train``; its search data comes from the
+    loop, through ``set_batch_source``), then the engine features: a data-parallel exchange
+    (``set_distributed``) and ``--perturbation virtual`` (``attach_virtual(model)``). A DiZO
+    set that matches nothing is refused here, before any step."""
     from zoengine.optim import create
 
     extra = {} if masks is None else {"masks": masks}
-    if cfg.perturbation == "virtual":
-        if cfg.train == "head":
-            raise TaskError("--perturbation", "virtual applies to --train full or lora (the "
-                                              "head trains option rows over cached features, "
-                                              "read by no module)")
-        extra.update(perturbation="virtual", model=model)
+    if cfg.perturbation == "virtual" and cfg.train == "head":
+        raise TaskError("--perturbation", "virtual applies to --train full or lora (the "
+                                          "head trains option rows over cached features, "
+                                          "read by no module)")
+    exchange = None
     if distributed is not None:
         from zoengine.optim.exchange import ScalarExchange
 
-        extra["distributed"] = ScalarExchange(distributed,
-                                              check_every=cfg.replica_check_every)
+        exchange = ScalarExchange(distributed, check_every=cfg.replica_check_every)
     if cfg.method == "dizo":
         # the projected set per --train: head -> the one tensor trained (the option rows),
         # lora -> every adapter A and B, full -> attention k_proj/v_proj (the authors' code),
@@ -139,13 +87,18 @@ def make_optimizer(cfg: RunConfig, named_params, masks=None, distributed: str | 
         if cfg.dizo_interval is not None:
             extra["interval"] = cfg.dizo_interval
     try:
-        return create(cfg.method, named_params, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, **extra)
+        opt = create(cfg.method, named_params, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, **extra)
     except ValueError as exc:
         if cfg.method == "dizo" and cfg.train == "full" and "matches no trainable" in str(exc):
             raise TaskError("--train", f"--method dizo with --train {cfg.train} projects the "
                                        "attention k_proj/v_proj weights, and this model has "
                                        f"none ({exc}); use --train head or --lora") from None
         raise
+    if exchange is not None:
+        opt.set_distributed(exchange)
+    if cfg.perturbation == "virtual":
+        opt.attach_virtual(model)
+    return opt
 
 
 def prune_and_plan(cfg: RunConfig, task, model, tok):

@@ -7,10 +7,10 @@ import os
 
 import torch
 
-from zoengine.run.fsio import probe_writable
-from zoengine.run.lock import FolderError
-from zoengine.run.modeldir import check_target, recover_model_dir, write_model_dir
 from zoengine.sparsity import mask_memory, parse_prune_spec, prune, sparsity_report
+from zoengine.storage.fsio import probe_writable
+from zoengine.storage.lock import FolderError
+from zoengine.storage.modeldir import check_target, recover_model_dir, write_model_dir
 from zoengine.tasks import TaskError, load_task
 
 # 30 min of one core on Wanda-50 % SmolLM2 (docs/sparsity.md): the norms led for the first 15 min
@@ -57,9 +57,9 @@ def masks_for_run(model, tok, *, prune_spec: str | None = None, sparsity: float 
 def run_prune(*, model_spec: str, output_dir: str, method: str, pattern: str,
               sparsity: float | None, calib_task: str, calib_blocks: int, seed: int) -> str:
     """``zoengine prune``: prune ``model_spec`` and save it (tokenizer included) as a model
-    folder with its manifest, replaced as a whole (``zoengine.run.modeldir``). An existing
+    folder with its manifest, replaced as a whole (``zoengine.storage.modeldir``). An existing
     file, or a non-empty folder zoengine prune did not write, is refused before any work."""
-    from zoengine.run.job import load_model
+    from zoengine.run.resources import load_model
 
     check_output_dir(output_dir)
     torch.manual_seed(seed)
@@ -96,7 +96,7 @@ def run_prune_structured(*, model_spec: str, output_dir: str, structure: str,
     """``zoengine prune --structure heads|channels``: remove whole KV groups or MLP channels by
     a Wanda-style score on ``calib_task``'s blocks and save the smaller dense model (it loads
     with plain transformers)."""
-    from zoengine.run.job import load_model
+    from zoengine.run.resources import load_model
     from zoengine.sparsity.structured import prune_structured
 
     if sparsity is None:

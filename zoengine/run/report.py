@@ -1,5 +1,5 @@
 """What a finished run writes and reports: its weights, ``metrics.json``, ``curve.png`` and the
-printed summary. ``RunFolder.write_final`` (zoengine.run.folder) commits the files together."""
+printed summary. ``RunFolder.write_final`` (zoengine.storage.folder) commits the files together."""
 
 from __future__ import annotations
 

@@ -13,10 +13,10 @@ import torch
 
 from zoengine.journal import JournalError, read_header, replay
 from zoengine.run.config import RunConfig
-from zoengine.run.folder import RunFolder
-from zoengine.run.fsio import atomic_write
 from zoengine.run.report import weights_writer
 from zoengine.run.strategies import initial_head, trainable
+from zoengine.storage.folder import RunFolder
+from zoengine.storage.fsio import atomic_write
 from zoengine.tasks import OptionScorer, TaskError
 
 
@@ -36,8 +36,9 @@ def export_journal(run: str, out: str) -> None:
 
 def _trained_tensors(cfg: RunConfig, model, tok):
     """(named tensors the run trained, in their starting state; what to save afterwards)."""
-    from zoengine.run.job import apply_lora, prune_and_plan, run_task
-    from zoengine.run.recovery import norms_for_run
+    from zoengine.run.job import prune_and_plan, run_task
+    from zoengine.run.lora import apply_lora
+    from zoengine.run.norms import norms_for_run
 
     task = run_task(cfg)
 
@@ -56,7 +57,7 @@ def _trained_tensors(cfg: RunConfig, model, tok):
 
 def apply_journal(base: str, journal: str, out: str) -> None:
     """Rebuild the weights of the run recorded in ``journal`` from ``base`` into ``out``."""
-    from zoengine.run.job import load_model
+    from zoengine.run.resources import load_model
 
     try:
         header, _ = read_header(journal)

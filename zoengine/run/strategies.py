@@ -212,7 +212,7 @@ class LMStrategy(Strategy):
 
     def batch_closure(self, rng):
         if self.teacher is not None:  # --objective kd / kd+lm: the cached blocks and logits
-            from zoengine.run.recovery import kd_weight
+            from zoengine.run.kd import kd_weight
             from zoengine.tasks import kd_batch_loss
 
             batch = self.teacher.batch(rng.randint(0, len(self.teacher), self.cfg.batch_size))

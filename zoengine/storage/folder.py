@@ -1,14 +1,14 @@
 """A run's output folder that is always consistent (docs/reliability.md)::
 
     manifest.json                 the commit point: names every trusted file (size, SHA-256)
-    .zoengine.lock                the live run's lock (pid, host; zoengine.run.lock)
+    .zoengine.lock                the live run's lock (pid, host; zoengine.storage.lock)
     journal.zoj                   the step journal (zoengine.journal)
     checkpoints/step-<n>/         weights.safetensors, optimizer.pt, state.json
     head.safetensors | model/ | adapter/, curve.png, metrics.json     the final outputs
 
 **Checkpoint**: written into a temp folder, fsynced, renamed to ``step-<n>``; then the manifest
 names it; only then is the previous checkpoint deleted. **Final outputs**: a two-phase commit
-(zoengine.run.commit): each is written under a temp name and fsynced; the manifest flips to
+(zoengine.storage.commit): each is written under a temp name and fsynced; the manifest flips to
 ``complete`` naming them all (the temp names recorded as ``pending``); then each temp is renamed
 onto its name, leftovers are deleted and the manifest is rewritten without ``pending``. A kill at
 any moment leaves the old state or the new one: ``acquire()`` finishes a pending commit (roll
@@ -23,8 +23,8 @@ import weakref
 from collections.abc import Callable
 
 from zoengine.faults import crashpoint
-from zoengine.run import fsio
-from zoengine.run.checkpoint import (
+from zoengine.storage import fsio
+from zoengine.storage.checkpoint import (
     CHECKPOINT_FILES,
     SaveError,
     encode_extra,
@@ -33,10 +33,10 @@ from zoengine.run.checkpoint import (
     save_error,
     write_checkpoint_dir,
 )
-from zoengine.run.commit import finish_pending, stage
-from zoengine.run.fsio import atomic_write, clean_stale_temps
-from zoengine.run.lock import LOCK_NAME, FolderError, FolderLock, LockedError
-from zoengine.run.manifest import (
+from zoengine.storage.commit import finish_pending, stage
+from zoengine.storage.fsio import atomic_write, clean_stale_temps
+from zoengine.storage.lock import LOCK_NAME, FolderError, FolderLock, LockedError
+from zoengine.storage.manifest import (
     MANIFEST,
     IntegrityError,
     entries_of,

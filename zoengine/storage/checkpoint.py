@@ -1,6 +1,6 @@
 """The files of one checkpoint (``checkpoints/step-<n>/``): write them durably, read them back
 refusing non-finite weights, and say clearly why a save failed. ``RunFolder`` commits them
-(zoengine.run.folder); this module never touches the manifest.
+(zoengine.storage.folder); this module never touches the manifest.
 
     weights.safetensors   the trained tensors
     optimizer.pt          ``torch.save`` of the optimizer's state_dict (read weights_only)
@@ -14,8 +14,8 @@ import json
 import os
 
 from zoengine.faults import crashpoint
-from zoengine.run.fsio import fsync_tree, remove, write_bytes
-from zoengine.run.manifest import IntegrityError
+from zoengine.storage.fsio import fsync_tree, remove, write_bytes
+from zoengine.storage.manifest import IntegrityError
 
 WEIGHTS, OPTIMIZER, STATE = "weights.safetensors", "optimizer.pt", "state.json"
 CHECKPOINT_FILES = (WEIGHTS, OPTIMIZER, STATE)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import os
 
 from zoengine.faults import crashpoint
-from zoengine.run import fsio
-from zoengine.run.manifest import entries_of, write_manifest
+from zoengine.storage import fsio
+from zoengine.storage.manifest import entries_of, write_manifest
 
 
 def stage(folder: str, files: dict, generation: int, staged: dict) -> dict:

@@ -22,7 +22,7 @@ import socket
 import time
 
 from zoengine.faults import crashpoint
-from zoengine.run.fsio import fsync_dir, sha256_file, tmp_name, write_bytes
+from zoengine.storage.fsio import fsync_dir, sha256_file, tmp_name, write_bytes
 
 MANIFEST = "manifest.json"
 FORMAT = "zoengine-manifest/1"

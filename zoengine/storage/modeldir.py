@@ -16,9 +16,9 @@ import os
 from collections.abc import Callable
 
 from zoengine.faults import crashpoint
-from zoengine.run.fsio import fsync_dir, fsync_tree, pid_alive, remove, temp_owner, tmp_name
-from zoengine.run.lock import FolderError
-from zoengine.run.manifest import (
+from zoengine.storage.fsio import fsync_dir, fsync_tree, pid_alive, remove, temp_owner, tmp_name
+from zoengine.storage.lock import FolderError
+from zoengine.storage.manifest import (
     MANIFEST,
     IntegrityError,
     entries_of,

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 
-from zoengine.run.fsio import pid_alive
+from zoengine.storage.fsio import pid_alive
 
 LOCK_NAME = ".zoengine.lock"
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
