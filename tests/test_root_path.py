@@ -48,6 +48,14 @@ def test_python_dash_m_zoengine_from_the_root(real_kernels):
     assert "train" in r.stdout
 
 
+def test_torchrun_dash_m_zoengine_from_the_root(real_kernels):
+    """torchrun's worker runs `python -m zoengine` with the root first on sys.path too."""
+    r = _from_root("-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone",
+                   "-m", "zoengine", "--help")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "train" in r.stdout
+
+
 def test_pytest_collects_from_the_root(real_kernels):
     r = _from_root("-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
