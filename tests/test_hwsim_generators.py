@@ -7,7 +7,6 @@ import ast
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -208,18 +207,16 @@ def test_parse_spec_forms():
         ("taus88", 16, "icdf10", "otf", 8, 64)
 
 
-def test_lfsr_throughput(capsys):
-    """Raw bit-accurate LFSR words and float stream rates (reported; loose floor for CI)."""
-    G.source_words("lfsr", seed=0, instances=4096, clocks=64, bits=8)
-    t = time.perf_counter()
-    u = G.source_words("lfsr", seed=0, instances=4096, clocks=2048, bits=8)
-    raw = u.size / (time.perf_counter() - t)
-    t = time.perf_counter()
+def test_lfsr_at_benchmark_sizes():
+    """The calls benchmarks/bench_hwsim_generators.py times (their throughput is measured
+    there, never asserted here): shapes, dtypes, and a longer run extends a shorter one."""
+    u = G.source_words("lfsr", seed=0, instances=4096, clocks=256, bits=8)
+    assert u.shape == (256, 4096, 1) and u.dtype == np.uint8
+    assert np.array_equal(u[:64], G.source_words("lfsr", seed=0, instances=4096, clocks=64,
+                                                 bits=8))
     x = G.stream("lfsr-uniform", 4_000_000, seed=0)
-    flt = x.size / (time.perf_counter() - t)
-    with capsys.disabled():
-        print(f"\n[hwsim] LFSR-8 raw words {raw:.3g}/s, float32 stream {flt:.3g}/s")
-    assert raw > 1e7 and flt > 5e6
+    assert x.shape == (4_000_000,) and x.dtype == np.float32 and bool(np.isfinite(x).all())
+    assert np.array_equal(x[:100_000], G.stream("lfsr-uniform", 100_000, seed=0))
 
 
 # ---- imports -----------------------------------------------------------------------------------
