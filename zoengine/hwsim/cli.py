@@ -211,7 +211,7 @@ def cmd_estimate(args) -> int:
     print(budget_json(b) if args.json else format_budget(b, provenance=not args.no_provenance))
     if args.plot or args.cosim:
         if not has_matplotlib():
-            raise UsageError("--plot", "needs matplotlib (pip install matplotlib)")
+            raise UsageError("--plot", "needs matplotlib (pip install \"zoengine[plot]\")")
         if not args.plot:
             raise UsageError("--cosim", "give --plot PATH.png too")
         print(f"wrote {plot_reuse_curve(w, args.platform, args.plot)}", file=sys.stderr)

@@ -1,9 +1,37 @@
-"""``RunConfig``: everything a ``zoengine train`` run needs, and the per-mode defaults."""
+"""``RunConfig``: everything a ``zoengine train`` run needs, validated when it is built.
+
+Each field carries its help, its check (``zoengine.checks``), its choices and, where it differs
+from the field's name, its flag; ``zoengine train``'s parser is generated from these fields
+(``zoengine.cli.flags.add_config_flags``) and ``--config`` files use the same keys. A bad value
+raises ``ConfigError`` naming the flag, the value and what is allowed, whether it came from the
+command line, a config file or a Python caller (``run_train(RunConfig(steps=-1))``).
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+from zoengine.checks import (
+    BOOL,
+    FRACTION,
+    NONNEGATIVE_INT,
+    NONNEGATIVE_NUMBER,
+    POSITIVE_INT,
+    POSITIVE_NUMBER,
+    PROBABILITY,
+    STRING,
+    STRINGS,
+    Check,
+    ConfigError,
+    one_of,
+    optional,
+    parsed_by,
+)
+from zoengine.optim.virtual import PERTURBATIONS
+from zoengine.run.kd import OBJECTIVES
+from zoengine.run.lora import LORA_SCALINGS
 
 DEFAULT_MODEL = "smollm2-135m"
 # per trainable set: (lr, eps) defaults, from research/feasibility.md §2-4 and our runs
@@ -15,58 +43,204 @@ DEFAULT_STEPS = {"head": 8000, "full": 60, "lora": 100, "norms": 300}
 # (0.5 GB hashed and written), so full checkpoints every 10 steps (~1 min of steps on a CPU)
 DEFAULT_CHECKPOINT_EVERY = {"head": 1000, "full": 10, "lora": 50, "norms": 100}
 TRAIN_MODES = ("auto", "head", "full", "lora", "norms")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def csv_list(s: str) -> list[str]:
+    """``--lora-targets q_proj,v_proj`` -> ["q_proj", "v_proj"]."""
+    return [x for x in s.split(",") if x != ""]
+
+
+def options_list(s: str) -> list[str]:
+    """``--options neg,pos`` -> [" neg", " pos"] (an option keeps a leading space if given)."""
+    return [x if x.startswith(" ") else " " + x for x in s.split(",") if x.strip()]
+
+
+def _per_mode(table: dict) -> str:
+    return ", ".join(f"{mode} {v:g}" for mode, v in table.items())
+
+
+_LR = {mode: lr for mode, (lr, _) in MODE_DEFAULTS.items()}
+_EPS = {mode: eps for mode, (_, eps) in MODE_DEFAULTS.items()}
+
+
+def _methods():
+    from zoengine.optim import available_methods
+
+    return available_methods()
+
+
+def _bundled():
+    from zoengine.tasks import BUNDLED
+
+    return tuple(BUNDLED)
+
+
+def _prune_spec(v):
+    from zoengine.sparsity import parse_prune_spec
+
+    return parse_prune_spec(v)
+
+
+def _size(v):
+    from zoengine.sparsity.memory import parse_size
+
+    return parse_size(v)
+
+
+METHOD = one_of(_methods)
+MODEL = Check(lambda v: v == DEFAULT_MODEL or os.path.isfile(os.path.join(str(v), "config.json")),
+              f"not {DEFAULT_MODEL!r} and not a local Hugging Face model folder with config.json")
+TASK = Check(lambda v: isinstance(v, str) and (v in _bundled() or os.path.isfile(v)),
+             lambda: f"neither a bundled task ({', '.join(_bundled())}) nor an existing file")
+TEMPLATE = Check(lambda v: isinstance(v, str) and "{text}" in v, "must contain {text}")
+PRUNE = parsed_by(_prune_spec, "must be wanda or magnitude, optionally with :2:4 or :4:8 "
+                               "(e.g. wanda:2:4)")
+SIZE = parsed_by(_size, "must be a size such as 2GiB, 1.5G, 800MiB, 4GB or a number of bytes")
+JOURNAL_FSYNC = Check(lambda v: str(v) in ("step", "checkpoint") or (
+    str(v).isdigit() and int(v) > 0), "must be 'step', 'checkpoint' or a number of steps > 0")
+
+
+def option(default, help: str, check: Check | None = None, *, choices=None, **cli):
+    """A ``RunConfig`` field: its default, help and check. ``choices`` (a tuple) become the
+    check when none is given; ``cli`` holds the parser's settings where the defaults do not
+    fit: ``flag`` (default ``--`` + the name with dashes), ``parse`` (the flag's type; default
+    the annotation's), ``metavar``, ``action`` (``store_true``/``store_false``), ``show_default``."""
+    if check is None:
+        check = one_of(choices)
+        if default is None:
+            check = optional(check)
+    meta = {"help": help, "check": check, "choices": choices, **cli}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class RunConfig:
-    """Everything a run needs; ``zoengine train`` flags and ``--config`` keys have these names."""
+    """Everything a run needs; ``zoengine train`` flags and ``--config`` keys have these names.
 
-    model: str = DEFAULT_MODEL
-    task: str = "sentiment"
-    method: str = "mezo"
-    train: str = "auto"  # auto | head | full | lora | norms  (auto: head for classification,
-    # lora for LM; norms: only the normalisation gains, zoengine.sparsity.norms)
-    steps: int | None = None  # default per mode: DEFAULT_STEPS
-    batch_size: int = 16
-    lr: float | None = None  # default per mode (MODE_DEFAULTS)
-    eps: float | None = None
-    seed: int = 0
-    output_dir: str | None = None  # default outputs/<task>-<train>-<method>-s<seed>
-    train_examples: int = 512  # head mode: balanced training tweets whose features are cached
-    eval_limit: int = 0  # score only the first N dev and test rows (0: all; for quick checks)
-    eval_every: int = 0  # dev evaluation every N steps (0: head mode 250, others before/after only)
-    max_length: int = 128
-    eval_batch_size: int = 16
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
-    template: str | None = None
-    options: list | None = None
-    text_column: str = "text"
-    label_column: str = "label"
-    block_size: int = 128
-    threads: int | None = None  # None: torch's default, fewer if other processes keep cores busy
-    progress: bool = True
-    prune: str | None = None  # METHOD[:PATTERN]: prune before training, keep the zeros
-    prune_sparsity: float | None = None
-    keep_zeros: bool | None = None  # the model is already pruned: masks="zeros"
-    max_memory: str | None = None  # plan batch/sequence/dtype to fit, refuse if nothing fits
-    dizo_interval: int | None = None  # DiZO: steps between projections (None: the method's 50)
-    checkpoint_every: int | None = None  # steps between checkpoints (None: per mode, 0: never)
-    checkpoint_minutes: float = 10.0  # also checkpoint after this many minutes (0: never)
-    journal_fsync: str = "100"  # journal durability: "step", "checkpoint" or every K steps
-    perturbation: str = "inplace"  # or "virtual": θ never written during the evaluations
-    replica_check_every: int = 100  # torchrun: steps between replica checksums (0: never)
-    lora_scaling: str = "lora"  # "rslora": alpha / sqrt(r) (PEFT's rank-stabilised scaling)
-    objective: str = "lm"  # LM tasks: "lm", "kd" (distil the dense model) or "kd+lm"
-    kd_weight: float = 0.5  # "kd+lm": weight of the KD term
-    kd_top_k: int = 64  # teacher logits kept per position
-    kd_blocks: int = 256  # training blocks the teacher cache covers (KD trains on these)
-    dtype: str = "float32"  # load and train in this dtype (--max-memory may narrow it)
+    Built with bad values it raises ``ConfigError`` (a ``ValueError``) naming the flag."""
+
+    model: str = option(DEFAULT_MODEL, "the embedded model, or a local Hugging Face model folder "
+                                       "(config.json + weights + tokenizer)", MODEL)
+    task: str = option("sentiment", "sentiment | sentiment3 | shakespeare | a .csv/.tsv/.json/"
+                                    ".jsonl/.parquet/.txt file", TASK)
+    method: str = option("mezo", "ZO method from the registry (`zoengine methods` lists them)",
+                         METHOD, metavar="METHOD")
+    train: str = option("auto", "what to train (auto: head for classification, lora for LM; "
+                                "norms: the RMSNorm/LayerNorm gains only, the fast recovery of "
+                                "a pruned model)", choices=TRAIN_MODES)
+    steps: int | None = option(None, "ZO steps (default per --train: "
+                                     f"{_per_mode(DEFAULT_STEPS)})", optional(POSITIVE_INT))
+    batch_size: int = option(16, "examples per step (classification batches are "
+                                 "class-balanced)", POSITIVE_INT)
+    lr: float | None = option(None, f"learning rate (default per --train: {_per_mode(_LR)})",
+                              optional(NONNEGATIVE_NUMBER))
+    eps: float | None = option(None, "perturbation scale ε (default per --train: "
+                                     f"{_per_mode(_EPS)})", optional(POSITIVE_NUMBER))
+    seed: int = option(0, "seed of the data split, batches and noise", NONNEGATIVE_INT)
+    output_dir: str | None = option(None, "where metrics.json, curve.png and weights go "
+                                          "(default outputs/<task>-<train>-<method>-s<seed>)",
+                                    optional(STRING))
+    train_examples: int = option(512, "head mode: balanced training prompts whose features "
+                                      "are cached", POSITIVE_INT)
+    eval_limit: int = option(0, "score only the first N dev and test rows (LM tasks: blocks; "
+                                "0: all; for quick checks)", NONNEGATIVE_INT)
+    eval_every: int = option(0, "dev evaluation every N steps for the curve (0, the default: "
+                                "every 250 in head mode, else before/after only)",
+                             NONNEGATIVE_INT, show_default=False)
+    max_length: int = option(128, "prompt tokens kept (the end of the prompt is kept)",
+                             POSITIVE_INT)
+    eval_batch_size: int = option(16, "evaluation batch size", POSITIVE_INT)
+    lora_r: int = option(8, "LoRA rank", POSITIVE_INT)
+    lora_alpha: int = option(16, "LoRA alpha", POSITIVE_INT)
+    lora_targets: list = option(["q_proj", "v_proj"], "LoRA target modules, comma-separated",
+                                STRINGS, parse=csv_list, metavar="NAMES")
+    template: str | None = option(None, "user classification task: prompt template with "
+                                        "{text}", optional(TEMPLATE))
+    options: list | None = option(None, "user classification task: comma-separated answer "
+                                        "words (negative,positive becomes ' negative', "
+                                        "' positive')", optional(STRINGS), parse=options_list,
+                                  metavar="WORDS")
+    text_column: str = option("text", "column of the text in a task file", STRING)
+    label_column: str = option("label", "column of the label in a task file", STRING)
+    block_size: int = option(128, "LM tasks: tokens per block", POSITIVE_INT)
+    threads: int | None = option(None, "torch threads (default: torch's count, lowered to the "
+                                       "cores other processes leave free)",
+                                 optional(POSITIVE_INT))
+    progress: bool = option(True, "no progress bar", BOOL, flag="--no-progress",
+                            action="store_false")
+    prune: str | None = option(None, "prune before training: wanda | magnitude, optionally "
+                                     ":2:4 / :4:8 (e.g. wanda:2:4); the training keeps the "
+                                     "pruned zeros", optional(PRUNE), metavar="METHOD[:PATTERN]")
+    prune_sparsity: float | None = option(None, "fraction removed per layer for unstructured "
+                                                "--prune (default 0.5)", optional(FRACTION))
+    keep_zeros: bool | None = option(None, "the model is already pruned: keep its exact zeros "
+                                           "(masks='zeros')", optional(BOOL),
+                                     action="store_true")
+    max_memory: str | None = option(None, "memory budget (e.g. 2GiB, 800MiB): plan batch size, "
+                                          "sequence length and dtype to fit, print the plan, "
+                                          "refuse if nothing fits; the measured peak is "
+                                          "reported after the run", optional(SIZE),
+                                    metavar="SIZE")
+    dizo_interval: int | None = option(None, "--method dizo only: steps between projections "
+                                             "(default 50)", optional(POSITIVE_INT))
+    checkpoint_every: int | None = option(None, "steps between checkpoints (default per "
+                                                f"--train: {_per_mode(DEFAULT_CHECKPOINT_EVERY)}"
+                                                "; 0: never)", optional(NONNEGATIVE_INT))
+    checkpoint_minutes: float = option(10.0, "also checkpoint after this many minutes (0: "
+                                             "never)", NONNEGATIVE_NUMBER)
+    journal_fsync: str = option("100", "when the journal is fsynced: step | checkpoint | every "
+                                       "K steps (a kill -9 loses nothing either way, a power "
+                                       "cut at most K steps)", JOURNAL_FSYNC)
+    perturbation: str = option("inplace", "virtual: θ is never written during the two "
+                                          "evaluations (full/LoRA training; docs/virtual.md)",
+                               choices=PERTURBATIONS)
+    replica_check_every: int = option(100, "under torchrun: steps between checksums of the "
+                                           "ranks' weights (0: never)", NONNEGATIVE_INT)
+    lora_scaling: str = option("lora", "lora: alpha/r; rslora: alpha/sqrt(r), PEFT's "
+                                       "rank-stabilised scale", choices=LORA_SCALINGS)
+    objective: str = option("lm", "LM tasks: lm, kd (distil the dense model's top-k logits) "
+                                  "or kd+lm", choices=OBJECTIVES)
+    kd_weight: float = option(0.5, "--objective kd+lm: weight of the KD term", PROBABILITY)
+    kd_top_k: int = option(64, "teacher logits kept per position", POSITIVE_INT)
+    kd_blocks: int = option(256, "training blocks the teacher cache covers (KD trains on "
+                                 "these)", POSITIVE_INT)
+    dtype: str = option("float32", "the dtype the model loads and trains in (with "
+                                   "--max-memory: the widest that fits)", choices=DTYPES)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> RunConfig:
+        """Check every field (and the pairs that depend on each other); raise ``ConfigError``
+        naming the first bad one's flag. Runs at construction; call it again after changing
+        a field in place."""
+        for f in fields(self):
+            check = f.metadata.get("check")  # every field has one (tests/test_config.py)
+            if check is not None:
+                check(flag_of(f), getattr(self, f.name), field=f.name)
+        if self.dizo_interval is not None and self.method != "dizo":
+            raise ConfigError("--dizo-interval", self.dizo_interval,
+                              "applies to --method dizo only", field="dizo_interval")
+        return self
+
+    @classmethod
+    def unvalidated(cls, **values) -> RunConfig:
+        """The flags given beside ``--resume``, not validated: they are merged into the run's
+        saved configuration, which is validated then (``zoengine.run.resume``)."""
+        self = cls.__new__(cls)
+        for f in fields(cls):
+            default = f.default_factory() if f.default is MISSING else f.default
+            setattr(self, f.name, values.pop(f.name, default))
+        if values:
+            raise TypeError(f"unknown RunConfig fields {sorted(values)}")
+        return self
 
     def resolved(self, task) -> RunConfig:
         """A copy with every ``None``/``auto`` replaced by the default for ``task``."""
-        c = RunConfig(**asdict(self))
+        c = type(self)(**asdict(self))
         if c.train == "auto":
             c.train = "head" if task.kind == "classification" else "lora"
         lr, eps = MODE_DEFAULTS[c.train]
@@ -82,3 +256,21 @@ class RunConfig:
             c.output_dir = os.path.join("outputs", f"{os.path.basename(str(c.task))}-{c.train}"
                                                    f"-{c.method}-s{c.seed}")
         return c
+
+
+def flag_of(f) -> str:
+    """The ``zoengine train`` flag of a ``RunConfig`` field (``batch_size`` -> ``--batch-size``)."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def parse_of(cls, f):
+    """The flag's type: the field's ``parse``, else the annotation's (``int | None`` -> int)."""
+    if "parse" in f.metadata:
+        return f.metadata["parse"]
+    hint = typing.get_type_hints(cls)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+__all__ = ["DEFAULT_MODEL", "DTYPES", "MODE_DEFAULTS", "TRAIN_MODES", "ConfigError", "RunConfig",
+           "flag_of", "option", "parse_of"]

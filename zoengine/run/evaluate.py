@@ -102,6 +102,9 @@ def run_eval(*, model_spec: str, task_name: str, weights: str | None, split: str
                                          "head .safetensors, adapter or model folder")
     model, tok = load_model(model_spec)
     if weights and head_rows is None:
+        from zoengine.extras import require
+
+        require("peft", "lora", "--weights with a LoRA adapter")
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, weights)

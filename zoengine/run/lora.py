@@ -10,6 +10,9 @@ LORA_SCALINGS = ("lora", "rslora")
 def lora_for_run(cfg, model, masks):
     """PEFT LoRA on ``model`` (base frozen; ``--lora-scaling``), its deltas masked by ``masks``
     (keep-masks of the pruned base weights) when the model is pruned."""
+    from zoengine.extras import require
+
+    require("peft", "lora", "--train lora")
     from peft import get_peft_model
 
     from zoengine.sparsity.lora import lora_config, mask_lora

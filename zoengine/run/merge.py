@@ -14,6 +14,10 @@ def merge_run(run_dir: str, output_dir: str, log=print) -> str:
     import json
 
     import torch
+
+    from zoengine.extras import require
+
+    require("peft", "lora", "zoengine merge")
     from peft import PeftModel
 
     from zoengine.run.pruning import check_output_dir

@@ -23,6 +23,19 @@ def run_summary_json(obj) -> bytes:
     return (json.dumps(clean(obj), indent=2) + "\n").encode()
 
 
+def curve_files(report: dict, log=print) -> dict:
+    """``{"curve.png": PNG}`` for the run's final files; ``{}`` with a printed note when
+    matplotlib (the ``plot`` extra) is not installed: the curve's numbers are in metrics.json,
+    and a missing plotting library must not fail a run at its end."""
+    from zoengine.extras import installed
+
+    if not installed("matplotlib"):
+        log('note: curve.png not written: matplotlib is not installed (pip install '
+            '"zoengine[plot]"); the curve\'s numbers are in metrics.json')
+        return {}
+    return {"curve.png": plot_curve(report)}
+
+
 def plot_curve(report: dict) -> bytes:
     """Training loss (raw and moving average) and dev metrics against steps, as PNG bytes."""
     import io

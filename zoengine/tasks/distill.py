@@ -368,14 +368,11 @@ def lm_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torc
 
 
 def check_kd_weight(kd_weight) -> float:
-    """``--kd-weight`` as a float in [0, 1], or a ``TaskError`` (a ValueError) naming it."""
-    try:
-        w = float(kd_weight)
-    except (TypeError, ValueError):
-        w = math.nan
-    if not 0.0 <= w <= 1.0:
-        raise TaskError("--kd-weight", f"{kd_weight!r}: must be a number in [0, 1]")
-    return w
+    """``--kd-weight`` as a float in [0, 1], or a ``ConfigError`` (a ValueError) naming it:
+    ``RunConfig``'s check of the flag (``zoengine.checks.PROBABILITY``)."""
+    from zoengine.checks import PROBABILITY
+
+    return float(PROBABILITY("--kd-weight", kd_weight))
 
 
 def mixed_loss(student_logits: torch.Tensor, labels, cache_batch: KDBatch, *, kd_weight: float,
