@@ -291,3 +291,24 @@ print("ok")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_perturbation_choices_are_the_optimizers():
+    from zoengine.optim.virtual import PERTURBATIONS as OPTIM_PERTURBATIONS
+    from zoengine.run.config import PERTURBATIONS
+
+    assert PERTURBATIONS == OPTIM_PERTURBATIONS
+
+
+def test_building_the_parser_imports_no_torch(tmp_path):
+    """`zoengine --help` stays fast: the parser comes from RunConfig without importing torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from zoengine.cli.main import build_parser; "
+            "p = build_parser(); p.parse_args(['train', '--steps', '3']); "
+            "print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"

@@ -11,7 +11,6 @@ import os
 
 from zoengine.tasks import TaskError
 
-OBJECTIVES = ("lm", "kd", "kd+lm")
 TEACHER_DIR = "teacher_cache"
 
 

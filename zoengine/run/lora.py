@@ -4,7 +4,6 @@ masked by the base weight's keep-mask, so ``zoengine merge`` refills no pruned z
 
 from __future__ import annotations
 
-LORA_SCALINGS = ("lora", "rslora")
 
 
 def lora_for_run(cfg, model, masks):
