@@ -27,7 +27,7 @@ Configurations (all from the same fp32 start, cast to the configuration's dtype)
                          three roundings of θ per step)
   bf16-inplace-sr        the same with stochastic_rounding=True (the update pass rounds
                          stochastically; the two perturbation passes still round to nearest)
-  bf16-virtual           perturbation="virtual": θ + c·z is substituted in the forward pass
+  bf16-virtual           opt.attach_virtual(model): θ + c·z is substituted in the forward pass
                          only, θ is written once per step (the update), rounded to nearest
   bf16-virtual-sr        virtual + stochastic_rounding=True
 
@@ -108,9 +108,10 @@ def run_config(torch, zoengine, name: str, state, train_ids, heldout_ids, a) -> 
     model = LlamaForCausalLM(LlamaConfig(**SPEC))
     model.load_state_dict(state)
     model = model.to(dtype).eval()
-    kw = dict(perturbation="virtual", model=model) if virtual else {}
     opt = zoengine.MeZO(model.named_parameters(), lr=a.lr, eps=a.eps, seed=a.seed,
-                        backend="native", stochastic_rounding=sr, **kw)
+                        backend="native", stochastic_rounding=sr)
+    if virtual:
+        opt.attach_virtual(model)
     fallback = list(getattr(opt, "inplace_fallback", []) or []) if virtual else []
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -174,9 +175,10 @@ def drift_probe(torch, zoengine, state, train_ids, a, virtual: bool) -> float:
     model = LlamaForCausalLM(LlamaConfig(**SPEC))
     model.load_state_dict(state)
     model = model.to(torch.bfloat16).eval()
-    kw = dict(perturbation="virtual", model=model) if virtual else {}
     opt = zoengine.MeZO(model.named_parameters(), lr=0.0, eps=a.eps, seed=a.seed,
-                        backend="native", **kw)
+                        backend="native")
+    if virtual:
+        opt.attach_virtual(model)
 
     def closure():
         with torch.inference_mode():

@@ -47,7 +47,7 @@ PNG = _common.RESULTS / "bench_convergence.png"
 CACHE_DIR = Path(os.environ.get("ZOENGINE_BENCH_CACHE", "/tmp/zoengine_bench_cache"))
 EPS = 1e-3
 BATCH = 16  # 8 positive + 8 negative, as feasibility.md
-DIZO_KW = dict(interval=50, proj_eps=0.1, proj_lr=2.0, clip=0.2, search_iters=10,
+DIZO_KW = dict(interval=50, proj_eps=0.1, proj_lr=2.0, tau=0.2, search_iters=10,
                projected=r"^head_(neg|pos)$")
 METHODS = ("MeZO", "KerZOO-a0.5", "KerZOO-a1", "PeZO-pool", "PeZO-rotate", "DiZO")
 

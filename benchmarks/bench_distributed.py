@@ -78,7 +78,8 @@ def worker(mode: str, steps: int, threads: int, out: str) -> None:
     params = sum(p.numel() for p in model.parameters())
     n = world if mode == "samples" else 1
     opt = zoengine.MeZO(model.named_parameters(), lr=1e-5, eps=1e-3, n_samples=n,
-                        backend="native", distributed=exchange)
+                        backend="native")
+    opt.set_distributed(exchange)
     g = torch.Generator().manual_seed(rank)
     times = []
     for _ in range(steps + 2):

@@ -86,7 +86,8 @@ def run_config(model, initial: dict, blocks, n_samples: int, steps: int, backend
         path.unlink()
     set_weights(model, initial)
     opt = zoengine.MeZO(model.named_parameters(), lr=LR, eps=EPS, seed=0, n_samples=n_samples,
-                        backend=backend, journal=str(path))
+                        backend=backend)
+    opt.set_journal(str(path))
     n_batches = blocks.shape[0] // BATCH
     wall, cpu = [], []
     with torch.no_grad():

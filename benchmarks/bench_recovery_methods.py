@@ -11,7 +11,7 @@ Wanda 50 % unstructured, full-parameter ZO on the LM loss of the Shakespeare tra
   kerzoo   ``create("kerzoo", ...)``: kernel order 3, r ~ U[-1, 1] (the class defaults)
   dizo     ``create("dizo", ..., projected="code")`` (attention k_proj/v_proj, what
            ``zoengine train --method dizo --train full`` projects); the other DiZO settings are
-           the paper's (10 search iterations, eps_p 0.1, lr_p 2, clip 0.2) except the interval
+           the paper's (10 search iterations, eps_p 0.1, lr_p 2, tau 0.2) except the interval
            (``--dizo-interval``, default 20 instead of 50, so that the budget holds two
            projections); its search batches come from a separate random stream
 

@@ -23,7 +23,7 @@ that configuration's own):
                (always Gaussian: MeZO's loop has only torch.normal)
   native       zoengine.MeZO(backend="native"), in-place perturbation (CPU)
   triton       zoengine.MeZO(backend="triton"), in-place perturbation (CUDA)
-  virtual      zoengine.MeZO(perturbation="virtual", model=model): forward pre-hooks substitute
+  virtual      zoengine.MeZO(...).attach_virtual(model): forward pre-hooks substitute
                θ + c·z during the two evaluations, θ is written once (the update); backend
                ``--backend`` (default native on CPU, triton on CUDA); with Triton, an
                nn.Linear runs the fused noisy-linear kernel (θ + c·z never stored)
@@ -232,9 +232,10 @@ def worker(a) -> None:
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         step = lambda: mezo_reference_step(model, closure, params)  # noqa: E731
     elif backend is not None:
-        kw = dict(perturbation="virtual", model=model) if virtual else {}
         opt = zoengine.MeZO(model.named_parameters(), lr=LR, eps=EPS, weight_decay=WD, seed=0,
-                            dist=a.dist, backend=backend, **kw)
+                            dist=a.dist, backend=backend)
+        if virtual:
+            opt.attach_virtual(model)
         if virtual:
             fb = list(getattr(opt, "inplace_fallback", []) or [])
             extra.update(inplace_fallback=len(fb), inplace_fallback_names=";".join(fb)[:300],

@@ -57,7 +57,7 @@ def test_without_projection_equals_mezo_bit_for_bit():
 def test_projection_geometry_and_untouched_tensors():
     torch.manual_seed(0)
     model = Attn()
-    opt = DiZO(model.named_parameters(), lr=0.05, eps=1e-2, interval=5, clip=0.2,
+    opt = DiZO(model.named_parameters(), lr=0.05, eps=1e-2, interval=5, tau=0.2,
                projection_closure=_fresh_batches(model))
     for _ in range(4):
         opt.step(_closure(model))
@@ -91,7 +91,7 @@ def test_projection_geometry_and_untouched_tensors():
 def test_constant_loss_projection_is_identity_and_clip_holds():
     torch.manual_seed(0)
     model = Attn()
-    opt = DiZO(model.named_parameters(), lr=0.05, eps=1e-2, interval=3, clip=0.1,
+    opt = DiZO(model.named_parameters(), lr=0.05, eps=1e-2, interval=3, tau=0.1,
                projection_closure=lambda: (lambda: torch.tensor(1.0)))
     for _ in range(2):
         opt.step(_closure(model))
@@ -112,7 +112,7 @@ def test_search_moves_ratios_toward_the_best_scaling():
     """f = Σ_l ‖θ_l − (θ0_l + c_l Δ_l)‖²: the best ratio of tensor l is c_l."""
     torch.manual_seed(0)
     model = Attn()
-    opt = DiZO(model.named_parameters(), lr=0.0, eps=1e-2, interval=10**6, clip=0.3,
+    opt = DiZO(model.named_parameters(), lr=0.0, eps=1e-2, interval=10**6, tau=0.3,
                search_iters=60, proj_lr=2.0, projection_closure=None)
     targets = {}
     for c, (n, p, _) in zip((1.25, 0.8), opt.projected):  # displace, then aim at c·Δ
@@ -215,8 +215,8 @@ def test_errors():
         DiZO(model.named_parameters(), projected=r"nothing_here")
     with pytest.raises(ValueError, match="named_parameters"):
         DiZO(model.parameters())
-    with pytest.raises(ValueError, match="^clip="):
-        DiZO(model.named_parameters(), clip=1.5)
+    with pytest.raises(ValueError, match="^tau="):
+        DiZO(model.named_parameters(), tau=1.5)
     with pytest.raises(ValueError, match="^interval="):
         DiZO(model.named_parameters(), interval=0)
     opt = DiZO(model.named_parameters(), lr=0.01, interval=1)
@@ -296,7 +296,7 @@ def test_raise_mode_restores_weights_and_keeps_the_projection_due():
     assert opt.state["zo"]["dizo_searches"] == 1 and opt.state["zo"]["dizo_pending"] is False
 
 
-def test_plain_loss_closure_is_accepted():
+def test_plain_loss_closure_still_works_with_a_deprecation_warning():
     torch.manual_seed(0)
     model = Attn()
     calls = []
@@ -308,7 +308,8 @@ def test_plain_loss_closure_is_accepted():
 
     opt = DiZO(model.named_parameters(), lr=0.05, eps=1e-2, interval=2, search_iters=3,
                projection_closure=plain)
-    _stepped(opt, model, 2)
+    with pytest.warns(DeprecationWarning, match="projection_closure=lambda: closure"):
+        _stepped(opt, model, 2)
     assert opt.state["zo"]["dizo_searches"] == 1
     assert len(calls) == 1 + 2 * 3  # the first call tells it apart (its loss is discarded)
     _stepped(opt, model, 2)

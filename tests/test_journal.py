@@ -29,10 +29,11 @@ CONFIGS = {
 def _run(make, path, steps=9, backend="reference", nan_at=(), seed=0):
     model = tiny_mlp(seed)
     start = copy.deepcopy(model)
-    kw = {"backend": backend, "seed": 7, "journal": path}
+    kw = {"backend": backend, "seed": 7}
     if nan_at:
         kw["nonfinite"] = "skip"
     opt = make(list(model.named_parameters()), **kw)
+    opt.set_journal(path)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
     calls = [0]
 
@@ -41,8 +42,7 @@ def _run(make, path, steps=9, backend="reference", nan_at=(), seed=0):
         calls[0] += 1
         return lambda: torch.nn.functional.mse_loss(model(x), y)
 
-    if hasattr(opt, "projection_closure"):
-        opt.projection_closure = fresh
+    opt.set_batch_source(lambda step, k: fresh())  # a no-op for all but DiZO
     for t in range(steps):
         x, y = regression_batch(seed=t)
 
@@ -143,13 +143,14 @@ def test_torn_tail_is_dropped_and_corruption_named(tmp_path):
 def test_reopening_appends_and_refuses_another_run(tmp_path):
     path = tmp_path / "j.zoj"
     model = tiny_mlp(0)
-    opt = zoengine.MeZO(model.named_parameters(), lr=1e-2, seed=3, journal=path)
+    opt = zoengine.MeZO(model.named_parameters(), lr=1e-2, seed=3)
+    zoengine.journal.attach(opt, path)
     x, y = regression_batch()
     for _ in range(3):
         opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
     opt.close_journal()
-    other = zoengine.MeZO(model.named_parameters(), lr=1e-2, seed=3, n_samples=2,
-                          journal=path)
+    other = zoengine.MeZO(model.named_parameters(), lr=1e-2, seed=3, n_samples=2)
+    other.set_journal(path)
     with pytest.raises(J.JournalError, match="another run"):
         other.step(lambda: torch.nn.functional.mse_loss(model(x), y))
 

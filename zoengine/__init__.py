@@ -22,7 +22,9 @@ _LAZY = {
     "create": "zoengine.optim",
     "available_methods": "zoengine.optim",
 }
-_SUBMODULES = ("noise", "optim", "models", "kernels", "hwsim", "sparsity", "tasks", "run")
+# lazy submodules: ``zoengine.journal.replay`` works after a bare ``import zoengine``
+_SUBMODULES = ("noise", "optim", "journal", "models", "kernels", "hwsim", "sparsity", "tasks",
+               "run")
 __all__ = sorted(_LAZY) + ["__version__", *_SUBMODULES]
 
 

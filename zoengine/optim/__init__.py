@@ -5,9 +5,10 @@ from zoengine.optim.dizo import DiZO
 from zoengine.optim.functional import NonFiniteLossError, StepResult, ZOGroup, mezo_step, zo_step
 from zoengine.optim.mezo import MeZO
 from zoengine.optim.presets import KerZOO, PeZO
-from zoengine.optim.registry import available_methods, create, register_method
+from zoengine.optim.registry import available_methods, create, method_name, register_method
 from zoengine.optim.zo import ZO
 
 __all__ = ["ZO", "DiZO", "KerZOO", "MeZO", "NonFiniteLossError", "PeZO", "StepResult", "ZOGroup",
-           "ZOOptimizer", "available_methods", "create", "mezo_step", "register_method",
+           "ZOOptimizer", "available_methods", "create", "method_name", "mezo_step",
+           "register_method",
            "zo_step"]

@@ -19,6 +19,7 @@ import torch
 from zoengine.kernels.dispatch import BACKENDS, get_ops, resolve_backend
 from zoengine.kernels.keys import tensor_keys
 from zoengine.kernels.philox import DISTRIBUTIONS
+from zoengine.optim.batches import BatchSource, check_batch_source
 from zoengine.optim.exchange import ScalarExchange
 from zoengine.optim.functional import ZOGroup
 from zoengine.optim.journaling import Journaling
@@ -69,12 +70,8 @@ def _zo_group(run: list, hyper: dict, mask=None) -> ZOGroup:
 class ZOOptimizer(Journaling, torch.optim.Optimizer):
     """Base class: parameter keys, backend choice, closure contract, run state and config."""
 
-    def __new__(cls, *args, **kwargs):
-        # remember the constructor call (after params): a journal's header stores it so that
-        # zoengine.journal.replay can build the same optimizer again
-        obj = super().__new__(cls)
-        obj._init_call = (args[1:], dict(kwargs))
-        return obj
+    _exchange: ScalarExchange | None = None  # set_distributed
+    _masks_spec: str | None = None  # None, "zeros" or "dict": the journal header says which
 
     def __init__(self, params, defaults: dict, *, seed: int, n_samples: int, dist: str,
                  backend: str | None, nonfinite: str, masks=None):
@@ -150,6 +147,7 @@ class ZOOptimizer(Journaling, torch.optim.Optimizer):
         tensors (``torch.nn.utils.prune``'s float 0/1 ``weight_mask`` works too)."""
         if masks is None:
             return
+        self._masks_spec = masks if isinstance(masks, str) else "dict"
         params = [p for g in self.param_groups for p in g["params"]]
         if isinstance(masks, str):
             if masks != "zeros":
@@ -251,12 +249,16 @@ class ZOOptimizer(Journaling, torch.optim.Optimizer):
             chosen = "reference"  # auto: the only backend with offsets
         return get_ops(chosen)
 
-    # ---- data parallel (docs/distributed.md) --------------------------------------------
-    def _set_distributed(self, spec) -> None:
-        """``distributed=``: None, True/"losses", "samples" or a ScalarExchange. Checks that
-        every rank has the same seed and n_samples (else the replicas would drift apart)."""
-        self._exchange = ScalarExchange.resolve(spec)
-        ex = self._exchange
+    # ---- engine features: attached after construction -----------------------------------
+    def set_distributed(self, spec) -> None:
+        """Train data-parallel over ``torch.distributed`` (docs/distributed.md): ``spec`` is
+        None (one process), True or ``"losses"`` (every rank evaluates every sample on its own
+        data; the loss scalars are all-reduced), ``"samples"`` (each rank evaluates n / world
+        of a step's samples) or a :class:`~zoengine.optim.exchange.ScalarExchange`. Checks that
+        every rank has the same seed, n_samples and step (else the replicas would drift
+        apart). Replaces the constructor's deprecated ``distributed=``."""
+        ex = ScalarExchange.resolve(spec)
+        self._exchange = ex
         if ex is None:
             return
         if ex.mode == "samples" and self.n_samples % ex.world:
@@ -272,6 +274,41 @@ class ZOOptimizer(Journaling, torch.optim.Optimizer):
         ex = getattr(self, "_exchange", None)
         return None if ex is None else ex.mode
 
+    def set_batch_source(self, source: BatchSource | None, *,
+                         replace: bool = True) -> BatchSource | None:
+        """The declared hook through which a front end hands the optimizer fresh batches.
+
+        ``source(step, k)`` returns a loss closure bound to a fresh batch: the ``k``-th batch
+        (k = 0, 1, ...) the method asks for after ``step`` optimizer steps. A front end
+        (``zoengine.run.loop``, ``ZOTrainer``, ``zoengine.journal``) calls this on every
+        optimizer, unconditionally; a method that draws no batches of its own (ZO, MeZO,
+        KerZOO, PeZO) ignores it. DiZO's γ search draws its batches from it
+        (``zoengine.optim.batches`` has the seeding every front end uses). ``None`` removes
+        the source. ``replace=False`` keeps a source the optimizer already has (the user's
+        own, e.g. DiZO's ``projection_closure``): front ends pass False so user data wins.
+        Returns the source in force before the call (None here), so a caller can restore it.
+        """
+        check_batch_source(source)
+        return None
+
+    def extra_evaluations(self) -> int:
+        """Loss evaluations a step may make beyond its 2n two-point ones (0; DiZO: its
+        search's): what a journal record must hold room for."""
+        return 0
+
+    def projected_count(self) -> int:
+        """Tensors whose projection length γ a step may record (0; DiZO: its projected set)."""
+        return 0
+
+    def projection_summary(self) -> dict | None:
+        """The projections so far, for run reports (None: this method does not project)."""
+        return None
+
+    @property
+    def batch_source(self) -> BatchSource | None:
+        """The source in force (``set_batch_source``); None: this method draws no batches."""
+        return None
+
     @staticmethod
     def require_closure(name: str, closure: Callable | None) -> Callable:
         if closure is None or not callable(closure):
@@ -285,6 +322,18 @@ class ZOOptimizer(Journaling, torch.optim.Optimizer):
     def step_count(self) -> int:
         """Steps taken so far (including skipped ones)."""
         return self.state["zo"]["step"]
+
+    # ---- hyper-parameters: what rebuilds this optimizer ----------------------------------
+    def hyperparameters(self) -> dict:
+        """The keyword arguments of this class's constructor that built it (JSON-able; masks
+        and the engine features left out): ``zoengine.optim.create(method_name(type(opt)),
+        params, **opt.hyperparameters())`` builds the same optimizer, which is how a journal
+        replay rebuilds it. lr, eps and weight_decay are the defaults (``self.defaults``), not
+        a scheduler's current values. Subclasses extend it in their own constructor's terms."""
+        d = self.defaults
+        return {"lr": d["lr"], "eps": d["eps"], "weight_decay": d["weight_decay"],
+                "seed": self.state["zo"]["seed"], "n_samples": self.n_samples,
+                "backend": self.backend, "nonfinite": self.nonfinite}
 
     # ---- run configuration: travels with the state --------------------------------------
     def _run_config(self) -> dict:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import torch
 
 from zoengine.kernels.philox import STREAM_DIZO_ZETA
 from zoengine.optim.base import check_float, check_int
+from zoengine.optim.batches import BatchSource, ProjectionClosure, check_batch_source
+from zoengine.optim.deprecations import warn_outside
+from zoengine.optim.docs import shared_docs
 from zoengine.optim.estimators import scalar_normal
 from zoengine.optim.functional import NonFiniteLossError, loss_value
 from zoengine.optim.registry import register_method
@@ -33,6 +36,7 @@ PROJECTED_PRESETS = {
 }
 
 
+TAU = 0.2  # τ: the searched ratios lie in [1 − τ, 1 + τ] (the authors' default)
 NORM_CHUNK = 1 << 22  # elements per float64 slice of delta_norm: 32 MB of temporaries
 
 
@@ -54,6 +58,7 @@ def _projected_regex(projected: str, names: list[str]) -> str:
     return PROJECTED_PRESETS.get(projected, projected)
 
 
+@shared_docs
 class DiZO(ZO):
     r"""DiZO: ZO steps plus, every ``interval`` steps, a projection of each selected tensor's
     displacement from its anchor θ0 onto a searched length γ.
@@ -69,36 +74,40 @@ class DiZO(ZO):
 
     Args:
         params: named parameters (names select the projected tensors) or groups with names.
-        interval: κ, steps between projections (50).
-        proj_eps, proj_lr, clip, search_iters: ε_p (0.1), α_p (2.0), τ (0.2), M (10).
+        {args: lr eps weight_decay}
+        interval (int): κ, steps between projections (50).
+        proj_eps, proj_lr, tau, search_iters: ε_p (0.1), α_p (2.0), τ (0.2, in [0, 1): the
+            searched ratios lie in [1 − τ, 1 + τ]; called ``clip`` before 0.2) and M (10).
         projected: ``"auto"`` (LoRA A/B if present, else attention k_proj/v_proj as the
             authors' code), ``"code"``, ``"paper"`` (q_proj/v_proj), ``"lora"``, ``"all"``
             (every trainable tensor, e.g. a head trained alone), or a regex matched against
             parameter names. An empty selection raises.
-        projection_closure: the search's data, one of
-            (a) a factory: ``fresh()`` returns a new loss closure bound to a fresh batch, called
-            once per search iteration;
-            (b) a plain loss closure: ``closure()`` returns the loss (tensor or float); every
-            iteration evaluates it as is (fresh data only if it draws a batch itself);
-            (c) an iterator (or iterable) of loss closures, one per iteration.
-            (a) and (b) are told apart by what the first call returns: a callable means a
-            factory, a scalar loss means a plain closure (that first loss, taken at the
-            unprojected weights, is discarded: one extra forward pass per run). Each closure
-            is evaluated twice per iteration (at γ ± ε_p ζ). Can be set later as
-            ``opt.projection_closure``.
+        projection_closure: the search's data, your own (it takes precedence over a front
+            end's): a factory, ``fresh()`` returning a loss closure bound to a fresh batch
+            (called once per search iteration), or an iterable of loss closures, one per
+            iteration. Each closure is evaluated twice per iteration (at γ ± ε_p ζ). The
+            same as ``opt.set_batch_source(lambda step, k: fresh())``; can be set later as
+            ``opt.projection_closure``. Without it, a front end supplies the batches through
+            :meth:`set_batch_source` (the CLI loop and ``ZOTrainer`` do; see
+            ``zoengine.optim.batches``). A plain loss closure (not a factory) still works,
+            with a ``DeprecationWarning``: pass ``lambda: closure``.
         exact_restore: keep a copy of the projected tensors during a search so every
             evaluation puts the weights back bit-exactly (True, default; transient memory = the
             anchors' size), or undo by the inverse scaling as the authors' code (False; no
             copy, restores to rounding).
+        **kwargs: any :class:`ZO` option: ``estimator="kernel"`` (KerZOO), ``noise="pool"``
+            (PeZO), ``clip`` (bounds |g| of the ZO steps, as on ZO and KerZOO), ``seed``,
+            ``n_samples``, ...
 
     Non-finite losses in the search follow ``nonfinite``: ``"raise"`` raises
     :class:`NonFiniteLossError` (weights restored); ``"skip"`` drops that iteration (γ
     unchanged, ``state["zo"]["dizo_skipped_iters"]`` counts it). A projection is never lost: it
     stays due (``state["zo"]["dizo_pending"]``) until a search with at least one finite
     iteration is applied, so a search whose iterations were all skipped, or that raised, is
-    retried after the next step.
-        **kwargs: any :class:`ZO` option: ``estimator="kernel"`` (KerZOO), ``noise="pool"``
-            (PeZO), ``seed``, ``n_samples``, ...
+    retried after the next step. ``set_distributed`` is refused (the search is not reduced
+    across ranks).
+
+    {engine}
 
     Memory: one anchor copy of the projected tensors (about 1/6 of an OPT decoder) and one
     scalar per projected tensor; z is never stored. During a search (``exact_restore=True``),
@@ -107,23 +116,78 @@ class DiZO(ZO):
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  *, interval: int = 50, proj_eps: float = 0.1, proj_lr: float = 2.0,
-                 clip: float = 0.2, search_iters: int = 10, projected: str = "auto",
+                 tau: float | None = None, search_iters: int = 10, projected: str = "auto",
                  projection_closure: Callable | Iterable | None = None,
                  exact_restore: bool = True, **kwargs):
+        if "clip" in kwargs and tau is None:
+            warn_outside(f"DiZO(clip={kwargs['clip']!r}) bounds |g| of the ZO steps (as on ZO "
+                         "and KerZOO) since zoengine 0.2; the projection's τ, formerly clip=, "
+                         "is tau= (default 0.2): pass tau= to silence this warning",
+                         FutureWarning)
         self.interval = check_int("interval", interval, low=1)
         self.proj_eps = check_float("proj_eps", proj_eps, low=0.0, strict=True)
         self.proj_lr = check_float("proj_lr", proj_lr, low=0.0, strict=False)
-        self.tau = check_float("clip", clip, low=0.0, strict=False)
+        self.tau = check_float("tau", TAU if tau is None else tau, low=0.0, strict=False)
         if self.tau >= 1.0:
-            raise ValueError(f"clip={clip!r}: must be in [0, 1) (ratios lie in [1-clip, 1+clip])")
+            raise ValueError(f"tau={tau!r}: must be in [0, 1) (ratios lie in [1-tau, 1+tau])")
         self.search_iters = check_int("search_iters", search_iters, low=1)
         if not isinstance(exact_restore, bool):
             raise ValueError(f"exact_restore={exact_restore!r}: must be True or False")
         self.exact_restore = exact_restore
+        self._batch_source: BatchSource | None = None
         super().__init__(params, lr, eps, weight_decay, **kwargs)
         self.projection_closure = projection_closure
-        self._closure_kind: tuple = (None, None)  # (source, "factory" | "loss"), see _next_closure
+        self._projected_spec = projected
         self._select(projected)
+
+    # ---- the search's data: the batch-source hook -------------------------------------------
+    def set_batch_source(self, source: BatchSource | None, *,
+                         replace: bool = True) -> BatchSource | None:
+        """The γ search's data: ``source(step, k)`` returns a loss closure bound to fresh
+        batch k (k = 0 .. search_iters − 1) of the search after ``step`` optimizer steps;
+        ``zoengine.optim.batches.search_rng(seed, step, k)`` is the seeding every front end
+        uses. ``replace=False`` keeps a source already set (the user's ``projection_closure``).
+        Returns the previous source (see :meth:`ZOOptimizer.set_batch_source`)."""
+        check_batch_source(source)
+        previous = self._batch_source
+        if replace or previous is None:
+            self._batch_source = source
+        return previous
+
+    @property
+    def batch_source(self) -> BatchSource | None:
+        return self._batch_source
+
+    @property
+    def projection_closure(self):
+        """The ``projection_closure`` in force (a factory or iterable), or None when the
+        search's data came through :meth:`set_batch_source` (or there is none)."""
+        src = self._batch_source
+        return src.given if isinstance(src, ProjectionClosure) else None
+
+    @projection_closure.setter
+    def projection_closure(self, given) -> None:
+        self._batch_source = None if given is None else ProjectionClosure(given)
+
+    def extra_evaluations(self) -> int:
+        return 2 * self.search_iters  # two evaluations per search iteration
+
+    def projected_count(self) -> int:
+        return len(self.projected)
+
+    def set_distributed(self, spec) -> None:
+        """Refused: DiZO's projection search is not reduced across ranks (None is accepted)."""
+        if spec not in (None, False):
+            raise ValueError(f"distributed={spec!r} with {type(self).__name__}: not supported "
+                             "yet (DiZO's projection search is not reduced across ranks)")
+        super().set_distributed(spec)
+
+    def hyperparameters(self) -> dict:
+        """ZO's hyper-parameters plus DiZO's (``projected`` as given: a preset or a regex)."""
+        return {**super().hyperparameters(), "interval": self.interval,
+                "proj_eps": self.proj_eps, "proj_lr": self.proj_lr, "tau": self.tau,
+                "search_iters": self.search_iters, "projected": self._projected_spec,
+                "exact_restore": self.exact_restore}
 
     def _select(self, projected: str) -> None:
         if not all("param_names" in g for g in self.param_groups):
@@ -156,10 +220,12 @@ class DiZO(ZO):
     @classmethod
     def memory_extras(cls, *, projected_numel: int = 0, dtype_bytes: int = 4,
                       exact_restore: bool = True, **options) -> dict:
-        """ZO's extras, the anchors (ZO adds them for a class with ``anchor_bytes``) and, with
+        """ZO's extras, the anchors of the ``projected_numel`` weights and, with
         ``exact_restore`` (the default), the copy of the projected tensors a search keeps."""
         out = super().memory_extras(projected_numel=projected_numel, dtype_bytes=dtype_bytes,
                                     **options)
+        if projected_numel:
+            out["dizo_anchors"] = projected_numel * dtype_bytes
         if exact_restore and projected_numel:
             out["dizo_search_copy"] = projected_numel * dtype_bytes
         return out
@@ -177,9 +243,14 @@ class DiZO(ZO):
         """ZO's run configuration plus DiZO's (saved in state_dict, checked on load)."""
         return {**super()._run_config(), "dizo.interval": self.interval,
                 "dizo.proj_eps": self.proj_eps, "dizo.proj_lr": self.proj_lr,
-                "dizo.clip": self.tau, "dizo.search_iters": self.search_iters,
+                "dizo.tau": self.tau, "dizo.search_iters": self.search_iters,
                 "dizo.projected": [n for n, _, _ in self.projected],
                 "dizo.exact_restore": self.exact_restore}
+
+    def _check_config(self, saved: dict | None) -> None:
+        if saved is not None and "dizo.clip" in saved:  # τ's key before the rename to tau
+            saved = {("dizo.tau" if k == "dizo.clip" else k): v for k, v in saved.items()}
+        super()._check_config(saved)
 
     # ---- projection ---------------------------------------------------------------------
     def _deltas_norms(self) -> list[float]:
@@ -191,38 +262,21 @@ class DiZO(ZO):
             anchor = self.state[p]["dizo_anchor"]
             p.sub_(anchor).mul_(a).add_(anchor)
 
-    def _next_closure(self) -> Callable:
-        """The loss closure of the next search iteration, from ``projection_closure``."""
-        src = self.projection_closure
+    def _next_closure(self, m: int) -> Callable:
+        """The loss closure of search iteration ``m``, from the batch source."""
+        src, step = self._batch_source, self.state["zo"]["step"]
         if src is None:
             raise RuntimeError(
                 f"DiZO reached its projection (every interval={self.interval} steps) but has no "
-                "projection_closure: pass DiZO(..., projection_closure=fresh_closure) where "
-                "fresh_closure() returns a closure bound to a fresh batch (or a plain loss "
-                "closure, or an iterator of closures)")
-        if not callable(src):
-            if not isinstance(src, Iterator):
-                src = self.projection_closure = iter(src)
-            try:
-                out = next(src)
-            except StopIteration:
-                raise RuntimeError("DiZO's projection_closure iterator is exhausted: the search "
-                                   "needs one closure per iteration") from None
-            if not callable(out):
-                raise TypeError(f"projection_closure yielded a {type(out).__name__}; an "
-                                "iterator must yield loss closures (e.g. lambda: model(**b).loss)")
-            return self.tap(out)
-        # == (not is): a bound method is a new object on every attribute access
-        kind = self._closure_kind[1] if self._closure_kind[0] == src else None
-        if kind == "loss":
-            return self.tap(src)
-        out = src()  # a factory returns a closure; a plain closure returns the loss
-        if callable(out):
-            self._closure_kind = (src, "factory")
-            return self.tap(out)
-        loss_value(out, "DiZO projection_closure()")  # neither a closure nor a loss: say so
-        self._closure_kind = (src, "loss")
-        return self.tap(src)
+                "search data: pass DiZO(..., projection_closure=fresh) where fresh() returns a "
+                "loss closure bound to a fresh batch, or opt.set_batch_source(source) with "
+                "source(step, k) -> such a closure (the CLI loop and ZOTrainer set one)")
+        closure = src(step, m)
+        if not callable(closure):
+            raise TypeError(f"the batch source returned a {type(closure).__name__} for (step="
+                            f"{step}, k={m}): source(step, k) must return a loss closure "
+                            "(e.g. lambda: model(**batch).loss)")
+        return self.tap(closure)
 
     def _evaluate_at(self, gamma: list[float], ts: list[float], saved: list | None,
                      closure: Callable, where: str) -> float:
@@ -244,7 +298,7 @@ class DiZO(ZO):
         """One SPSA iteration on γ; None if a loss was non-finite and ``nonfinite="skip"``."""
         zo = self.state["zo"]
         seed, step, tau, eps_p = zo["seed"], zo["step"], self.tau, self.proj_eps
-        closure = self._next_closure()
+        closure = self._next_closure(m)
         zeta = []
         for (_, _, key), t in zip(self.projected, ts):
             z = scalar_normal(seed, step, m, STREAM_DIZO_ZETA, key)

@@ -1,6 +1,6 @@
 """The scalars a data-parallel ZO step exchanges over ``torch.distributed`` (no weights, no z).
 
-Lives in ``optim`` (layer 2) because ``ZO(distributed=...)`` builds it; the user-facing helpers
+Lives in ``optim`` (layer 2) because ``opt.set_distributed(...)`` builds it; the user-facing helpers
 (sharding, replica checks, launchers) are in ``zoengine.distributed`` (layer 3).
 
 Modes (docs/distributed.md):
@@ -78,7 +78,7 @@ class ScalarExchange:
 
     @classmethod
     def resolve(cls, spec):
-        """``distributed=`` as given to an optimizer → a ScalarExchange or None."""
+        """``opt.set_distributed(spec)``'s spec → a ScalarExchange or None."""
         if spec is None or spec is False:
             return None
         if spec is True:

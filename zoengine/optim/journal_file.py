@@ -163,10 +163,21 @@ def read_records(path: str) -> tuple[dict, list[Record], int]:
     return header, records, tail
 
 
-def _comparable(header: dict) -> dict:
+def _comparable(header: dict, legacy: bool = False) -> dict:
     """``header`` without what may change between a run and its resumption: the launch's
     ``distributed=`` mode (journals before 2026-12-02 stored it; a data-parallel run may resume
-    on another number of ranks, since its records hold the all-reduced losses)."""
+    on another number of ranks, since its records hold the all-reduced losses).
+
+    ``legacy``: one of the two headers was written before the method record (format 1 held the
+    constructor call, ``"call"``; format 2 holds ``"method"``): how to rebuild the optimizer is
+    left out, the run configuration (``"config"``), seed, tensors and record sizes still decide,
+    and τ's configuration key before its rename (``"dizo.clip"``) reads as ``"dizo.tau"``."""
+    if legacy:
+        config = header.get("config")
+        if isinstance(config, dict) and "dizo.clip" in config:
+            config = {("dizo.tau" if k == "dizo.clip" else k): v for k, v in config.items()}
+        return {**{k: v for k, v in header.items() if k not in ("format", "call", "method")},
+                "config": config}
     call = header.get("call")
     if not isinstance(call, dict) or "distributed" not in call.get("kwargs", {}):
         return header
@@ -202,7 +213,8 @@ class JournalWriter:
 
     def _reopen(self) -> None:
         old, start = read_header(self.path)
-        old, now = _comparable(old), _comparable(self.header)
+        legacy = "method" not in old or "method" not in self.header
+        old, now = _comparable(old, legacy), _comparable(self.header, legacy)
         mismatch = {k: (old.get(k), now.get(k)) for k in set(old) | set(now)
                     if k not in _START_FIELDS and old.get(k) != now.get(k)}
         if mismatch:

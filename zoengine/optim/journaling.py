@@ -1,5 +1,6 @@
-"""How an optimizer writes its step journal (``journal=PATH``): the header that lets
-``zoengine.journal.replay`` rebuild it, and the tap that records every loss the closures return.
+"""How an optimizer writes its step journal (``opt.set_journal(PATH)``): the header that lets
+``zoengine.journal.replay`` rebuild it (the method's registry name and hyper-parameters), and the
+tap that records every loss the closures return.
 
 The journal holds, per step, the closure outputs in call order (the two-point evaluations and,
 for DiZO, the γ search's), the group hyper-parameters in force (a scheduler may change them) and
@@ -25,29 +26,25 @@ from zoengine.optim.journal_file import (
     Record,
     tensors_sha256,
 )
+from zoengine.optim.registry import method_name
 
-# constructor arguments that are not configuration: never written to a header
-# (``distributed``: a data-parallel journal holds the all-reduced losses, so one process, or
-# another number of ranks, replays or resumes it)
-_NOT_CONFIG = ("journal", "journal_fsync", "projection_closure", "masks", "model",
-               "distributed")
+HEADER_FORMAT = 2  # 2: "method" (registry name + hyper-parameters); 1: "call" (class path)
 
 
-def init_arguments(opt) -> dict:
-    """The constructor call that built ``opt`` (class, positional and keyword arguments after
-    ``params``), JSON-checked: replay calls the class again with them."""
-    args, kwargs = getattr(opt, "_init_call", ((), {}))
-    kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_CONFIG}
-    call = {"class": f"{type(opt).__module__}.{type(opt).__qualname__}", "args": list(args),
-            "kwargs": kwargs}
+def method_record(opt) -> dict:
+    """How to rebuild ``opt``: its registry name, its hyper-parameters (JSON-checked) and which
+    masks it used (None, "zeros", or "dict": a replay must be given them)."""
     try:
-        json.dumps(call)
+        name = method_name(type(opt))
+    except ValueError as exc:
+        raise ValueError(f"set_journal: {exc}") from None
+    hyper = opt.hyperparameters()
+    try:
+        json.dumps(hyper)
     except TypeError as exc:
-        raise ValueError(f"journal=: the optimizer's arguments must be plain values to be "
-                         f"journaled ({exc}); {call['kwargs']}") from None
-    masks = getattr(opt, "_init_call", ((), {}))[1].get("masks")
-    call["masks"] = masks if masks is None or isinstance(masks, str) else "dict"
-    return call
+        raise ValueError(f"set_journal: {type(opt).__name__}'s hyper-parameters must be plain "
+                         f"values to be journaled ({exc}); {hyper}") from None
+    return {"name": name, "hyperparameters": hyper, "masks": opt._masks_spec}
 
 
 def header_for(opt) -> dict:
@@ -59,15 +56,15 @@ def header_for(opt) -> dict:
             shapes.append(list(p.shape))
             dtypes.append(str(p.dtype).replace("torch.", ""))
     n = opt.n_samples
-    search = 2 * getattr(opt, "search_iters", 0)  # DiZO: two evaluations per iteration
+    search = opt.extra_evaluations()  # DiZO: its search's evaluations
     trained = [(nm, p) for nm, p in zip(names, (p for g in opt.param_groups
                                                  for p in g["params"]))]
-    return {"format": 1, "call": init_arguments(opt), "config": opt._run_config(),
+    return {"format": HEADER_FORMAT, "method": method_record(opt), "config": opt._run_config(),
             "start_step": opt.state["zo"]["step"], "base_sha256": tensors_sha256(trained),
             **getattr(opt, "_journal_meta", {}),
             "seed": opt.state["zo"]["seed"], "param_names": names, "shapes": shapes,
             "dtypes": dtypes, "groups": len(opt.param_groups), "n_samples": n,
-            "capacity": 2 * n + search, "projected": len(getattr(opt, "projected", []))}
+            "capacity": 2 * n + search, "projected": opt.projected_count()}
 
 
 class StepTap:
@@ -89,7 +86,7 @@ class StepTap:
 
 
 class Journaling:
-    """Mixin for ``ZOOptimizer``: ``journal=PATH`` records every step (see module docstring)."""
+    """Mixin for ``ZOOptimizer``: ``set_journal(PATH)`` records every step (module docstring)."""
 
     _journal: JournalWriter | None = None
     _tap: StepTap | None = None

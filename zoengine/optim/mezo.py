@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from zoengine.kernels.philox import DISTRIBUTIONS
 from zoengine.optim.base import check_choice
+from zoengine.optim.docs import shared_docs
 from zoengine.optim.registry import register_method
-from zoengine.optim.zo import ZO
+from zoengine.optim.zo import ZO, ZO_OWN
 
 
+@shared_docs
 class MeZO(ZO):
     r"""Zeroth-order SGD with the in-place SPSA estimator and seeded, never-stored noise.
 
@@ -23,34 +25,10 @@ class MeZO(ZO):
     fused restore-and-update pass); memory stays at inference level.
 
     Args:
-        params: ``model.parameters()``, ``model.named_parameters()`` (names make z
-            independent of parameter order) or a list of param-group dicts. Tensors with
-            ``requires_grad=False`` are frozen: never perturbed, never updated.
-        lr (float): learning rate η (default 1e-6, MeZO's full-parameter setting).
-        eps (float): perturbation scale ε (default 1e-3).
-        weight_decay (float): decoupled-from-nothing L2 term λ, as in MeZO's code
-            (default 0). MeZO's large-model code skips biases and norms: put them in a group
-            with ``weight_decay=0`` to match it.
-        seed (int): master seed of the noise (keyword-only, default 0).
-        n_samples (int): n of n-SPSA; the n updates are applied from their (seed, g) pairs,
-            so memory does not grow with n.
-        dist (str): ``"normal"`` (the paper), ``"uniform"`` or ``"rademacher"``, all unit
-            variance.
-        backend (str, optional): ``None``/``"auto"`` (Triton for CUDA tensors, the compiled
-            ``"native"`` CPU kernels when they build, else ``"reference"``), ``"reference"``,
-            ``"native"`` or ``"triton"``; see docs/backends.md.
-        nonfinite (str): what a NaN/inf loss does after the weights are restored:
-            ``"raise"`` (default, ``NonFiniteLossError``) or ``"skip"`` the step.
-        masks: sparsity masks: ``None``, ``"zeros"`` (keep the weights that are exactly zero
-            now at zero) or a dict parameter (or name) -> bool keep-mask.
-        stochastic_rounding (bool): unbiased rounding of fp16/bf16 updates (default False).
-        journal (str, optional): record every step into this file (``zoengine.journal``);
-            ``journal_fsync`` says when it is made durable.
-        distributed: None, True/``"losses"`` or ``"samples"``: data parallel over
-            ``torch.distributed``, exchanging loss scalars only (docs/distributed.md).
-        perturbation (str): ``"inplace"`` (default) or ``"virtual"`` (θ never written during
-            the two evaluations; needs ``model=``); see :class:`zoengine.ZO`.
-        model: the ``nn.Module`` that reads the parameters (virtual perturbation only).
+        {args: params lr eps weight_decay seed n_samples dist backend nonfinite masks}
+        {args: stochastic_rounding}
+
+    {engine}
 
     Arithmetic is in max(fp32, parameter dtype): float64 weights are perturbed, restored and
     updated in float64. ``lr``, ``eps`` and ``weight_decay`` are checked at every step (a
@@ -69,16 +47,20 @@ class MeZO(ZO):
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  *, seed: int = 0, n_samples: int = 1, dist: str = "normal",
                  backend: str | None = None, nonfinite: str = "raise", masks=None,
-                 stochastic_rounding: bool = False, journal=None,
-                 journal_fsync: str | int = "step", distributed=None,
-                 perturbation: str = "inplace", model=None):
-        super().__init__(params, lr, eps, weight_decay, journal=journal,
-                         journal_fsync=journal_fsync, distributed=distributed,
-                         model=model,
+                 stochastic_rounding: bool = False, **deprecated):
+        super().__init__(params, lr, eps, weight_decay,
                          **self.zo_options(dist=dist, seed=seed, n_samples=n_samples,
                                            backend=backend, nonfinite=nonfinite, masks=masks,
-                                           stochastic_rounding=stochastic_rounding,
-                                           perturbation=perturbation))
+                                           stochastic_rounding=stochastic_rounding),
+                         **deprecated)
+
+    def hyperparameters(self) -> dict:
+        """As :class:`ZO`'s, in MeZO's terms: ``dist`` instead of ZO's source and estimator
+        options."""
+        h = super().hyperparameters()
+        for k in ZO_OWN:
+            h.pop(k)
+        return {**h, "dist": self.noise}
 
     @classmethod
     def zo_options(cls, *, dist: str = "normal", **options) -> dict:

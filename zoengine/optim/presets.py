@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from zoengine.optim.base import check_choice
+from zoengine.optim.docs import shared_docs
 from zoengine.optim.registry import register_method
 from zoengine.optim.zo import ZO
 
 REUSE_MODES = ("pool", "rotate", None)
 
 
+@shared_docs
 class KerZOO(ZO):
     r"""KerZOO (Mi et al. 2025): kernel-weighted two-point estimator that cancels the ε² bias.
 
@@ -18,10 +20,10 @@ class KerZOO(ZO):
         \theta \leftarrow \theta - \eta\, g\, u
 
     Args:
-        kernel_order: 1, 3 (default) or 5; None gives r ≡ 1, K ≡ 1 (exactly MeZO).
-        r_range: a (the README recommends 1/2; the paper form is 1).
-        clip: optional bound on |g|.
-        Other arguments as :class:`ZO`; ``dist`` picks u's distribution.
+        {args: params lr eps weight_decay kernel_order r_range clip dist}
+        Other keyword arguments as :class:`ZO` (``seed``, ``n_samples``, ``backend``, ...).
+
+    {engine}
 
     Example:
         >>> opt = zoengine.KerZOO(model.named_parameters(), lr=1e-6, eps=1e-3, kernel_order=3)
@@ -35,12 +37,19 @@ class KerZOO(ZO):
                          **self.zo_options(dist=dist, kernel_order=kernel_order,
                                            r_range=r_range, clip=clip, **kwargs))
 
+    def hyperparameters(self) -> dict:
+        """As :class:`ZO`'s, in KerZOO's terms: ``dist`` instead of ``noise``/``estimator``."""
+        h = super().hyperparameters()
+        del h["noise"], h["estimator"]
+        return {**h, "dist": self.noise}
+
     @classmethod
     def zo_options(cls, *, dist: str = "normal", **options) -> dict:
         """KerZOO's keywords in ZO's terms: ``noise=dist``, ``estimator="kernel"``."""
         return super().zo_options(noise=dist, estimator="kernel", **options)
 
 
+@shared_docs
 class PeZO(ZO):
     r"""PeZO (Tan et al. 2025): uniform perturbations with random-number reuse.
 
@@ -58,12 +67,13 @@ class PeZO(ZO):
     ``state_dict()``; ``reuse``, ``pool_size``, ``lanes`` and ``scaling`` are checked on load.
 
     Args:
-        dist: ``"uniform"`` (the only choice: PeZO's hardware-friendly distribution).
-        reuse: ``"pool"`` (default), ``"rotate"`` or None (fresh numbers).
-        pool_size: N, numbers in the pool (``reuse="pool"``).
-        lanes: n, generator lanes (``reuse="rotate"``).
-        scaling: ``"adaptive"`` or ``"static"``.
-        Other arguments as :class:`ZO`.
+        {args: params lr eps weight_decay}
+        dist (str): ``"uniform"`` (the only choice: PeZO's hardware-friendly distribution).
+        reuse (str, optional): ``"pool"`` (default), ``"rotate"`` or None (fresh numbers).
+        {args: pool_size lanes scaling}
+        Other keyword arguments as :class:`ZO` (``seed``, ``n_samples``, ``backend``, ...).
+
+    {engine}
 
     Example:
         >>> opt = zoengine.PeZO(model.parameters(), lr=1e-6, reuse="pool", pool_size=1 << 16)
@@ -77,6 +87,14 @@ class PeZO(ZO):
         super().__init__(params, lr, eps, weight_decay,
                          **self.zo_options(dist=dist, reuse=reuse, pool_size=pool_size,
                                            lanes=lanes, scaling=scaling, **kwargs))
+        self.reuse, self._lanes = reuse, lanes  # reuse=None may run as noise="rotate", lanes=1
+
+    def hyperparameters(self) -> dict:
+        """As :class:`ZO`'s, in PeZO's terms: ``reuse`` (and the ``lanes`` given) instead of
+        ``noise``."""
+        h = super().hyperparameters()
+        del h["noise"]
+        return {**h, "dist": "uniform", "reuse": self.reuse, "lanes": self._lanes}
 
     @classmethod
     def zo_options(cls, *, dist: str = "uniform", reuse: str | None = "pool",

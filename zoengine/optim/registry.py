@@ -36,10 +36,17 @@ _METHODS: dict[str, MethodSpec] = {}
 
 
 def register_method(name: str, method: type | Callable, /, *, cls: type | None = None,
-                    **fixed) -> None:
+                    replace: bool = False, **fixed) -> None:
     """Make ``method(params, **fixed, **kw)`` available as ``create(name, ...)`` and
     ``--method name``. ``method`` is an optimizer class, or a factory together with ``cls=``,
-    the class it builds (needed for accounting)."""
+    the class it builds (needed for accounting). A name already registered is refused
+    (``ValueError``) unless ``replace=True``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_method({name!r}, ...): the name must be a non-empty str")
+    if name in _METHODS and not replace:
+        raise ValueError(f"register_method({name!r}, ...): {name!r} is registered already (as "
+                         f"{_METHODS[name].cls.__name__}); choose another name, or pass "
+                         "replace=True to replace it")
     if isinstance(method, type):
         cls, factory = method, None
     elif callable(method) and isinstance(cls, type):
@@ -59,6 +66,17 @@ def method_spec(name: str) -> MethodSpec:
     if name not in _METHODS:
         raise ValueError(f"method={name!r}: must be one of {available_methods()}")
     return _METHODS[name]
+
+
+def method_name(cls: type) -> str:
+    """The name under which ``cls`` itself is registered (no fixed options, no factory): what a
+    journal header records, so a replay rebuilds the optimizer with ``create(name, ...)``."""
+    for spec in _METHODS.values():
+        if spec.cls is cls and not spec.fixed and spec.factory is None:
+            return spec.name
+    raise ValueError(f"{cls.__module__}.{cls.__qualname__} is not in zoengine's method "
+                     "registry: register it (zoengine.optim.register_method(name, cls)) to "
+                     "journal or replay it")
 
 
 def create(name: str, params, **kwargs):

@@ -286,6 +286,13 @@ def check_perturbation(perturbation, model) -> str:
 
 
 def attach(opt, model) -> VirtualModel:
+    """Perturb ``opt``'s tensors virtually through ``model``'s modules: the same as
+    ``opt.attach_virtual(model)`` (``ZO.attach_virtual`` has the details). Returns the hooks'
+    owner (``remove()`` takes them off)."""
+    return opt.attach_virtual(model)
+
+
+def build_virtual(opt, model) -> VirtualModel:
     """The hooks of ``perturbation="virtual"`` for ``opt``'s trainable tensors in ``model``."""
     if any(g.get("shard_offsets") for g in opt.param_groups):
         raise ValueError("perturbation='virtual' with shard_offsets: not supported (a sharded "

@@ -28,10 +28,12 @@ from zoengine.kernels.reuse import (
 )
 from zoengine.optim.accounting import rng_count
 from zoengine.optim.base import ZOOptimizer, check_choice, check_float, check_int
+from zoengine.optim.deprecations import engine_keywords
+from zoengine.optim.docs import shared_docs
 from zoengine.optim.estimators import KERNELS, clip_value, kernel_weight, scalar_uniform
 from zoengine.optim.exchange import RecordedExchange
 from zoengine.optim.functional import StepResult, ZOGroup, zo_step
-from zoengine.optim.virtual import VirtualOps, attach, check_perturbation
+from zoengine.optim.virtual import VirtualModel, VirtualOps, build_virtual, check_perturbation
 
 NOISES = DISTRIBUTIONS + ("pool", "rotate")
 ESTIMATORS = ("spsa", "kernel")
@@ -39,7 +41,10 @@ SCALINGS = ("adaptive", "static")
 # ZO's options that decide z, the estimator and the accounting (``ZO.zo_options``).
 ZO_DEFAULTS = dict(noise="normal", estimator="spsa", kernel_order=3, r_range=1.0, clip=None,
                    pool_size=1 << 16, lanes=64, scaling="adaptive", n_samples=1,
-                   stochastic_rounding=False, perturbation="inplace")
+                   stochastic_rounding=False)
+# ZO's own keywords beyond the base's (presets translate them: MeZO's ``dist`` is ``noise``)
+ZO_OWN = ("noise", "estimator", "kernel_order", "r_range", "clip", "pool_size", "lanes",
+          "scaling")
 # max |z| of each source (normal: the contract's cut at sqrt(50 ln 2); adaptive rotate: a
 # window's RMS normalisation bounds |z| by sqrt(window); hardware models: a loose bound).
 _Z_BOUND = {"normal": math.sqrt(50 * math.log(2)), "uniform": SQRT3_F32, "rademacher": 1.0,
@@ -47,6 +52,7 @@ _Z_BOUND = {"normal": math.sqrt(50 * math.log(2)), "uniform": SQRT3_F32, "radema
 _HALF = (torch.float16, torch.bfloat16)
 
 
+@shared_docs
 class ZO(ZOOptimizer):
     r"""Two-point zeroth-order optimizer with a pluggable noise source and estimator.
 
@@ -59,41 +65,11 @@ class ZO(ZOOptimizer):
     w_k = K_a(r_k) for ``estimator="kernel"`` (KerZOO).
 
     Args:
-        params: parameters, named parameters or param groups (as ``torch.optim``).
-        lr, eps, weight_decay: η, ε, λ (per group; checked at every step: finite, lr >= 0,
-            eps > 0, weight_decay >= 0).
-        noise: ``"normal"``, ``"uniform"``, ``"rademacher"`` (fresh numbers from the noise
-            contract), ``"pool"`` (PeZO pre-generated pool), ``"rotate"`` (PeZO lanes) or
-            ``"hw:<spec>"`` (a bit-accurate hardware generator from ``zoengine.hwsim``, e.g.
-            ``"hw:lfsr32-uniform"``: training and hardware cost on the same numbers).
-        estimator: ``"spsa"`` or ``"kernel"``.
-        kernel_order: 1, 3 or 5 (kernel estimator), or None for r ≡ 1, K ≡ 1 (= SPSA).
-        r_range: a of r ~ U(-a, a) (kernel estimator).
-        clip: clip |g_k| to this value (None: no clipping).
-        pool_size: N of the pool (noise="pool"); the pointer advances by the smallest stride
-            >= d coprime with N, so N perturbations start at N distinct offsets.
-        lanes: number of generator lanes (noise="rotate").
-        scaling: ``"adaptive"`` (1/RMS of the numbers used) or ``"static"`` (√3), for the
-            pool and rotate sources.
-        seed, n_samples, backend, nonfinite: as in :class:`zoengine.MeZO`.
-        masks: sparsity masks (None, ``"zeros"``, or a dict parameter/name -> bool tensor);
-            masked weights are never perturbed or updated, so pruned zeros stay exactly zero.
-        stochastic_rounding: round fp16/bf16 updates stochastically (unbiased), so updates
-            below half an ulp are not lost; fp32/fp64 weights are unaffected.
-        journal: a path: append one checksummed record per step (the closure's loss values,
-            the hyper-parameters in force), from which ``zoengine.journal.replay`` rebuilds
-            the weights bit for bit without a forward pass (docs/reliability.md).
-        journal_fsync: ``"step"`` (default), an int k (every k steps) or ``"checkpoint"``.
-        distributed: None, True (= ``"losses"``), ``"losses"`` or ``"samples"``: data
-            parallel over the default ``torch.distributed`` group, exchanging loss scalars
-            only (docs/distributed.md).
-        perturbation: ``"inplace"`` (default: θ ± εz written into the weights, restored
-            within 1 ulp) or ``"virtual"`` (θ is never written during the evaluations: each
-            tensor read by a supported module of ``model`` is replaced by θ + c·z for that
-            forward only; the update is the step's only write, so lr = 0 or a skipped step
-            leaves θ bit-identical). See ``inplace_fallback`` and docs/virtual.md.
-        model: the ``nn.Module`` whose forward reads the parameters (``perturbation=
-            "virtual"`` only).
+        {args: params lr eps weight_decay noise estimator kernel_order r_range clip}
+        {args: pool_size lanes scaling seed n_samples backend nonfinite masks}
+        {args: stochastic_rounding}
+
+    {engine}
 
     ``n_samples``, ``noise``, ``estimator``, ``clip``, the source's options and ``backend``
     are saved by ``state_dict()`` and checked by ``load_state_dict()``. After a step,
@@ -112,12 +88,13 @@ class ZO(ZOOptimizer):
                  r_range: float = 1.0, clip: float | None = None, pool_size: int = 1 << 16,
                  lanes: int = 64, scaling: str = "adaptive", seed: int = 0, n_samples: int = 1,
                  backend: str | None = None, nonfinite: str = "raise", masks=None,
-                 stochastic_rounding: bool = False, journal=None,
-                 journal_fsync: str | int = "step", distributed=None,
-                 perturbation: str = "inplace", model=None):
+                 stochastic_rounding: bool = False, **deprecated):
+        engine = engine_keywords(type(self).__name__, deprecated)
         self._hw = self._check_options(noise, estimator, kernel_order, r_range, clip,
                                        pool_size, lanes, scaling, stochastic_rounding)
-        self.perturbation = check_perturbation(perturbation, model)
+        check_perturbation(engine["perturbation"], engine["model"])
+        self.perturbation = "inplace"
+        self._virtual: VirtualModel | None = None
         self.stochastic_rounding = stochastic_rounding
         defaults = dict(lr=check_float("lr", lr, low=0.0, strict=False),
                         eps=check_float("eps", eps, low=0.0, strict=True),
@@ -131,15 +108,33 @@ class ZO(ZOOptimizer):
         self.pool_size, self.lanes, self.scaling = pool_size, lanes, scaling
         if noise == "pool":
             self.state["zo"].update(self._make_pool(seed))
-        if distributed not in (None, False) and callable(getattr(type(self), "anchor_bytes",
-                                                                  None)):
-            raise ValueError(f"distributed={distributed!r} with {type(self).__name__}: not "
-                             "supported yet (DiZO's projection search is not reduced across "
-                             "ranks)")
-        self._set_distributed(distributed)
-        self._virtual = attach(self, model) if perturbation == "virtual" else None
-        if journal is not None:
-            self.set_journal(journal, fsync=journal_fsync)
+        # the deprecated engine keywords, attached in the order the constructor always did
+        if "distributed" in deprecated:
+            self.set_distributed(engine["distributed"])
+        if engine["perturbation"] == "virtual":
+            self.attach_virtual(engine["model"])
+        if engine["journal"] is not None:
+            self.set_journal(engine["journal"], fsync=engine["journal_fsync"])
+
+    # ---- engine features ----------------------------------------------------------------
+    def attach_virtual(self, model) -> VirtualModel:
+        """Perturb virtually (docs/virtual.md): θ is never written during the evaluations;
+        each tensor read by a supported module of ``model`` (the ``nn.Module`` whose forward
+        reads the parameters) is replaced by θ + c·z for that forward only, the update is the
+        step's only write, so lr = 0 or a skipped step leaves θ bit-identical. Call it before
+        the first journaled step (the journal header records the perturbation). Replaces the
+        constructor's deprecated ``perturbation="virtual", model=model``. Returns the hooks'
+        owner (``remove()`` takes them off)."""
+        check_perturbation("virtual", model)
+        if self._journal is not None:
+            raise ValueError("attach_virtual: this optimizer's journal is already open (its "
+                             "header says perturbation='inplace'); attach before the first "
+                             "journaled step")
+        if self._virtual is not None:
+            raise ValueError("attach_virtual: a model is attached already")
+        self._virtual = build_virtual(self, model)
+        self.perturbation = "virtual"
+        return self._virtual
 
     @property
     def inplace_fallback(self) -> list[str]:
@@ -161,7 +156,7 @@ class ZO(ZOOptimizer):
         """As :meth:`Journaling.set_journal`; with ``distributed="losses"`` the journal records
         the all-reduced losses every rank applied, so a single process replays the run."""
         if self._exchange is not None and self._exchange.mode != "losses":
-            raise ValueError(f"journal= with distributed={self._exchange.mode!r}: not "
+            raise ValueError(f"set_journal with distributed={self._exchange.mode!r}: not "
                              "supported yet (each rank evaluates other samples); use "
                              "distributed='losses'")
         super().set_journal(path, fsync=fsync, meta=meta)
@@ -199,6 +194,14 @@ class ZO(ZOOptimizer):
         """This class's keyword options in ZO's terms (presets map theirs: PeZO's ``reuse``
         becomes ``noise``), ZO's defaults filled in; other keywords pass through."""
         return {**ZO_DEFAULTS, **options}
+
+    def hyperparameters(self) -> dict:
+        """The base's (lr, eps, weight_decay, seed, n_samples, backend, nonfinite) and ZO's
+        own options, as keyword arguments of :class:`ZO`."""
+        return {**super().hyperparameters(), "noise": self.noise, "estimator": self.estimator,
+                "kernel_order": self.kernel_order, "r_range": self.r_range, "clip": self.clip,
+                "pool_size": self.pool_size, "lanes": self.lanes, "scaling": self.scaling,
+                "stochastic_rounding": self.stochastic_rounding}
 
     def _run_config(self) -> dict:
         cfg = {**super()._run_config(), "noise": self.noise, "estimator": self.estimator,
@@ -353,14 +356,11 @@ class ZO(ZOOptimizer):
                       masked_numel: int = 0, largest_masked: int = 0, projected_numel: int = 0,
                       **options) -> dict:
         """Persistent bytes beyond the weights for this class with ``options`` (its
-        constructor's keywords): the base's kernels and masks, PeZO's pool (4 bytes a number),
-        and one anchor copy of the ``projected_numel`` weights for a class that keeps anchors
-        (it defines ``anchor_bytes()``, as DiZO)."""
+        constructor's keywords): the base's kernels and masks and PeZO's pool (4 bytes a
+        number); ``projected_numel`` is for a class that keeps anchors (DiZO adds them)."""
         out = super().memory_extras(trainable_numel=trainable_numel, dtype_bytes=dtype_bytes,
                                     masked_numel=masked_numel, largest_masked=largest_masked)
         opts = cls.zo_options(**options)
-        if projected_numel and callable(getattr(cls, "anchor_bytes", None)):
-            out["dizo_anchors"] = projected_numel * dtype_bytes
         if opts["noise"] == "pool":
             out["pezo_pool"] = 4 * opts["pool_size"]
         return out

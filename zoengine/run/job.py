@@ -22,7 +22,7 @@ from zoengine.run.lora import lora_for_run
 from zoengine.run.mask_files import MASKS_FILE, masks_writer
 from zoengine.run.norms import norms_for_run
 from zoengine.run.ranks import Ranks
-from zoengine.run.report import plot_curve, run_summary_json, summary_lines, weights_writer
+from zoengine.run.report import curve_files, run_summary_json, summary_lines, weights_writer
 from zoengine.run.resources import auto_threads, load_model
 from zoengine.run.resources import log as _log
 from zoengine.run.resume import Checkpointer, ResumeError, check_base, restore
@@ -150,14 +150,10 @@ def _gain(report: dict) -> dict:
 
 
 def journal_fsync(value: str) -> str | int:
-    """``--journal-fsync``: ``"step"``, ``"checkpoint"`` or a number of steps."""
+    """``--journal-fsync`` (checked by ``RunConfig``): ``"step"``, ``"checkpoint"`` or a
+    number of steps."""
     v = str(value)
-    if v in ("step", "checkpoint"):
-        return v
-    if v.isdigit() and int(v) > 0:
-        return int(v)
-    raise TaskError("--journal-fsync", f"{value!r}: must be 'step', 'checkpoint' or a number "
-                                       "of steps > 0")
+    return v if v in ("step", "checkpoint") else int(v)
 
 
 def run_task(cfg: RunConfig):
@@ -332,7 +328,7 @@ def write_outputs(cfg: RunConfig, report: dict, trained, tok, t_start: float,
     report["timing"]["total_s"] = time.perf_counter() - t_start
     folder = folder or RunFolder(cfg.output_dir, log=_log).acquire()
     try:
-        files = {name: write_weights, "curve.png": plot_curve(report),
+        files = {name: write_weights, **curve_files(report, log=_log),
                  "metrics.json": run_summary_json(report)}
         if masks and cfg.train == "lora":  # `zoengine merge` rebuilds the pruned base from them
             files[MASKS_FILE] = masks_writer(masks)
@@ -343,5 +339,6 @@ def write_outputs(cfg: RunConfig, report: dict, trained, tok, t_start: float,
         folder.release()
     for line in summary_lines(report):
         _log(line)
-    _log(f"wrote {cfg.output_dir}/metrics.json, curve.png, {report['weights']}")
+    curve = "curve.png, " if "curve.png" in files else ""
+    _log(f"wrote {cfg.output_dir}/metrics.json, {curve}{report['weights']}")
     return report

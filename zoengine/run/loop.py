@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from zoengine.faults import crashpoint
-from zoengine.kernels.keys import stream_key
+from zoengine.optim.batches import batch_rng, search_rng
 from zoengine.run.strategies import Strategy
 
 LOOP_STARTED = "zoengine: step loop started"
@@ -32,23 +32,18 @@ def progress_bar(total: int, enabled: bool, desc: str):
 def step_rng(seed: int, step: int, stream: int = 0) -> np.random.RandomState:
     """The random state that draws step ``step``'s batch: a pure function of (seed, step,
     stream), like the noise contract, so a resumed run draws the same batches without
-    replaying the data order (stream 0: training batches; 1 + i: DiZO's i-th search batch)."""
-    return np.random.RandomState(stream_key(seed, step, stream) & 0xFFFFFFFF)
+    replaying the data order (``zoengine.optim.batches.batch_rng``: stream 0 for training
+    batches, 1 + k for search batch k)."""
+    return batch_rng(seed, step, stream)
 
 
-def projection_batches(strategy: Strategy, seed: int, opt):
-    """Fresh-batch closures for DiZO's γ search, keyed by (seed, optimizer step, iteration):
-    the training batches are the same with and without projections, and a resumed run's
-    searches see the batches the uninterrupted run saw."""
-    calls = {"step": -1, "i": 0}
-
-    def fresh():
-        step = opt.state["zo"]["step"]
-        if step != calls["step"]:
-            calls.update(step=step, i=0)
-        calls["i"] += 1
-        return strategy.batch_closure(step_rng(seed, step, calls["i"]))
-    return fresh
+def search_batches(strategy: Strategy, seed: int):
+    """The loop's batch source (``ZOOptimizer.set_batch_source``): ``source(step, k)`` is a
+    loss closure on search batch k after ``step`` optimizer steps, drawn from
+    ``search_rng(seed, step, k)``, so the training batches are the same with and without
+    DiZO's projections and a resumed run's searches see the batches the uninterrupted run
+    saw."""
+    return lambda step, k: strategy.batch_closure(search_rng(seed, step, k))
 
 
 @dataclass
@@ -70,8 +65,9 @@ def run_loop(cfg, strategy: Strategy, opt: torch.optim.Optimizer, report: dict, 
     ``progress``: continue a run (its steps done, loss curve and dev points); ``on_step``:
     called after every step (checkpoints attach here); ``data_stream``: which ``step_rng``
     stream draws the batches (a data-parallel rank's shard; 0 for one process)."""
-    if getattr(opt, "projection_closure", False) is None:  # DiZO without its own data
-        opt.projection_closure = projection_batches(strategy, cfg.seed, opt)
+    # the declared hook: DiZO's search draws from it; a no-op for methods without batches
+    # of their own; a source the optimizer already has (its user's) is kept
+    opt.set_batch_source(search_batches(strategy, cfg.seed), replace=False)
     p = progress or Progress(dev=[{"step": 0, **dev_point_of(report["before"])}])
     t0 = time.perf_counter()
     log(LOOP_STARTED)
@@ -95,8 +91,9 @@ def run_loop(cfg, strategy: Strategy, opt: torch.optim.Optimizer, report: dict, 
                 bar.set_postfix(loss=f"{avg:.4f}", refresh=False)  # the bar redraws itself
     report["timing"]["train_s"] = time.perf_counter() - t0
     report["curve"] = {"loss": p.loss, "dev": p.dev}
-    if hasattr(opt, "projection_summary"):  # DiZO: searches done, skipped, still due
-        report["dizo"] = opt.projection_summary()
+    summary = opt.projection_summary()  # DiZO: searches done, skipped, still due
+    if summary is not None:
+        report["dizo"] = summary
     return p
 
 
