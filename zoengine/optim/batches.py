@@ -1,4 +1,4 @@
-"""The one batch-seeding scheme every front end uses (docs/design.md items 15 and 31).
+"""The one batch-seeding scheme every front end uses (docs/design.md items 16 and 22).
 
 A batch is drawn by a ``numpy.random.RandomState`` seeded from the noise contract's stream key,
 a pure function of (seed, step, stream), so a resumed run draws the batches of an uninterrupted

@@ -1,7 +1,7 @@
 """The optimizer keywords on their way out, and the warning that names their replacement.
 
 The engine features (journal, data parallel, virtual perturbation) became attach-calls
-(docs/design.md item 21); their constructor keywords still work for one release.
+(docs/design.md item 22); their constructor keywords still work for one release.
 """
 
 from __future__ import annotations
