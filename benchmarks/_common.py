@@ -180,6 +180,21 @@ def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 
 
+def throughput(fn, numel: int, reps: int) -> dict:
+    """Values per second of ``fn()`` (which makes ``numel`` values): one warm-up call, then the
+    best and the median wall time of ``reps`` calls and the median process (CPU) time."""
+    fn()  # warm-up (and, for the native backend, its build)
+    times, cpu = [], []
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return {"best_M_per_s": numel / min(times) / 1e6,
+            "median_M_per_s": numel / median(times) / 1e6,
+            "cpu_median_M_per_s": numel / median(cpu) / 1e6}
+
+
 def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
     """rows -> markdown; columns are (key, header) pairs; floats get 3 significant digits."""
     def fmt(v):

@@ -17,24 +17,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-
-
-def measure(fn, reps: int) -> dict:
-    n = fn().size  # warm-up
-    times, cpu = [], []
-    for _ in range(reps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return {"values": n, "best_M_per_s": n / min(times) / 1e6,
-            "median_M_per_s": n / C.median(times) / 1e6,
-            "cpu_median_M_per_s": n / C.median(cpu) / 1e6}
 
 
 def main(argv=None) -> None:
@@ -63,7 +49,9 @@ def main(argv=None) -> None:
     env = C.env_info(a.threads)
     rows = []
     for name, dtype, fn in cases:
-        r = {"generator": name, "dtype": dtype, **measure(fn, a.reps), "reps": a.reps, **env}
+        n = fn().size  # the values one call makes (its first call, outside the timing)
+        r = {"generator": name, "dtype": dtype, "values": n, **C.throughput(fn, n, a.reps),
+             "reps": a.reps, **env}
         rows.append(r)
         print(f"  {name}: best {r['best_M_per_s']:.1f} M/s, median {r['median_M_per_s']:.1f} M/s",
               flush=True)

@@ -15,24 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-
-
-def measure(fn, numel: int, reps: int) -> dict:
-    fn()  # warm-up (and, for native, the build)
-    times, cpu = [], []
-    for _ in range(reps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return {"best_M_per_s": numel / min(times) / 1e6,
-            "median_M_per_s": numel / C.median(times) / 1e6,
-            "cpu_median_M_per_s": numel / C.median(cpu) / 1e6}
 
 
 def main(argv=None) -> None:
@@ -74,7 +60,7 @@ def main(argv=None) -> None:
     rows = []
     for name, dist, fn in cases:
         reps = a.reps if "oracle" not in name else max(2, a.reps // 3)  # the oracle is slow
-        r = {"generator": name, "dist": dist, "numel": n, **measure(fn, n, reps), "reps": reps,
+        r = {"generator": name, "dist": dist, "numel": n, **C.throughput(fn, n, reps), "reps": reps,
              "native_variant": variant, **env}
         rows.append(r)
         print(f"  {name}: best {r['best_M_per_s']:.0f} M/s, median {r['median_M_per_s']:.0f} M/s",
