@@ -2,10 +2,10 @@
 
     python benchmarks/bench_journal.py [--steps 10 --n-samples 1,4 --threads 1]
 
-For each n_samples, full-parameter MeZO (native backend) trains SmolLM2-135M (fp32) with
-``journal=PATH`` on batches of Macbeth token blocks (batch 4 x 32, LM loss), then the starting
-weights are put back and ``zoengine.journal.replay`` rebuilds the trained weights from the journal
-alone (no forward pass); every parameter is checked with ``torch.equal``.
+For each n_samples, full-parameter MeZO (native backend) trains SmolLM2-135M (fp32) after
+``opt.set_journal(PATH)`` on batches of Macbeth token blocks (batch 4 x 32, LM loss), then the
+starting weights are put back and ``zoengine.journal.replay`` rebuilds the trained weights from
+the journal alone (no forward pass); every parameter is checked with ``torch.equal``.
 
 Measured, in the same run and process:
   - training wall / CPU seconds per step (mean of steps 1..N-1; step 0 also hashes the weights

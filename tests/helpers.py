@@ -36,6 +36,12 @@ def tiny_llama(vocab: int = 128, seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
+def virtual(opt, model):
+    """``opt`` after ``opt.attach_virtual(model)``: virtual perturbation in one expression."""
+    opt.attach_virtual(model)
+    return opt
+
+
 def ulp(x: torch.Tensor) -> torch.Tensor:
     """Unit in the last place of |x| for a float tensor (smallest subnormal step at 0)."""
     a = x.abs()

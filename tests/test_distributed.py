@@ -62,8 +62,10 @@ def _rank_data_parallel(mode: str, rank: int, out: str) -> dict:
     model, log = _model(), []
     n = 4 if mode == "samples" else 1
     journal = os.path.join(out, f"journal{rank}.zoj") if mode == "losses" else None
-    opt = zoengine.MeZO(model.named_parameters(), n_samples=n, distributed=mode,
-                        journal=journal, **HYPER)
+    opt = zoengine.MeZO(model.named_parameters(), n_samples=n, **HYPER)
+    opt.set_distributed(mode)
+    if journal is not None:
+        opt.set_journal(journal)
     _count_bytes(log)
     losses = []
     for t in range(STEPS):
@@ -80,7 +82,8 @@ def _rank_sharded(rank: int) -> dict:
 
     full = _model()[0].weight.detach()  # 8 x 4, rows split over the ranks
     w, off = row_shard(full, rank, WORLD)
-    opt = zoengine.MeZO([sharded_group([("w", w, off)])], distributed=True, **HYPER)
+    opt = zoengine.MeZO([sharded_group([("w", w, off)])], **HYPER)
+    opt.set_distributed(True)
 
     def closure():  # tensor-parallel row split: each rank computes its rows of y = x Wᵀ
         x, y = _batch(0, 0)
@@ -101,7 +104,8 @@ def _rank_fsdp2(rank: int) -> dict:
     model = _model()
     fully_shard(model)
     shards = dtensor_shards(model)
-    opt = zoengine.MeZO([sharded_group(shards)], distributed=True, **HYPER)
+    opt = zoengine.MeZO([sharded_group(shards)], **HYPER)
+    opt.set_distributed(True)
 
     def closure(t):
         out = _loss(model, _batch(t, rank))
@@ -133,10 +137,10 @@ def _rank_trainer(rank: int, out: str) -> dict:
 
 def _rank_refusals(rank: int) -> dict:
     out = {}
-    for name, kw in {"seed": dict(seed=rank, distributed=True),
-                     "n_samples": dict(n_samples=3, distributed="samples")}.items():
+    for name, (kw, mode) in {"seed": (dict(seed=rank), True),
+                             "n_samples": (dict(n_samples=3), "samples")}.items():
         try:
-            zoengine.MeZO(_model().parameters(), **kw)
+            zoengine.MeZO(_model().parameters(), **kw).set_distributed(mode)
             out[name] = "constructed"
         except ValueError as exc:
             out[name] = str(exc)
@@ -149,8 +153,8 @@ def _rank_failures(scenario: str, rank: int) -> dict:
     from zoengine.optim.exchange import ScalarExchange
 
     model = _model()
-    opt = zoengine.MeZO(model.named_parameters(),
-                        distributed=ScalarExchange("losses", check_every=2), **HYPER)
+    opt = zoengine.MeZO(model.named_parameters(), **HYPER)
+    opt.set_distributed(ScalarExchange("losses", check_every=2))
 
     def closure(t):
         if scenario == "die" and rank == 1 and t == 2:
@@ -304,7 +308,7 @@ def test_fsdp2_data_parallel_equals_mean_of_shards(tmp_path):
 def test_trainer_under_two_ranks_reduces_and_agrees(tmp_path):
     pytest.importorskip("transformers")
     r0, r1 = _launch("trainer", tmp_path)
-    assert r0["mode"] == r1["mode"] == "losses"  # the default optimizer got distributed=True
+    assert r0["mode"] == r1["mode"] == "losses"  # the default optimizer got set_distributed(True)
     assert r0["agree"] and r1["agree"] and r0["changed"]
 
 
@@ -357,9 +361,9 @@ def test_offsets_give_the_slice_of_the_full_stream():
 
 def test_needs_a_process_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
-        zoengine.MeZO(_model().parameters(), distributed=True)
+        zoengine.MeZO(_model().parameters()).set_distributed(True)
     with pytest.raises(ValueError, match="distributed"):
-        zoengine.MeZO(_model().parameters(), distributed="everything")
+        zoengine.MeZO(_model().parameters()).set_distributed("everything")
 
 
 def test_trainer_refuses_unreduced_optimizer_under_a_launcher(monkeypatch):
@@ -373,7 +377,7 @@ def test_trainer_refuses_unreduced_optimizer_under_a_launcher(monkeypatch):
     assert hf._unwrap_optimizer(Wrapper(Wrapper(opt))) is opt
     hf.check_distributed(opt)  # one process: fine
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(RuntimeError, match="distributed=True"):
+    with pytest.raises(RuntimeError, match=r"set_distributed\(True\)"):
         hf.check_distributed(Wrapper(opt).optimizer)
 
 

@@ -94,7 +94,8 @@ def test_old_distributed_keyword_on_a_one_rank_group(tmp_path):
                             world_size=1)
     try:
         def old(named, model):
-            with pytest.warns(DeprecationWarning, match=r"distributed=.*set_distributed"):
+            with pytest.warns(DeprecationWarning, match=r"distributed=.*set_distributed"), \
+                    pytest.warns(DeprecationWarning, match=r"journal=.*set_journal"):
                 return zoengine.MeZO(named, lr=1e-2, seed=1, distributed=True,
                                      journal=tmp_path / "a.zoj")
 
@@ -118,7 +119,8 @@ def test_old_distributed_keyword_on_a_one_rank_group(tmp_path):
 
 def test_dizo_old_keywords_and_errors_unchanged(tmp_path):
     model = tiny_mlp()
-    with pytest.warns(DeprecationWarning, match="perturbation="):
+    with pytest.warns(DeprecationWarning, match="perturbation="), \
+            pytest.warns(DeprecationWarning, match="model="):
         opt = DiZO(model.named_parameters(), projected="all", perturbation="virtual",
                    model=model)
     assert opt.perturbation == "virtual"
@@ -128,6 +130,11 @@ def test_dizo_old_keywords_and_errors_unchanged(tmp_path):
     with pytest.raises(ValueError, match="model= is only used"), \
             pytest.warns(DeprecationWarning):
         zoengine.MeZO(model.parameters(), model=model)
+    with pytest.raises(ValueError, match="perturbation='sideways'"), \
+            pytest.warns(DeprecationWarning):
+        zoengine.MeZO(model.parameters(), perturbation="sideways")
+    with pytest.raises(ValueError, match="model=dict"), pytest.warns(DeprecationWarning):
+        zoengine.MeZO(model.parameters(), perturbation="virtual", model={})
     with pytest.raises(TypeError, match="unexpected keyword argument 'jurnal'"):
         zoengine.MeZO(model.parameters(), jurnal="x")
     with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):

@@ -79,7 +79,7 @@ def test_dizo_config_is_checked():
     def make(interval):
         m = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
         return m, zoengine.DiZO(m.named_parameters(), lr=1e-3, projected="all",
-                                interval=interval, projection_closure=lambda: 0.0)
+                                interval=interval, projection_closure=lambda: (lambda: 0.0))
     _, oa = make(5)
     _, ob = make(7)
     with pytest.raises(ValueError, match="dizo.interval: saved 5, this optimizer 7"):

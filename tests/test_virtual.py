@@ -1,4 +1,5 @@
-"""perturbation="virtual": θ is never written during the evaluations (zoengine/optim/virtual.py).
+"""Virtual perturbation (``opt.attach_virtual(model)``): θ is never written during the
+evaluations (zoengine/optim/virtual.py).
 
 Checked against in-place perturbation (the same losses within the restore drift), against the
 noise contract (a perturbed embedding row is θ + εz of that row), and for the properties only
@@ -11,7 +12,7 @@ import weakref
 
 import pytest
 import torch
-from helpers import CONFIGS, tiny_llama, ulp
+from helpers import CONFIGS, tiny_llama, ulp, virtual
 from test_noisy_linear import NL, tops  # noqa: F401  (the interpreted Triton modules)
 
 import zoengine
@@ -56,8 +57,9 @@ def same_bits(model, snap) -> bool:
 def test_lr0_leaves_weights_bit_identical(dtype, backend):
     model = tiny_llama().to(dtype)
     snap, ids = snapshot(model), batch()
-    opt = zoengine.MeZO(model.named_parameters(), lr=0.0, eps=1e-2, perturbation="virtual",
-                        model=model, backend=backend, stochastic_rounding=dtype != torch.float32)
+    opt = zoengine.MeZO(model.named_parameters(), lr=0.0, eps=1e-2, backend=backend,
+                        stochastic_rounding=dtype != torch.float32)
+    opt.attach_virtual(model)
     for _ in range(4):
         opt.step(lm_closure(model, ids))
     assert opt.inplace_fallback == []
@@ -78,8 +80,8 @@ def test_skipped_step_is_a_bit_exact_no_op():
         loss = model(input_ids=ids, labels=ids).loss
         return loss if len(calls) == 1 else loss * float("nan")
 
-    opt = zoengine.MeZO(model.named_parameters(), lr=1e-2, perturbation="virtual", model=model,
-                        nonfinite="skip")
+    opt = zoengine.MeZO(model.named_parameters(), lr=1e-2, nonfinite="skip")
+    opt.attach_virtual(model)
     assert torch.isnan(opt.step(closure))
     assert opt.state["zo"]["skipped_steps"] == 1 and same_bits(model, snap)
 
@@ -91,8 +93,8 @@ def test_every_preset_matches_inplace(name):
     b = copy.deepcopy(a)
     ids = batch()
     lr = eps = 1e-3
-    va = CONFIGS[name](a.named_parameters(), lr=lr, eps=eps, seed=5, backend="reference",
-                       perturbation="virtual", model=a)
+    va = virtual(CONFIGS[name](a.named_parameters(), lr=lr, eps=eps, seed=5,
+                               backend="reference"), a)
     vb = CONFIGS[name](b.named_parameters(), lr=lr, eps=eps, seed=5, backend="reference")
     # Tolerance from a bound (docs/testing.md, "Tolerances"). The two modes evaluate weights
     # that differ by rounding only: in place computes θ − εz as (θ + εz) − 2εz and carries the
@@ -132,8 +134,9 @@ def test_bf16_update_is_the_only_write():
     to one ulp from the restore."""
     model = tiny_llama().to(torch.bfloat16)
     ids, snap = batch(), snapshot(model)
-    opt = zoengine.MeZO(model.named_parameters(), lr=1e-2, eps=1e-2, perturbation="virtual",
-                        model=model, backend="reference", seed=1)
+    opt = zoengine.MeZO(model.named_parameters(), lr=1e-2, eps=1e-2, backend="reference",
+                        seed=1)
+    opt.attach_virtual(model)
     opt.step(lm_closure(model, ids))
     g = opt.state["zo"]["projected_grads"]
     names = [n for n, _ in model.named_parameters()]
@@ -156,8 +159,8 @@ def test_embedding_rows_carry_the_contract_noise():
     emb = model.get_input_embeddings()
     assert emb.weight is not model.lm_head.weight
     ids, seen = batch(), {}
-    opt = zoengine.MeZO(model.named_parameters(), lr=0.0, eps=0.5, perturbation="virtual",
-                        model=model, seed=2)
+    opt = zoengine.MeZO(model.named_parameters(), lr=0.0, eps=0.5, seed=2)
+    opt.attach_virtual(model)
     # registered after the optimizer's hook, so it sees the output that hook returned
     emb.register_forward_hook(lambda m, a, out: seen.setdefault("rows", out.clone()))
     opt.step(lm_closure(model, ids))
@@ -176,8 +179,8 @@ def test_masked_zeros_stay_zero_and_unperturbed():
     ids, seen = batch(), []
     q = model.model.layers[0].self_attn.q_proj
     q.register_forward_pre_hook(lambda m, a: seen.append(m.weight.detach().clone()))
-    opt = zoengine.MeZO(model.named_parameters(), lr=1e-2, eps=1e-2, masks="zeros",
-                        perturbation="virtual", model=model)
+    opt = zoengine.MeZO(model.named_parameters(), lr=1e-2, eps=1e-2, masks="zeros")
+    opt.attach_virtual(model)
     for _ in range(2):
         opt.step(lm_closure(model, ids))
     assert all(bool((w[:, ::2] == 0).all()) for w in seen)  # the perturbed copies too
@@ -194,8 +197,8 @@ def test_unsupported_modules_fall_back_and_are_reported():
                                        n_positions=16)).eval()
     ids = batch(64, shape=(2, 8))
     snap = snapshot(model)
-    opt = zoengine.MeZO(model.named_parameters(), lr=0.0, eps=1e-3, perturbation="virtual",
-                        model=model)
+    opt = zoengine.MeZO(model.named_parameters(), lr=0.0, eps=1e-3)
+    opt.attach_virtual(model)
     fallback = opt.inplace_fallback
     assert fallback and all("attn.c_" in n or "mlp.c_" in n for n in fallback)  # Conv1D
     assert "transformer.wte.weight" not in fallback
@@ -224,7 +227,8 @@ def test_register_a_custom_module():
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), Scale())
     x = torch.randn(5, 3)
-    opt = zoengine.MeZO(model.named_parameters(), lr=0.1, perturbation="virtual", model=model)
+    opt = zoengine.MeZO(model.named_parameters(), lr=0.1)
+    opt.attach_virtual(model)
     assert opt.inplace_fallback == ["1.s"]
     opt.register_virtual(model[1], "s")
     assert opt.inplace_fallback == []
@@ -252,7 +256,8 @@ def test_at_most_one_module_perturbed_at_a_time():
     hooks = [m.register_forward_hook(
         lambda m, a, o: peaks.append(sum(t.numel() for t in live))) for m in model.modules()]
     try:
-        opt = zoengine.MeZO(model.named_parameters(), perturbation="virtual", model=model)
+        opt = zoengine.MeZO(model.named_parameters())
+        opt.attach_virtual(model)
         opt.step(lm_closure(model, batch()))
     finally:
         VirtualModel._perturbed = original
@@ -275,7 +280,8 @@ def test_closure_raising_mid_forward_puts_parameters_back():
         raise RuntimeError("boom")
 
     h = mlp.register_forward_pre_hook(boom)
-    opt = zoengine.MeZO(model.named_parameters(), perturbation="virtual", model=model)
+    opt = zoengine.MeZO(model.named_parameters())
+    opt.attach_virtual(model)
     with pytest.raises(RuntimeError, match="boom"):
         opt.step(lm_closure(model, ids))
     h.remove()
@@ -292,7 +298,8 @@ def test_peft_lora_is_virtual():
     ids = batch()
     trainable = [(n, p) for n, p in lora.named_parameters() if p.requires_grad]
     twin = copy.deepcopy(lora)
-    opt = zoengine.MeZO(trainable, lr=1e-3, eps=1e-3, perturbation="virtual", model=lora, seed=4)
+    opt = zoengine.MeZO(trainable, lr=1e-3, eps=1e-3, seed=4)
+    opt.attach_virtual(lora)
     ref = zoengine.MeZO([(n, p) for n, p in twin.named_parameters() if p.requires_grad],
                         lr=1e-3, eps=1e-3, seed=4)
     assert opt.inplace_fallback == []
@@ -305,8 +312,9 @@ def test_peft_lora_is_virtual():
 def test_dizo_with_virtual_perturbation():
     model = tiny_llama()
     ids = batch()
-    opt = DiZO(model.named_parameters(), lr=1e-3, interval=2, search_iters=2,
-               perturbation="virtual", model=model, projection_closure=lm_closure(model, ids))
+    opt = DiZO(model.named_parameters(), lr=1e-3, interval=2, search_iters=2)
+    opt.attach_virtual(model)
+    opt.set_batch_source(lambda step, k: lm_closure(model, ids))  # search batch k after step
     losses = [float(opt.step(lm_closure(model, ids))) for _ in range(5)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert opt.state["zo"]["step"] == 5
@@ -316,8 +324,9 @@ def test_journal_replay_of_a_virtual_run_is_bit_exact(tmp_path):
     model = tiny_llama().to(torch.bfloat16)
     start = copy.deepcopy(model)
     ids = batch()
-    opt = zoengine.MeZO(model.named_parameters(), lr=1e-2, eps=1e-2, perturbation="virtual",
-                        model=model, journal=tmp_path / "j.zoj", stochastic_rounding=True)
+    opt = zoengine.MeZO(model.named_parameters(), lr=1e-2, eps=1e-2, stochastic_rounding=True)
+    opt.attach_virtual(model)  # before the journal: its header records the perturbation
+    opt.set_journal(tmp_path / "j.zoj")
     for _ in range(3):
         opt.step(lm_closure(model, ids))
     opt.close_journal()
@@ -327,32 +336,33 @@ def test_journal_replay_of_a_virtual_run_is_bit_exact(tmp_path):
 
 def test_bad_arguments_are_refused_by_name():
     model = tiny_llama()
+    opt = zoengine.MeZO(model.parameters())
     with pytest.raises(ValueError, match="perturbation='virtual' needs model="):
-        zoengine.MeZO(model.parameters(), perturbation="virtual")
-    with pytest.raises(ValueError, match="perturbation='sideways'"):
-        zoengine.MeZO(model.parameters(), perturbation="sideways")
-    with pytest.raises(ValueError, match="model= is only used"):
-        zoengine.MeZO(model.parameters(), model=model)
+        opt.attach_virtual(None)
     with pytest.raises(ValueError, match="model=dict"):
-        zoengine.MeZO(model.parameters(), perturbation="virtual", model={})
+        opt.attach_virtual({})
+    assert opt.perturbation == "inplace"  # a refused attach leaves the optimizer as it was
+    opt.attach_virtual(model)
+    with pytest.raises(ValueError, match="attached already"):
+        opt.attach_virtual(model)
 
 
 def test_state_dict_records_the_mode():
     model = tiny_llama()
-    v = zoengine.MeZO(model.parameters(), perturbation="virtual", model=model)
+    v = virtual(zoengine.MeZO(model.parameters()), model)
     i = zoengine.MeZO(model.parameters())
     assert v.state_dict()["state"]["zo"]["config"]["perturbation"] == "virtual"
     assert "perturbation" not in i.state_dict()["state"]["zo"]["config"]  # old checkpoints load
     with pytest.raises(ValueError, match="perturbation"):
         i.load_state_dict(v.state_dict())
     assert v.rng_budget()["stream_passes_per_step"] == 3
-    assert zoengine.MeZO(model.parameters(), n_samples=2, perturbation="virtual",
-                         model=model).rng_budget()["stream_passes_per_step"] == 6
+    assert virtual(zoengine.MeZO(model.parameters(), n_samples=2),
+                   model).rng_budget()["stream_passes_per_step"] == 6
 
 
 def test_a_model_with_hooks_can_be_copied_and_saved(tmp_path):
     model = tiny_llama()
-    zoengine.MeZO(model.parameters(), perturbation="virtual", model=model)
+    zoengine.MeZO(model.parameters()).attach_virtual(model)
     twin = copy.deepcopy(model)
     torch.save(model, tmp_path / "m.pt")
     back = torch.load(tmp_path / "m.pt", weights_only=False)
@@ -440,10 +450,10 @@ def test_triton_virtual_uses_the_fused_linear_and_matches_reference(NL, monkeypa
     calls = []
     real = NL.noisy_linear
     monkeypatch.setattr(NL, "noisy_linear", lambda *x, **k: calls.append(1) or real(*x, **k))
-    fused = zoengine.MeZO(a.named_parameters(), lr=1e-2, eps=1e-2, seed=1, backend="triton",
-                          perturbation="virtual", model=a)
-    ref = zoengine.MeZO(b.named_parameters(), lr=1e-2, eps=1e-2, seed=1, backend="reference",
-                        perturbation="virtual", model=b)
+    fused = virtual(zoengine.MeZO(a.named_parameters(), lr=1e-2, eps=1e-2, seed=1,
+                                  backend="triton"), a)
+    ref = virtual(zoengine.MeZO(b.named_parameters(), lr=1e-2, eps=1e-2, seed=1,
+                                backend="reference"), b)
     for _ in range(2):
         la, lb = float(fused.step(lm_closure(a, ids))), float(ref.step(lm_closure(b, ids)))
         assert la == pytest.approx(lb, rel=1e-5)
@@ -472,8 +482,9 @@ def test_masked_lora_is_virtual_too():
             2, 4, ["q_proj", "v_proj"], init_lora_weights=False))
         mask_lora(model, masks)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        kw = dict(perturbation="virtual", model=model) if mode == "virtual" else {}
-        opt = zoengine.MeZO(named, lr=1e-2, eps=1e-3, seed=6, **kw)
+        opt = zoengine.MeZO(named, lr=1e-2, eps=1e-3, seed=6)
+        if mode == "virtual":
+            opt.attach_virtual(model)
         assert opt.inplace_fallback == []
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the "never read through its module" warning

@@ -1,8 +1,8 @@
 """Data-parallel and sharded ZO on ``torch.distributed``: helpers around the optimizers'
-``distributed=`` option (docs/distributed.md).
+``opt.set_distributed(...)`` (docs/distributed.md).
 
 What crosses the wire is scalars only: the optimizers exchange loss values
-(``zoengine.optim.exchange.ScalarExchange``, built by ``distributed=``); every rank then applies
+(``zoengine.optim.exchange.ScalarExchange``, built by ``set_distributed``); every rank then applies
 the same seeded update, so replicas stay identical without sending weights or z. A rank that
 holds a slice of a tensor trains it through the param group's ``shard_offsets``: it generates
 exactly its slice of the full tensor's z (noise contract: z is indexed by element).

@@ -2,8 +2,8 @@
 
 Every rank holds the whole model, draws its own batch of each step (stream ``rank`` of
 ``step_rng``; rank 0's batches are a one-process run's) and all-reduces each loss
-(``distributed="losses"``), so every rank applies the same seeded update and the replicas stay
-identical while exchanging 16 bytes a step. Rank 0 alone owns the output folder: its lock,
+(``opt.set_distributed("losses")``), so every rank applies the same seeded update and the
+replicas stay identical while exchanging 16 bytes a step. Rank 0 alone owns the output folder: its lock,
 checkpoints, journal (which holds the reduced losses, so one process can replay the run) and
 final outputs; the other ranks only read it, to resume.
 """
@@ -41,7 +41,7 @@ class Ranks:
 
     @property
     def distributed(self) -> str | None:
-        """The optimizer's ``distributed=`` for this launch."""
+        """The optimizer's ``set_distributed`` mode for this launch."""
         return "losses" if self.world > 1 else None
 
     @property
