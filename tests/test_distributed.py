@@ -366,6 +366,24 @@ def test_needs_a_process_group():
         zoengine.MeZO(_model().parameters()).set_distributed("everything")
 
 
+def test_a_journal_and_samples_mode_are_refused_in_either_order(tmp_path):
+    """"samples" mode spreads a step's samples over ranks, so no rank's journal would hold the
+    step: refused whether the journal or the mode comes first."""
+    from zoengine.optim.exchange import ScalarExchange
+
+    samples = ScalarExchange.__new__(ScalarExchange)  # a 1-rank exchange without a group
+    samples.mode, samples.world = "samples", 1
+    opt = zoengine.MeZO(_model().parameters())
+    opt.set_journal(tmp_path / "a.zoj")
+    with pytest.raises(ValueError, match=r"set_distributed\('samples'\) with an open journal"):
+        opt.set_distributed(samples)
+    assert opt.distributed is None
+    opt = zoengine.MeZO(_model().parameters())
+    opt._exchange = samples  # as set_distributed("samples") leaves it on a real group
+    with pytest.raises(ValueError, match=r"set_journal after set_distributed\('samples'\)"):
+        opt.set_journal(tmp_path / "b.zoj")
+
+
 def test_trainer_refuses_unreduced_optimizer_under_a_launcher(monkeypatch):
     hf = pytest.importorskip("zoengine.hf")
     opt = zoengine.MeZO(_model().parameters())

@@ -337,7 +337,7 @@ def test_journal_replay_of_a_virtual_run_is_bit_exact(tmp_path):
 def test_bad_arguments_are_refused_by_name():
     model = tiny_llama()
     opt = zoengine.MeZO(model.parameters())
-    with pytest.raises(ValueError, match="perturbation='virtual' needs model="):
+    with pytest.raises(ValueError, match="virtual perturbation needs a model"):
         opt.attach_virtual(None)
     with pytest.raises(ValueError, match="model=dict"):
         opt.attach_virtual({})

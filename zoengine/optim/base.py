@@ -258,13 +258,15 @@ class ZOOptimizer(Journaling, torch.optim.Optimizer):
         every rank has the same seed, n_samples and step (else the replicas would drift
         apart). Replaces the constructor's deprecated ``distributed=``."""
         ex = ScalarExchange.resolve(spec)
+        if ex is not None and ex.mode != "losses" and self.journaling:  # no journal holds a step
+            raise ValueError(f"set_distributed({ex.mode!r}) with an open journal: not supported "
+                             "yet (each rank evaluates other samples); use 'losses'")
         self._exchange = ex
         if ex is None:
             return
         if ex.mode == "samples" and self.n_samples % ex.world:
-            raise ValueError(f"distributed='samples' with n_samples={self.n_samples} on "
-                             f"{ex.world} ranks: n_samples must be a multiple of the world "
-                             "size (each rank evaluates n_samples / world of a step's samples)")
+            raise ValueError(f"set_distributed('samples') with n_samples={self.n_samples} on "
+                             f"{ex.world} ranks: n_samples must be a multiple of the world size")
         ex.check_same({"seed": self.state["zo"]["seed"], "n_samples": self.n_samples,
                        "step": self.state["zo"]["step"]})
 

@@ -178,7 +178,7 @@ class DiZO(ZO):
     def set_distributed(self, spec) -> None:
         """Refused: DiZO's projection search is not reduced across ranks (None is accepted)."""
         if spec not in (None, False):
-            raise ValueError(f"distributed={spec!r} with {type(self).__name__}: not supported "
+            raise ValueError(f"set_distributed({spec!r}) with {type(self).__name__}: not supported "
                              "yet (DiZO's projection search is not reduced across ranks)")
         super().set_distributed(spec)
 

@@ -66,9 +66,9 @@ class ScalarExchange:
         dist = _dist()
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
-                "distributed=... needs an initialised torch.distributed process group: call "
+                "set_distributed(...) needs an initialised torch.distributed process group: call "
                 "torch.distributed.init_process_group() first (torchrun sets the environment "
-                "it reads), or pass distributed=None for a single process")
+                "it reads), or leave it out for a single process")
         self.mode, self.group = mode, group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -87,7 +87,7 @@ class ScalarExchange:
             return cls(spec)
         if isinstance(spec, ScalarExchange):
             return spec
-        raise ValueError(f"distributed={spec!r}: must be None, True, 'losses', 'samples' or "
+        raise ValueError(f"set_distributed({spec!r}): must be None, True, 'losses', 'samples' or "
                          "a ScalarExchange")
 
     def local_samples(self, n: int) -> list[int]:

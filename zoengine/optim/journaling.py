@@ -100,6 +100,11 @@ class Journaling:
         self._journal_spec = (path, fsync)
         self._journal_meta = dict(meta or {})
 
+    @property
+    def journaling(self) -> bool:
+        """Whether a journal is set: open, or opened at the next step (``set_journal``)."""
+        return self._journal is not None or getattr(self, "_journal_spec", None) is not None
+
     def sync_journal(self) -> None:
         """Make the records written so far durable (fsync)."""
         if self._journal is not None:

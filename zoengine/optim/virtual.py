@@ -263,10 +263,10 @@ class VirtualModel:
         if missed and self.consumed:
             self._warned = True
             warnings.warn(
-                f"perturbation='virtual': {len(missed)} tensor(s) were perturbed but no forward "
+                f"virtual perturbation: {len(missed)} tensor(s) were perturbed but no forward "
                 f"read them through their module (e.g. {missed[:3]}); if the model reads them "
-                "outside that module's forward (FSDP, custom code), use "
-                "perturbation='inplace'", UserWarning, stacklevel=4)
+                "outside that module's forward (FSDP, custom code), perturb in place (do not "
+                "call attach_virtual)", UserWarning, stacklevel=4)
 
 
 def check_perturbation(perturbation, model) -> str:
@@ -277,8 +277,9 @@ def check_perturbation(perturbation, model) -> str:
         raise ValueError("model= is only used with perturbation='virtual' (in-place "
                          "perturbation writes the parameters themselves)")
     if perturbation == "virtual" and model is None:
-        raise ValueError("perturbation='virtual' needs model=<the nn.Module whose forward "
-                         "reads the parameters>: its modules substitute θ + c·z")
+        raise ValueError("virtual perturbation needs a model: attach_virtual(model), model the "
+                         "nn.Module whose forward reads the parameters (its modules substitute "
+                         "θ + c·z)")
     if perturbation == "virtual" and model is not VIRTUAL_REPLAY and not isinstance(
             model, nn.Module):
         raise ValueError(f"model={type(model).__name__}: must be a torch.nn.Module")
@@ -295,9 +296,9 @@ def attach(opt, model) -> VirtualModel:
 def build_virtual(opt, model) -> VirtualModel:
     """The hooks of ``perturbation="virtual"`` for ``opt``'s trainable tensors in ``model``."""
     if any(g.get("shard_offsets") for g in opt.param_groups):
-        raise ValueError("perturbation='virtual' with shard_offsets: not supported (a sharded "
-                         "module's forward reads all-gathered copies, not the shards); use "
-                         "perturbation='inplace'")
+        raise ValueError("virtual perturbation with shard_offsets: not supported (a sharded "
+                         "module's forward reads all-gathered copies, not the shards); perturb "
+                         "in place (do not call attach_virtual)")
     names = {}
     for i, g in enumerate(opt.param_groups):
         for j, p in enumerate(g["params"]):

@@ -149,16 +149,17 @@ class ZO(ZOOptimizer):
         """Virtualise ``module.<name>`` (``perturbation="virtual"``), a tensor read only by
         ``module``'s own forward that no built-in rule covers."""
         if self._virtual is None:
-            raise ValueError("register_virtual: this optimizer uses perturbation='inplace'")
+            raise ValueError("register_virtual: this optimizer perturbs in place; call "
+                             "attach_virtual(model) first")
         self._virtual.register(module, name)
 
     def set_journal(self, path, *, fsync: str | int = "step", meta: dict | None = None) -> None:
         """As :meth:`Journaling.set_journal`; with ``distributed="losses"`` the journal records
         the all-reduced losses every rank applied, so a single process replays the run."""
         if self._exchange is not None and self._exchange.mode != "losses":
-            raise ValueError(f"set_journal with distributed={self._exchange.mode!r}: not "
-                             "supported yet (each rank evaluates other samples); use "
-                             "distributed='losses'")
+            raise ValueError(f"set_journal after set_distributed({self._exchange.mode!r}): "
+                             "not supported yet (each rank evaluates other samples); use "
+                             "set_distributed('losses')")
         super().set_journal(path, fsync=fsync, meta=meta)
 
     @staticmethod
