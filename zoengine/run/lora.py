@@ -5,7 +5,6 @@ masked by the base weight's keep-mask, so ``zoengine merge`` refills no pruned z
 from __future__ import annotations
 
 
-
 def lora_for_run(cfg, model, masks):
     """PEFT LoRA on ``model`` (base frozen; ``--lora-scaling``), its deltas masked by ``masks``
     (keep-masks of the pruned base weights) when the model is pruned."""
