@@ -1,9 +1,11 @@
 """Hugging Face Trainer integration: ``ZOTrainer`` and ``ZOTrainingArguments``.
 
-``ZOTrainer`` overrides ``training_step`` only: the Trainer's own loop (data, LR schedulers,
-logging, evaluation, checkpoints, ``resume_from_checkpoint``, PEFT models) runs unchanged. Each
-training step evaluates the loss at θ+εz and θ−εz through the closure contract of zoengine's
-optimizers and updates in place; no gradient is ever formed.
+``ZOTrainer`` overrides ``training_step`` (and ``log``, for what is logged): the Trainer's own
+loop (data, LR schedulers, logging, evaluation, checkpoints, ``resume_from_checkpoint``, PEFT
+models) runs unchanged. Each training step evaluates the loss at θ+εz and θ−εz through the
+closure contract of zoengine's optimizers and updates in place; no gradient is ever formed, so
+the training logs carry the projected gradient (``projected_grad``, ``projected_grad_rms``)
+instead of the Trainer's ``grad_norm`` (``ProjectedGradLog``).
 
 The ZO optimizer is built from the method registry (``zoengine.optim.create``) and stored as
 ``trainer.optimizer``, so the Trainer saves its ``state_dict()`` (master seed, step counter:
@@ -20,12 +22,24 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainingArguments
+
+from zoengine.optim.batches import search_rng
+
+try:
+    from transformers import Trainer, TrainingArguments
+except ImportError:  # transformers' Trainer needs accelerate: zoengine's `hf` extra
+    from zoengine.extras import require
+
+    require("accelerate", "hf", "zoengine.hf (ZOTrainer, built on transformers' Trainer)")
+    raise
 
 
 @dataclass
@@ -51,16 +65,17 @@ class ZOTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        # the checks RunConfig's --method, --perturbation, --eps and --seed use
+        # (zoengine.checks): a bad value gets the same words here as on the command line
+        from zoengine.checks import BOOL, NONNEGATIVE_INT, POSITIVE_NUMBER, one_of, optional
         from zoengine.optim import available_methods
+        from zoengine.run.config import PERTURBATIONS
 
-        if self.zo_method not in available_methods():
-            raise ValueError(f"zo_method={self.zo_method!r}: must be one of "
-                             f"{available_methods()}")
-        if self.zo_perturbation not in ("inplace", "virtual"):
-            raise ValueError(f"zo_perturbation={self.zo_perturbation!r}: must be 'inplace' or "
-                             "'virtual'")
-        if not (isinstance(self.zo_eps, (int, float)) and self.zo_eps > 0):
-            raise ValueError(f"zo_eps={self.zo_eps!r}: must be a number > 0")
+        one_of(available_methods)("zo_method", self.zo_method)
+        one_of(PERTURBATIONS)("zo_perturbation", self.zo_perturbation)
+        POSITIVE_NUMBER("zo_eps", self.zo_eps)
+        optional(NONNEGATIVE_INT)("zo_seed", self.zo_seed)
+        BOOL("zo_journal", self.zo_journal)
 
 
 def _closure_only(opt):
@@ -91,19 +106,23 @@ class ZOOptimizerFactory:
     """
 
     def __call__(self, model, *, method: str, lr: float, eps: float, seed: int,
-                 weight_decay: float = 0.0, **kwargs):
+                 weight_decay: float = 0.0, perturbation: str = "inplace", **kwargs):
         from zoengine.optim import create
+        from zoengine.optim.virtual import check_perturbation
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("no trainable parameters (every tensor has requires_grad=False)")
         if weight_decay:
             kwargs["weight_decay"] = weight_decay
-        if kwargs.get("perturbation") == "virtual":
-            kwargs.setdefault("model", model)  # its modules substitute θ + c·z
-        if "distributed" not in kwargs and _process_group_world() > 1:
-            kwargs["distributed"] = True  # reduce the loss scalars across the launcher's ranks
-        return _closure_only(create(method, named, lr=lr, eps=eps, seed=seed, **kwargs))
+        check_perturbation(perturbation, model if perturbation == "virtual" else None)
+        distributed = kwargs.pop("distributed", _process_group_world() > 1 or None)  # reduce
+        opt = create(method, named, lr=lr, eps=eps, seed=seed, **kwargs)
+        if distributed is not None:  # engine features, in the constructor's old order
+            opt.set_distributed(distributed)
+        if perturbation == "virtual":
+            opt.attach_virtual(model)  # its modules substitute θ + c·z
+        return _closure_only(opt)
 
 
 def _unwrap_optimizer(opt):
@@ -125,9 +144,9 @@ def check_distributed(opt) -> None:
         raise RuntimeError(
             f"ZOTrainer runs on {world} processes (WORLD_SIZE={world}) but the ZO optimizer "
             f"{type(opt).__name__} has distributed=None: each rank would apply its own, "
-            "unreduced loss difference and the replicas would drift apart. Build it with "
-            "distributed=True (ZOTrainingArguments(zo_kwargs={'distributed': True}) does; the "
-            "default optimizer gets it automatically) or run a single process")
+            "unreduced loss difference and the replicas would drift apart. Call "
+            "opt.set_distributed(True) on it (ZOTrainingArguments(zo_kwargs={'distributed': "
+            "True}) does; the default optimizer gets it automatically) or run a single process")
 
 
 def check_resumed_state(opt, global_step: int) -> None:
@@ -148,72 +167,57 @@ def check_resumed_state(opt, global_step: int) -> None:
 
 
 class SearchBatches:
-    """DiZO's search data for ``ZOTrainer``: each call returns a loss closure on a fresh batch
-    of the training set (``train_dataset``, the Trainer's collator, its unused columns removed,
-    the training batch size).
-
-    The Trainer's own dataloader is not touched, so the training batches are the same with
-    and without projections. For a dataset with a length, the rows of a search batch are a
-    function of (ZO seed, ZO step, iteration), so a resumed run draws the same search batches
-    as an uninterrupted one; an iterable dataset is read by a separate plain DataLoader
-    (restarted when exhausted; not reproduced on resume).
-    """
+    """``ZOTrainer``'s batch source (``set_batch_source``; DiZO's search): ``source(step, k)``
+    is a loss closure on ``train_dataset`` rows from ``search_rng(seed, step, k)`` (the CLI's
+    seeding: resume-exact; an iterable dataset: a plain DataLoader, not reproduced on resume),
+    with the Trainer's collator and batch size; the training batches are untouched."""
 
     def __init__(self, trainer, opt):
-        ds, collate = trainer.train_dataset, trainer.data_collator
+        self.trainer, self.opt, self.model, self._it = trainer, opt, trainer.model, None
+
+    @functools.cached_property
+    def data(self) -> tuple:
+        """(dataset, collator, sized), prepared at the first search."""
+        trainer, ds, collate = self.trainer, self.trainer.train_dataset, self.trainer.data_collator
         if ds is None:
             raise ValueError("DiZO's projection search needs train_dataset (or pass "
                              "projection_closure in zo_kwargs)")
-        try:
-            import datasets
-
-            is_hf = isinstance(ds, datasets.Dataset)
-        except ImportError:
-            is_hf = False
-        if is_hf:
+        datasets = sys.modules.get("datasets")  # a datasets.Dataset was built by it, imported
+        if datasets is not None and isinstance(ds, datasets.Dataset):  # as the Trainer does
             ds = trainer._remove_unused_columns(ds, description="DiZO search")
         else:
             collate = trainer._get_collator_with_removed_columns(collate, "DiZO search")
-        self.trainer, self.opt, self.ds, self.collate = trainer, opt, ds, collate
-        self.batch_size = trainer._train_batch_size
-        self.model = trainer.model
-        self.sized = not isinstance(ds, torch.utils.data.IterableDataset) and hasattr(ds, "__len__")
-        if self.sized and len(ds) == 0:
+        sized = not isinstance(ds, torch.utils.data.IterableDataset) and hasattr(ds, "__len__")
+        if sized and len(ds) == 0:
             raise ValueError("train_dataset is empty: DiZO's projection search has no data")
-        self._at = (-1, 0)  # (ZO step, search batches drawn at that step)
-        self._it = None
+        return ds, collate, sized
 
-    def _batch(self):
-        zo = self.opt.state["zo"]
-        m = self._at[1] if self._at[0] == zo["step"] else 0
-        self._at = (zo["step"], m + 1)
-        rng = np.random.default_rng([zo["seed"], zo["step"], m, 0xD120])
+    def batch(self, seed: int, step: int, k: int):
+        (ds, collate, sized), rng = self.data, search_rng(seed, step, k)
+        size = self.trainer._train_batch_size
         # a collator that draws random numbers (e.g. masking) gets its own seeded stream, so
         # the global torch RNG, and with it the training batches, is left as it was
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(rng.integers(1 << 62)))
-            if self.sized:
-                n = len(self.ds)
-                rows = rng.choice(n, size=self.batch_size, replace=n < self.batch_size)
-                return self.collate([self.ds[int(i)] for i in rows])
+            torch.manual_seed(int(rng.randint(0, 1 << 62, dtype=np.int64)))
+            if sized:
+                rows = rng.choice(len(ds), size=size, replace=len(ds) < size)
+                return collate([ds[int(i)] for i in rows])
             for _ in range(2):
-                if self._it is None:
-                    self._it = iter(torch.utils.data.DataLoader(
-                        self.ds, batch_size=self.batch_size, collate_fn=self.collate))
+                self._it = self._it or iter(torch.utils.data.DataLoader(
+                    ds, batch_size=size, collate_fn=collate))
                 try:
                     return next(self._it)
                 except StopIteration:
                     self._it = None
         raise ValueError("train_dataset yields no batch: DiZO's projection search has no data")
 
-    def __call__(self):
+    def __call__(self, step: int, k: int):
         trainer, model = self.trainer, self.model
-        inputs = trainer._prepare_inputs(self._batch())
+        inputs = trainer._prepare_inputs(self.batch(self.opt.state["zo"]["seed"], step, k))
 
         def closure():
             with trainer.compute_loss_context_manager():
                 return trainer.compute_loss(model, dict(inputs))
-
         return closure
 
 
@@ -254,6 +258,61 @@ def journal_or_replay(trainer, opt) -> torch.Tensor | None:
     return torch.tensor(record.step_loss(opt.n_samples)).to(trainer.args.device)
 
 
+class ProjectedGradLog:
+    """What ZO measures in place of a gradient norm, kept between two training logs.
+
+    Each step's projected gradients g_k = (ℓ(θ+εz_k) − ℓ(θ−εz_k))/(2ε) (the optimizer's
+    ``state["zo"]["projected_grads"]``; a skipped step adds nothing). A training log gets
+    ``projected_grad``: the last step's g (mean over its n samples; signed, like the step it
+    drove) and ``projected_grad_rms``: the root mean square of every g_k since the previous
+    log. For MeZO's unit-variance noise E[g²] ≈ ‖∇ℓ‖² (g ≈ zᵀ∇ℓ), so the RMS estimates the norm
+    of the batch gradient of the trained tensors, the quantity the Trainer's ``grad_norm``
+    would be. Running sums only: nothing grows with the step count.
+    """
+
+    def __init__(self):
+        self.count, self.sumsq, self.last = 0, 0.0, None
+
+    @staticmethod
+    def of(trainer) -> ProjectedGradLog:
+        if not isinstance(getattr(trainer, "_zo_grad_log", None), ProjectedGradLog):
+            trainer._zo_grad_log = ProjectedGradLog()
+        return trainer._zo_grad_log
+
+    @staticmethod
+    def _zo(opt) -> dict | None:
+        state = getattr(opt, "state", None)
+        zo = state.get("zo") if isinstance(state, dict) else None
+        return zo if isinstance(zo, dict) else None
+
+    @classmethod
+    def mark(cls, opt) -> tuple | None:
+        """The optimizer's (step, skipped steps) before a step, for ``note``."""
+        zo = cls._zo(opt)
+        return None if zo is None else (zo.get("step"), zo.get("skipped_steps"))
+
+    def note(self, opt, mark: tuple | None) -> None:
+        """Keep the g_k of the step taken since ``mark`` (none if no step or a skipped one)."""
+        zo = self._zo(opt)
+        if zo is None or mark is None or zo.get("step") == mark[0] \
+                or zo.get("skipped_steps") != mark[1]:
+            return
+        g = [float(v) for v in zo.get("projected_grads") or []]
+        if g:
+            self.count += len(g)
+            self.sumsq += sum(v * v for v in g)
+            self.last = sum(g) / len(g)
+
+    def pop(self) -> dict:
+        """The log entries of the steps since the previous call ({} if none), and reset."""
+        if not self.count:
+            return {}
+        out = {"projected_grad": self.last,
+               "projected_grad_rms": math.sqrt(self.sumsq / self.count)}
+        self.__init__()
+        return out
+
+
 class ZOTrainer(Trainer):
     """A ``transformers.Trainer`` that trains with a zeroth-order method (forward passes only).
 
@@ -286,8 +345,8 @@ class ZOTrainer(Trainer):
 
         The model runs in eval mode (dropout off) so both evaluations see the same function.
         At a resumed run's first step, an optimizer still at step 0 (no ``optimizer.pt`` was
-        restored) is refused. DiZO without ``projection_closure`` gets one that draws its
-        search batches from the training set (``SearchBatches``).
+        restored) is refused. The optimizer's batch source (``set_batch_source``; DiZO's
+        search) draws from the training set (``SearchBatches``) unless it has its own.
         """
         micro = accumulate(self, self._prepare_inputs(inputs))
         if micro is None:  # an earlier micro-batch of the step: kept, evaluated at the last
@@ -295,14 +354,17 @@ class ZOTrainer(Trainer):
         opt = _unwrap_optimizer(self.optimizer)
         check_distributed(opt)
         check_resumed_state(opt, self.state.global_step)
+        grad_log, mark = ProjectedGradLog.of(self), ProjectedGradLog.mark(opt)
         if getattr(self.args, "zo_journal", False):
             replayed = journal_or_replay(self, opt)
             if replayed is not None:
+                grad_log.note(opt, mark)
                 return replayed
-        if getattr(opt, "projection_closure", False) is None:  # DiZO without its own data
-            opt.projection_closure = SearchBatches(self, opt)
-        if isinstance(getattr(opt, "projection_closure", None), SearchBatches):
-            opt.projection_closure.model = model
+        # the declared hook (a no-op for methods without batches of their own): DiZO's search
+        # draws from the training set, unless the optimizer has its own source
+        search = self.__dict__.setdefault("_zo_search", SearchBatches(self, opt))
+        search.model = model
+        opt.set_batch_source(search, replace=False)
         was_training = model.training
         model.eval()
         # normalised by the step's token count already (HF's rule): the micro losses add up
@@ -320,4 +382,19 @@ class ZOTrainer(Trainer):
             loss = opt.step(closure)
         finally:
             model.train(was_training)
+        grad_log.note(opt, mark)
         return torch.as_tensor(loss).detach().to(self.args.device)
+
+    def log(self, logs, *args, **kwargs):
+        """The Trainer's ``log``, with what ZO measures: a training log (the one with ``loss``)
+        loses ``grad_norm`` (the norm of gradients ZO never forms: always 0) and gets
+        ``projected_grad`` and ``projected_grad_rms`` after ``loss`` (``ProjectedGradLog``)."""
+        if "loss" in logs:
+            zo, out = ProjectedGradLog.of(self).pop(), {}
+            for k, v in logs.items():
+                if k != "grad_norm":
+                    out[k] = v
+                if k == "loss":
+                    out.update(zo)
+            logs = out
+        return super().log(logs, *args, **kwargs)
