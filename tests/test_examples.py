@@ -1,5 +1,6 @@
-"""Each example runs end to end, shortened: on a tiny model from a config (fast), and on the real
-SmolLM2-135M (slow), where it must move its metric in the right direction by a margin.
+"""Each example runs end to end, shortened: on a tiny model from a config (fast), and (so far
+quickstart only) on the real SmolLM2-135M (slow), where it must move its metric in the right
+direction by a margin.
 
 The real-model tests load the model once and hand each example a copy (its ``load_model`` is
 replaced); each runs a shorter version of the example (fewer prompts, steps or eval examples,
@@ -58,18 +59,16 @@ def test_quickstart(tiny_model):
 
 @needs_tweets
 def test_hf_trainer(tiny_model, tmp_path):
-    before, after = load_example("hf_trainer").main(
-        ["--model", tiny_model, "--steps", "2", "--batch-size", "4", "--eval-examples", "8",
-         "--output-dir", str(tmp_path)])
+    before, after = load_example("hf_trainer").main(["--model", tiny_model, "--steps", "2",
+                                                     "--output-dir", str(tmp_path)])
     assert before > 0 and after > 0
     assert (tmp_path / "checkpoint-2" / "optimizer.pt").exists()
 
 
 def test_lora(tiny_model, tmp_path):
-    before, after = load_example("lora").main(
-        ["--model", tiny_model, "--steps", "2", "--block-size", "8", "--eval-blocks", "4",
-         "--output-dir", str(tmp_path)])
-    assert before > 0 and after > 0
+    out = load_example("lora").main(["--model", tiny_model, "--steps", "2", "--block-size", "8",
+                                     "--output-dir", str(tmp_path)])
+    assert out["loss"] > 0
     assert (tmp_path / "adapter_model.safetensors").exists()
 
 
@@ -85,22 +84,3 @@ def test_quickstart_real_model_learns(smollm2):
         ["--train-examples", "128", "--test-examples", "64"])
     assert after["accuracy"] >= before["accuracy"] + 0.05
     assert after["auc"] > before["auc"]
-
-
-@pytest.mark.slow
-def test_lora_real_model_lowers_perplexity(smollm2, tmp_path):
-    """PLACEHOLDER"""
-    before, after = load_example("lora", smollm2).main(
-        ["--steps", "12", "--block-size", "32", "--eval-blocks", "8",
-         "--output-dir", str(tmp_path)])
-    assert after < before - 0.5
-
-
-@pytest.mark.slow
-@needs_tweets
-def test_hf_trainer_real_model_lowers_eval_loss(smollm2, tmp_path):
-    """PLACEHOLDER"""
-    before, after = load_example("hf_trainer", smollm2).main(
-        ["--steps", "6", "--batch-size", "8", "--eval-examples", "16",
-         "--output-dir", str(tmp_path)])
-    assert after < before - 0.3
