@@ -200,8 +200,13 @@ def test_interrupted_run_leaves_no_half_written_files(tiny, tmp_path):
     left = set(os.listdir(out))
     assert not left & {"metrics.json", "curve.png", "head.safetensors"}, left
     assert not [n for n in left if ".tmp-" in n], left
-    # a fresh run over the interrupted one is refused; --resume completes it
-    assert main(tiny_args(tiny, out, "--train", "head", "--steps", "3")) == 2
+    # a fresh run over the interrupted one is refused (when the signal came before the first
+    # step committed, nothing was trained and a fresh run would take the folder over:
+    # tests/test_edges.py); --resume completes it
+    from zoengine.run.resume import steps_done
+
+    if steps_done(str(out)) > 0:
+        assert main(tiny_args(tiny, out, "--train", "head", "--steps", "3")) == 2
     assert main(["train", "--resume", str(out), "--steps", "40", "--no-progress"]) == 0
     assert (out / "metrics.json").exists()
 

@@ -97,7 +97,8 @@ def test_resume_refuses_a_changed_configuration(tiny, tmp_path, capsys):
     assert main(["train", "--resume", str(out), "--lr", "0.5"]) == 2
     assert "--lr" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
-    assert main(["train", "--resume", str(out), "--no-progress", "--threads", "1"]) == 0
+    threads = json.loads((out / "run.json").read_text())["threads"]  # the run's, recorded
+    assert main(["train", "--resume", str(out), "--no-progress", "--threads", str(threads)]) == 0
     assert main(["train", "--resume", str(out)]) == 2  # completed: nothing to resume
 
 

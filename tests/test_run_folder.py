@@ -580,9 +580,17 @@ def test_eval_refuses_nan_weights_and_corrupted_runs(tiny, tmp_path, capsys):
     assert _eval(tiny, run) == 2
     err = capsys.readouterr().err
     assert "--weights" in err and "corrupted" in err and "head.safetensors" in err
-    with RunFolder(run) as f:
-        f.write_final({"head.safetensors": _head_bytes(float("inf")), "metrics.json": b"{}"},
-                      weights="head.safetensors")
+    with RunFolder(run) as f:  # write_final refuses to commit it (tests/test_edges.py) ...
+        with pytest.raises(ValueError, match="NaN/inf"):
+            f.write_final({"head.safetensors": _head_bytes(float("inf")),
+                           "metrics.json": b"{}"}, weights="head.safetensors")
+        # ... so a run holding one is made by hand, its manifest naming the file
+        path = os.path.join(run, "head.safetensors")
+        with open(path, "wb") as fh:
+            fh.write(_head_bytes(float("inf")))
+        body = f.manifest()
+        body["files"]["head.safetensors"] = file_entry(path)
+        write_manifest(run, body)
     assert _eval(tiny, run) != 0
     assert "NaN/inf" in capsys.readouterr().err
 

@@ -158,16 +158,18 @@ def test_embedding_rows_carry_the_contract_noise():
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)).eval()
     emb = model.get_input_embeddings()
     assert emb.weight is not model.lm_head.weight
-    ids, seen = batch(), {}
+    ids, seen = batch(), []
     opt = zoengine.MeZO(model.named_parameters(), lr=0.0, eps=0.5, seed=2)
     opt.attach_virtual(model)
-    # registered after the optimizer's hook, so it sees the output that hook returned
-    emb.register_forward_hook(lambda m, a, out: seen.setdefault("rows", out.clone()))
+    # registered after the optimizer's hooks, so it sees the module's (perturbed) output
+    emb.register_forward_hook(lambda m, a, out: seen.append(out.clone()))
     opt.step(lm_closure(model, ids))
+    # the probe forward and its two comparison calls of this module, then θ ± εz
+    assert len(seen) == 5
     table = emb.weight.detach().clone()
     key = zoengine.kernels.keys.tensor_keys(["model.embed_tokens.weight"])
     reference.perturb_([table], key, seed=2, step=0, sample=0, scale=0.5)
-    assert torch.equal(seen["rows"], table[ids])
+    assert torch.equal(seen[-2], table[ids])
 
 
 def test_masked_zeros_stay_zero_and_unperturbed():
@@ -189,34 +191,84 @@ def test_masked_zeros_stay_zero_and_unperturbed():
             assert bool((p[:, ::2] == 0).all())
 
 
-def test_unsupported_modules_fall_back_and_are_reported():
-    from transformers import GPT2Config, GPT2LMHeadModel
+class ReadsChildWeight(torch.nn.Module):
+    """A parent that reads its child's weight in its own forward (functional code, as some
+    models do with a tied head): substituting around the child's forward would miss it."""
 
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(3, 4)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.nn.functional.linear(x, self.inner.weight, self.inner.bias))
+
+
+class StaleView(torch.nn.Module):
+    """Keeps a view of its weight made at construction and computes with it: a swap of the
+    Parameter does not reach the view, so the virtual output is the unperturbed one."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(4, 4))
+        self.flat = self.weight.detach().view(-1)
+
+    def forward(self, x):
+        return x @ self.flat.view(4, 4)
+
+
+def test_a_raw_read_falls_back_in_place_and_is_reported():
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2,
-                                       n_positions=16)).eval()
-    ids = batch(64, shape=(2, 8))
+    model = ReadsChildWeight()
+    x = torch.randn(5, 3)
     snap = snapshot(model)
     opt = zoengine.MeZO(model.named_parameters(), lr=0.0, eps=1e-3)
     opt.attach_virtual(model)
-    fallback = opt.inplace_fallback
-    assert fallback and all("attn.c_" in n or "mlp.c_" in n for n in fallback)  # Conv1D
-    assert "transformer.wte.weight" not in fallback
-    opt.step(lm_closure(model, ids))
+    assert opt.inplace_fallback == []  # every tensor has an owning module: virtual at first
+    with pytest.warns(UserWarning, match="perturbed in place instead"):
+        opt.step(lambda: model(x).pow(2).mean())
+    assert sorted(opt.inplace_fallback) == ["inner.bias", "inner.weight"]
+    report = opt.virtual_report()
+    assert "linear" in report["inner.weight"] and "outside the forward" in report["inner.weight"]
+    assert report["head.weight"] == "virtual"
     # In place with lr = 0 an element is rounded 6 times (+εz, −2εz, the restore: a product and
-    # a sum each), by ≤ ½ ulp of |θ| + 2ε·max|z| each: ≤ 3 ulps of that, elementwise (the old
-    # fixed 1e-8 was 1.3 ulps of the largest weights, 0.064). A restore left out or of the wrong
-    # sign is ε·|z| ~ 1e-3: five orders of magnitude more.
+    # a sum each), by ≤ ½ ulp of |θ| + 2ε·max|z| each: ≤ 3 ulps of that, elementwise. A restore
+    # left out or of the wrong sign is ε·|z| ~ 1e-3: orders of magnitude more.
     reach = 2 * 1e-3 * opt._z_bound()
     for n, p in model.named_parameters():
-        if n in fallback:  # in place: restored within the drift of a few ulps
+        if n in opt.inplace_fallback:
             assert bool(((p - snap[n]).abs() <= 3 * ulp(snap[n].abs() + reach)).all()), n
         else:  # never written
             assert torch.equal(p, snap[n]), n
-    assert any(not torch.equal(p, snap[n]) for n, p in model.named_parameters())
 
 
-def test_register_a_custom_module():
+def test_the_probe_finds_a_module_class_that_ignores_the_swap():
+    def build():  # built afresh: a deep copy would not keep the view sharing the weight
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(3, 4), StaleView())
+
+    model, ref, quiet = build(), build(), build()
+    x = torch.randn(5, 3)
+    opt = zoengine.MeZO(model.named_parameters(), lr=1e-2, eps=1e-3, seed=3)
+    opt.attach_virtual(model)
+    with pytest.warns(UserWarning, match="perturbed in place instead"):
+        opt.step(lambda: model(x).pow(2).mean())
+    assert opt.inplace_fallback == ["1.weight"]
+    assert "StaleView" in opt.virtual_report()["1.weight"]
+    # unprobed, the same model is silently wrong: g differs from in place
+    blind = zoengine.MeZO(quiet.named_parameters(), lr=1e-2, eps=1e-3, seed=3)
+    blind.attach_virtual(quiet, probe=False)
+    inplace = zoengine.MeZO(ref.named_parameters(), lr=1e-2, eps=1e-3, seed=3)
+    blind.step(lambda: quiet(x).pow(2).mean())
+    inplace.step(lambda: ref(x).pow(2).mean())
+    g_probed = opt.state["zo"]["projected_grads"][0]
+    g_blind = blind.state["zo"]["projected_grads"][0]
+    g_inplace = inplace.state["zo"]["projected_grads"][0]
+    assert g_probed == pytest.approx(g_inplace, rel=1e-3)  # fp32 cancellation at ε = 1e-3
+    assert abs(g_blind - g_inplace) > 0.1 * abs(g_inplace)
+
+
+def test_register_virtual_and_the_report():
     class Scale(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -228,15 +280,19 @@ def test_register_a_custom_module():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), Scale())
     x = torch.randn(5, 3)
     opt = zoengine.MeZO(model.named_parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="attach_virtual"):
+        opt.virtual_report()
     opt.attach_virtual(model)
-    assert opt.inplace_fallback == ["1.s"]
-    opt.register_virtual(model[1], "s")
-    assert opt.inplace_fallback == []
+    assert opt.inplace_fallback == []  # any module reading its own parameter is covered
+    opt.register_virtual(model[1], "s")  # already virtual: a no-op
     before = model[1].s.detach().clone()
     opt.step(lambda: model(x).pow(2).mean())
     assert not torch.equal(before, model[1].s)  # updated
+    assert set(opt.virtual_report().values()) == {"virtual"}
     with pytest.raises(ValueError, match="register"):
         opt.register_virtual(model[1], "nope")
+    with pytest.raises(ValueError, match="probe"):
+        zoengine.MeZO(model.parameters()).attach_virtual(model, probe=1)
 
 
 def test_at_most_one_module_perturbed_at_a_time():
@@ -458,7 +514,8 @@ def test_triton_virtual_uses_the_fused_linear_and_matches_reference(NL, monkeypa
         la, lb = float(fused.step(lm_closure(a, ids))), float(ref.step(lm_closure(b, ids)))
         assert la == pytest.approx(lb, rel=1e-5)
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in a.modules())
-    assert len(calls) == 2 * 2 * n_linear  # 2 steps x 2 evaluations x every Linear
+    # 2 steps x 2 evaluations x every Linear, + the probe forward's first Linear
+    assert len(calls) == 2 * 2 * n_linear + 1
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(p, q, rtol=0, atol=1e-6), n
 

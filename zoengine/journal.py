@@ -13,9 +13,26 @@ step with closures that return the recorded losses, handing a method's own batch
 run's bit for bit on the reference and native backends (docs/reliability.md). Journals written
 before the method record (header format 1: a class path and the constructor's arguments)
 still replay: the class is looked up in the method registry by name, never imported.
+
+A *shipped* journal (``zoengine export-journal``; ``shipped_bytes`` here) is the run's journal,
+its torn tail dropped, followed by a fixed 64-byte trailer: a magic, the record count, the byte
+length of everything before the trailer and its SHA-256 (plus a CRC-32 of the trailer itself)::
+
+    header  record*  | b"ZOJSHIPPED1\\n"  u64 records  u64 body bytes  32-byte SHA-256  u32 CRC-32
+
+A live journal tolerates a torn last record (a crash mid-write); a shipped one is complete by
+construction, so ``read_shipped`` refuses anything short of that: no trailer (truncated, a live
+journal, or exported before the trailer existed), a SHA-256 or count that differs, a damaged
+record anywhere, a header without records. ``replay`` reads a file with a trailer the strict
+way too. To an older zoengine the trailer is a torn tail, dropped: it still replays the records.
 """
 
 from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import zlib
 
 import torch
 
@@ -25,6 +42,7 @@ from zoengine.optim.journal_file import (
     FLAG_SKIPPED,
     JournalError,
     JournalWriter,
+    Layout,
     Record,
     read_header,
     read_records,
@@ -35,8 +53,9 @@ from zoengine.optim.virtual import VIRTUAL_REPLAY
 
 tensors_hash = tensors_sha256  # the identity of a set of weights (SHA-256)
 
-__all__ = ["JournalError", "JournalWriter", "Record", "apply_record", "attach",
-           "build_optimizer", "read_header", "read_records", "replay", "tensors_hash"]
+__all__ = ["SHIPPED_MAGIC", "TRAILER_SIZE", "JournalError", "JournalWriter", "Record",
+           "apply_record", "attach", "build_optimizer", "is_shipped", "read_header",
+           "read_records", "read_shipped", "replay", "shipped_bytes", "tensors_hash"]
 
 
 def attach(opt, path, *, fsync: str | int = "step", meta: dict | None = None):
@@ -159,8 +178,12 @@ def replay(model_or_named_params, path, *, masks=None, optimizer=None, until_ste
     last step (or ``until_step``). ``optimizer``: an optimizer built by the caller (with
     several param groups, say) whose step counter says where to start; records before it are
     skipped. Without it the weights must be the run's starting weights: their hash is checked
-    against the journal's ``base_sha256`` when the journal starts at step 0."""
-    header, records, _ = read_records(path)
+    against the journal's ``base_sha256`` when the journal starts at step 0. A shipped journal
+    (with a trailer) is verified whole first (``read_shipped``); a live one may end torn."""
+    if is_shipped(path):
+        header, records = read_shipped(path)
+    else:
+        header, records, _ = read_records(path)
     if optimizer is None:
         named = _named(model_or_named_params)
         optimizer = build_optimizer(header, named, masks=masks, path=str(path))
@@ -175,3 +198,112 @@ def replay(model_or_named_params, path, *, masks=None, optimizer=None, until_ste
             if r.step >= optimizer.state["zo"]["step"]:
                 apply_record(optimizer, r, path=str(path))
     return optimizer
+
+
+# ---- shipped journals: complete, counted and hashed -------------------------------------------
+
+SHIPPED_MAGIC = b"ZOJSHIPPED1\n"
+_TRAILER = struct.Struct(f"<{len(SHIPPED_MAGIC)}sQQ32s")
+TRAILER_SIZE = _TRAILER.size + 4  # + CRC-32 of the trailer's fields
+
+
+def _trailer(records: int, body: bytes) -> bytes:
+    fields = _TRAILER.pack(SHIPPED_MAGIC, records, len(body), hashlib.sha256(body).digest())
+    return fields + struct.pack("<I", zlib.crc32(fields))
+
+
+def shipped_bytes(path) -> tuple[bytes, int]:
+    """(the shipped form of the live journal at ``path``, its record count): the header and
+    every complete record (a torn tail dropped, as a live journal allows), then the trailer.
+    A journal without records is refused: applying it would rebuild the base itself."""
+    if is_shipped(path):
+        read_shipped(path)  # already shipped: ship it again as it is, once verified
+        with open(path, "rb") as f:
+            data = f.read()
+        return data, _TRAILER.unpack(data[-TRAILER_SIZE:-4])[1]
+    header, start = read_header(path)
+    _, records, _ = read_records(path)
+    if not records:
+        raise JournalError(f"{path}: the journal holds no steps (only its header): there is "
+                           "nothing to ship")
+    with open(path, "rb") as f:
+        body = f.read(start + len(records) * Layout(header).size)
+    return body + _trailer(len(records), body), len(records)
+
+
+def is_shipped(path) -> bool:
+    """Whether the file at ``path`` ends with a shipped journal's trailer magic (it is then
+    read only through ``read_shipped``'s checks)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() < TRAILER_SIZE:
+                return False
+            f.seek(-TRAILER_SIZE, os.SEEK_END)
+            return f.read(len(SHIPPED_MAGIC)) == SHIPPED_MAGIC
+    except OSError:
+        return False
+
+
+def _no_trailer(path, data: bytes) -> str:
+    """Why a file without a trailer is not a shipped journal, as precisely as its bytes tell."""
+    if not data:
+        return f"{path}: the file is empty (0 bytes): not a shipped journal"
+    try:
+        header, start = read_header(path)
+    except JournalError as exc:
+        return f"{exc}; and it has no shipped-journal trailer"
+    size = Layout(header).size
+    full, tail = divmod(len(data) - start, size)
+    how = ("refused: a shipped journal ends with a trailer holding its record count and "
+           "SHA-256 (zoengine export-journal RUN OUT writes it; a run folder's own "
+           "journal.zoj is accepted in place, verified by its manifest)")
+    if full == 0 and tail == 0:
+        return f"{path}: holds only a journal header, no steps and no trailer: {how}"
+    if tail:
+        return (f"{path}: ends {tail} bytes into a record after {full} whole records, with no "
+                f"trailer: truncated; {how}")
+    return (f"{path}: {full} records and no trailer: truncated at a record boundary, a live "
+            f"run's journal, or exported by a zoengine before the trailer; {how}")
+
+
+def read_shipped(path) -> tuple[dict, list[Record]]:
+    """(header, records) of a shipped journal, verified whole: the trailer's magic and CRC,
+    the byte length and SHA-256 of everything before it, a header and every record intact
+    (no torn tail), at least one record, and as many as the trailer counts. Anything else is
+    a ``JournalError`` naming the file and what is wrong."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < TRAILER_SIZE or not data[-TRAILER_SIZE:].startswith(SHIPPED_MAGIC):
+        raise JournalError(_no_trailer(path, data))
+    fields, (crc,) = data[-TRAILER_SIZE:-4], struct.unpack("<I", data[-4:])
+    if zlib.crc32(fields) != crc:
+        raise JournalError(f"{path}: the shipped journal's trailer (record count, SHA-256) is "
+                           "damaged (its checksum differs)")
+    _, count, length, digest = _TRAILER.unpack(fields)
+    body = data[:-TRAILER_SIZE]
+    if len(body) != length:
+        raise JournalError(f"{path}: the trailer says {length:,} bytes precede it, the file has "
+                           f"{len(body):,}: bytes were cut out or added")
+    if hashlib.sha256(body).digest() != digest:
+        raise JournalError(f"{path}: damaged: the SHA-256 of its {length:,} bytes differs from "
+                           "the one its trailer records")
+    header, start = read_header(path)  # the hash matched: a damage here is the exporter's
+    layout = Layout(header)
+    size = layout.size
+    full, tail = divmod(len(body) - start, size)
+    if tail:
+        raise JournalError(f"{path}: {len(body) - start} bytes of records is not a whole "
+                           f"number of {size}-byte records")
+    if full != count:
+        raise JournalError(f"{path}: holds {full} records; its trailer counts {count}")
+    if count == 0:
+        raise JournalError(f"{path}: holds no steps (only a header): applying it would "
+                           "rebuild the base model itself")
+    records = []
+    for i in range(full):
+        r = layout.unpack(body[start + i * size: start + (i + 1) * size])
+        if r is None:
+            raise JournalError(f"{path}: record {i} fails its checksum: the journal is corrupt")
+        records.append(r)
+    return header, records

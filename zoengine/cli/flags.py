@@ -114,7 +114,11 @@ def make_run_config(args, *, check: bool = True):
         if values.get("train") not in (None, "auto", "lora"):
             raise UsageError("--lora", f"conflicts with --train {values['train']}")
         values["train"] = "lora"
-    return RunConfig(**values) if check else RunConfig.unvalidated(**values)
+    if check:
+        return RunConfig(**values)
+    cfg = RunConfig.unvalidated(**values)
+    cfg.given_flags = frozenset(values)  # --resume compares exactly these with the run's
+    return cfg
 
 
 def validate(cfg) -> None:

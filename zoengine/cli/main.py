@@ -55,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lora", action="store_true", default=None, help="same as --train lora")
     t.add_argument("--resume", metavar="DIR", default=None,
                    help="continue the interrupted run in DIR (its last checkpoint, then its "
-                        "journal, replayed without forward passes); other flags must match "
-                        "the run's, except --steps, --threads, --no-progress, --checkpoint-* "
-                        "and --journal-fsync")
+                        "journal, replayed without forward passes); a flag given beside it "
+                        "must equal the run's value, except --steps (not below the steps "
+                        "done), --no-progress, --checkpoint-* and --journal-fsync; the run's "
+                        "--threads is reused")
     _add_prune_command(sub)
     e = sub.add_parser("eval", help="score a model on a task")
     e.add_argument("--model", default="smollm2-135m")
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--options", type=_options_list, default=None)
     e.add_argument("--text-column", default="text")
     e.add_argument("--label-column", default="label")
+    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="the dtype the model loads in (default: the run's --dtype when "
+                        "--weights is a train output folder or in one, else float32)")
     sub.add_parser("methods", help="list the registered ZO methods")
     x = sub.add_parser("export-journal", help="copy a run's verified journal: the fine-tune as "
                                               "kilobytes, to apply to the base model")
@@ -122,7 +126,8 @@ def cmd_eval(args) -> int:
               "text_column": args.text_column, "label_column": args.label_column}
     res = run_eval(model_spec=args.model, task_name=args.task, weights=args.weights,
                    split=args.split, seed=args.seed, max_length=args.max_length,
-                   batch_size=args.batch_size, block_size=args.block_size, task_kw=kw)
+                   batch_size=args.batch_size, block_size=args.block_size, task_kw=kw,
+                   dtype=args.dtype)
     print(json.dumps(res, indent=2))
     return 0
 

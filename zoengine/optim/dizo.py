@@ -19,7 +19,7 @@ from zoengine.optim.batches import BatchSource, ProjectionClosure, check_batch_s
 from zoengine.optim.deprecations import warn_outside
 from zoengine.optim.docs import shared_docs
 from zoengine.optim.estimators import scalar_normal
-from zoengine.optim.functional import NonFiniteLossError, loss_value
+from zoengine.optim.functional import NonFiniteLossError, NonFiniteUpdateError, loss_value
 from zoengine.optim.registry import register_method
 from zoengine.optim.zo import ZO
 
@@ -315,11 +315,34 @@ class DiZO(ZO):
                 zo["dizo_skipped_iters"] = zo.get("dizo_skipped_iters", 0) + 1
                 return None
             raise NonFiniteLossError(
-                f"DiZO search {m} at step {step}: non-finite loss ℓ₊={lp}, ℓ₋={lm}; weights "
-                "restored, the projection stays due (retried after the next step)")
+                f"DiZO search {m} at step {step}: non-finite loss ℓ₊={lp}, ℓ₋={lm}; "
+                f"{self._restored_report()}, the projection stays due (retried after the next "
+                "step)")
         g = (lp - lm) / (2 * eps_p)
         return [min(max(gl - self.proj_lr * t * g * z, (1 - tau) * t), (1 + tau) * t)
                 for gl, t, z in zip(gamma, ts, zeta)]
+
+    def _restored_report(self) -> str:
+        """"weights restored", only when the projected tensors are finite (else says so)."""
+        bad = sum(int((~torch.isfinite(p)).sum()) for _, p, _ in self.projected)
+        return ("weights restored" if bad == 0 else
+                f"the weights are NOT finite: {bad} elements of the projected tensors are "
+                "NaN/inf")
+
+    def _check_projection_fits(self, ratios: list[float]) -> None:
+        """Refuse, before writing, a projection θ0 + a(θ − θ0) that could overflow the dtype
+        (|θ0| + a(|θ| + |θ0|) beyond its largest value); the weights stay as they are."""
+        for (name, p, _), a in zip(self.projected, ratios):
+            anchor = self.state[p]["dizo_anchor"]
+            big = torch.finfo(p.dtype).max
+            top = float(p.detach().abs().max()) if p.numel() else 0.0
+            base = float(anchor.abs().max()) if anchor.numel() else 0.0
+            reach = base + abs(a) * (top + base)
+            if not (math.isfinite(a) and reach < big):
+                raise NonFiniteUpdateError(
+                    f"DiZO projection at step {self.state['zo']['step']}: tensor {name!r} "
+                    f"scaled by {a!r} could overflow {p.dtype} (|θ0| + a·|θ − θ0| up to "
+                    f"{reach:.3g}); the projection was not applied, the weights are unchanged")
 
     @torch.no_grad()
     def project(self) -> list[float] | None:
@@ -344,6 +367,7 @@ class DiZO(ZO):
         if saved is None:  # the inverse scalings drifted the weights a little
             ts = self._deltas_norms()
         ratios = [g / (t + 1e-8) for g, t in zip(gamma, ts)]
+        self._check_projection_fits(ratios)
         self._scale(ratios)
         zo["dizo_gamma"] = gamma
         zo["dizo_searches"] += 1

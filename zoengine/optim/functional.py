@@ -60,6 +60,17 @@ class NonFiniteLossError(FloatingPointError):
     (they are checked: a perturbation that overflowed cannot be undone)."""
 
 
+class NonFiniteUpdateError(FloatingPointError):
+    """The step's update would write NaN/inf into the weights (a projected gradient g that is
+    not finite, or lr·g·z beyond the largest value of the parameter dtype, e.g. ``lr=1e308``
+    or finite losses of ±1e38). The update was not applied; the message says whether the
+    weights were restored. ``lr`` and ``group``: what to lower."""
+
+    def __init__(self, message: str, *, lr: float | None = None, group: int | None = None):
+        super().__init__(message)
+        self.lr, self.group = lr, group
+
+
 def loss_value(out, where: str) -> float:
     """The closure's output as a Python float, or a ValueError that says what was wrong."""
     if isinstance(out, torch.Tensor):
@@ -75,6 +86,77 @@ def loss_value(out, where: str) -> float:
         return float(out)
     raise ValueError(f"closure returned {type(out).__name__} at {where}; it must return the "
                      "scalar loss as a tensor or a float")
+
+
+# max |z| of the contract's distributions (normal: its cut at sqrt(50 ln 2)); a source of
+# other numbers (PeZO's pool and lanes, hardware models) is bounded in ``z_bound``
+_CONTRACT_Z = {"normal": math.sqrt(50 * math.log(2)), "uniform": math.sqrt(3.0) * (1 + 2**-20),
+               "rademacher": 1.0}
+_LOOSE_Z = 64.0  # an unknown source: a loose bound (only ever decides near the dtype's max)
+
+
+def z_bound(ops, dist: str) -> float:
+    """An upper bound of |z| for the numbers ``ops`` perturbs with (``dist``: the contract's
+    distribution; a ``ReuseOps`` source says its own; virtual ops wrap another backend)."""
+    inner = getattr(ops, "inner", None)
+    if inner is not None:  # VirtualOps: the displacement follows the wrapped backend's z
+        return z_bound(inner, dist)
+    source = getattr(ops, "source", None)
+    if source is None:  # a kernels backend (a module) draws the contract's numbers
+        return _CONTRACT_Z.get(dist, _LOOSE_Z) if isinstance(ops, ModuleType) else _LOOSE_Z
+    if hasattr(source, "pool"):  # PoolSource: scale · U(-1, 1)
+        return float(source.scale)
+    if hasattr(source, "window"):  # RotateSource: √3, or a window's RMS normalisation
+        return (math.sqrt(3.0) * (1 + 2**-20) if source.scaling == "static"
+                else math.sqrt(source.window))
+    return _LOOSE_Z
+
+
+def _compute_max(dtype: torch.dtype) -> float:
+    """The largest finite value of the kernels' arithmetic dtype for weights of ``dtype``."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max
+
+
+def check_update(groups: Sequence[ZOGroup], grads: list[list[float]], radius: float,
+                 n_samples: int, zb: float, step: int) -> None:
+    """Refuse an update that could write NaN/inf: g must be finite, lr must be representable
+    in the kernels' arithmetic dtype, and |θ| + ε·r·|z| + lr·(Σ|g|/n·|z| + wd·|θ|) must stay
+    below the largest value of every parameter's dtype (and of the arithmetic dtype, for the
+    intermediates). max|θ| is scanned only when the bound without it is within 2^-10 of that
+    value, or lr·wd >= 1 (never for sane hyper-parameters). Raises ``NonFiniteUpdateError``
+    before anything is written."""
+    for g, gk in zip(groups, grads):
+        bad = [v for v in gk if not math.isfinite(v)]
+        if bad:
+            raise NonFiniteUpdateError(
+                f"step {step}: the projected gradient g={bad[0]!r} (param_groups[{g.index}], "
+                f"ε={g.eps!r}) is not finite; the update was not applied", lr=g.lr, group=g.index)
+        coef = sum(abs(v) for v in gk) / n_samples
+        back = g.eps * abs(radius) * zb
+        move = g.lr * coef * zb
+        for p in g.params:
+            if p.numel() == 0:
+                continue
+            big = min(torch.finfo(p.dtype).max, _compute_max(p.dtype))
+            reach = back + move
+            if not (g.lr < _compute_max(p.dtype) and coef * zb < _compute_max(p.dtype)
+                    and math.isfinite(reach)):
+                top = math.inf
+            elif reach < big * 2.0**-10 and g.lr * g.weight_decay < 1.0:
+                continue
+            else:
+                top = float(p.detach().abs().max())
+            theta1 = top + back
+            bound = theta1 + g.lr * (coef * zb + (g.weight_decay * theta1
+                                                  if g.weight_decay else 0.0))
+            if not bound < big:
+                reach = f"{bound:.3g}" if math.isfinite(bound) else "beyond any float"
+                raise NonFiniteUpdateError(
+                    f"step {step}: the update of param_groups[{g.index}] would overflow "
+                    f"{p.dtype}: lr={g.lr!r} x |g|={coef:.3g} x max|z|={zb:.3g} (+ |θ| and "
+                    f"weight decay) reaches {reach}, the largest {p.dtype} is {big:.3g}; "
+                    "the update was not applied. Lower lr (or the loss scale)",
+                    lr=g.lr, group=g.index)
 
 
 def _unit(k: int) -> float:
@@ -206,8 +288,18 @@ def zo_step(
     If the closure raises, the perturbation in place is undone before the exception
     propagates. A NaN/inf loss undoes it, checks that the weights are finite again, then raises
     ``NonFiniteLossError`` (``nonfinite="raise"``, or whenever the weights could not be
-    restored) or returns a skipped result (``nonfinite="skip"``).
+    restored) or returns a skipped result (``nonfinite="skip"``). An update that would write
+    NaN/inf (g not finite, or lr·g·z beyond the dtype: ``check_update``) is never applied: the
+    perturbation is undone as after a NaN loss and ``NonFiniteUpdateError`` is raised, whatever
+    ``nonfinite`` says.
     """
+    for g in groups:  # an lr the arithmetic cannot hold: refused before θ is touched
+        big = min((_compute_max(p.dtype) for p in g.params), default=math.inf)
+        if not g.lr < big:
+            raise NonFiniteUpdateError(
+                f"step {step}: lr={g.lr!r} (param_groups[{g.index}]) is beyond the largest "
+                f"value the update's arithmetic holds ({big:.3g}), so lr·g·z would be inf/NaN; "
+                "the weights were not changed. Lower lr", lr=g.lr, group=g.index)
     radii = [radius(k) for k in range(n_samples)]
     local = exchange.local_samples(n_samples) if exchange else list(range(n_samples))
     walk = _Walk(groups, ops, closure, seed=seed, step=step, dist=dist, exchange=exchange)
@@ -221,10 +313,14 @@ def zo_step(
         if nonfinite == "skip" and report == "weights restored":
             return _result(walk, float("nan"), [], [], skipped=True)
         raise NonFiniteLossError(f"{exc}; {report}") from None
-    grads = []
-    for g in groups:
-        gk = [project(k, d / g.eps) for k, d in enumerate(half)]
-        grads.append(gk)
+    grads = [[project(k, d / g.eps) for k, d in enumerate(half)] for g in groups]
+    try:
+        check_update(groups, grads, radii[-1], n_samples, z_bound(ops, dist), step)
+    except NonFiniteUpdateError as exc:
+        walk.undo()  # the last sample's −εz, as after a NaN loss
+        raise NonFiniteUpdateError(f"{exc}; {walk.restore_report()}", lr=exc.lr,
+                                   group=exc.group) from None
+    for g, gk in zip(groups, grads):
         ops.restore_update_(g.params, g.keys, seed=seed, step=step,
                             eps=g.eps * radii[-1], lr=g.lr,
                             grads=[v / n_samples for v in gk], restore_sample=n_samples - 1,

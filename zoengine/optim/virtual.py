@@ -1,37 +1,35 @@
 """Virtual perturbation: evaluate the loss at θ ± εz without ever writing θ.
 
 In-place perturbation writes θ + εz, θ − εz and θ back into the weights; the restore is not
-bit-exact (about half the elements end 1 ulp away, research/algorithms.md §0.4), which in bf16
-is ~11× the update itself. Here each trainable tensor consumed by a supported module is
-replaced, for that module's forward only, by θ + c·z from the noise contract:
+bit-exact (about half the elements end 1 ulp away; docs/virtual.md), which in bf16 is ~11×
+the update itself. Here each trainable tensor is replaced by θ + c·z (noise contract) where
+it is read, for that read only:
 
-- ``nn.Linear``, ``nn.LayerNorm``, ``*RMSNorm`` (LLaMA-style, by class name), PEFT's LoRA
-  A/B (they are ``nn.Linear``) and tensors the user registers: a forward pre-hook swaps in a
-  perturbed copy, an always-called forward hook swaps the parameter back, so at most one
-  module's perturbed tensors exist at a time (peak memory grows by the largest layer only);
-- ``nn.Embedding``: a forward hook adds c·z to the looked-up rows only (z of those elements,
-  ``kernels.philox.noise_at``): a batch of 256 tokens costs 256 rows of noise, not the table.
+- a module reading its own parameters (``nn.Linear`` and subclasses, norms, GPT-2's Conv1D,
+  3-D expert tensors, PEFT's LoRA A/B, custom modules): a forward pre-hook swaps in a
+  perturbed copy, an always-called forward hook swaps the Parameter back, so at most one
+  module's perturbed tensors exist at a time (peak memory grows by the largest module only);
+  an exact ``nn.Linear`` on the Triton backend runs the fused noisy-linear kernel instead;
+- an embedding (``nn.Embedding`` or a subclass): during its forward a torch-function mode
+  turns ``F.embedding(ids, θ)`` into the looked-up rows of θ + c·z (``virtual_reads``): a
+  batch of 256 tokens costs 256 rows of noise, and a subclass that scales the result (Gemma)
+  or shifts the indices (OPT's positions) gets it right.
 
-Tensors no supported module owns are perturbed in place as before and listed in
-``inplace_fallback``. The step's update is then the only write to θ (``restore_update_`` with
-eps = 0), so lr = 0 or a skipped step leaves θ bit-identical.
+At the first step a probe (``virtual_probe``) checks every module class and every read; what
+fails is perturbed in place and reported. The step's update is then the only write to θ
+(``restore_update_`` with eps = 0), so lr = 0 or a skipped step leaves θ bit-identical.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-import types
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-
-from zoengine.kernels.keys import stream_key
-from zoengine.kernels.philox import noise_at
-from zoengine.kernels.reference import compute_dtype
-from zoengine.optim.masks import LazyMask
 
 PERTURBATIONS = ("inplace", "virtual")
 _TRITON_OPS = "zoengine.kernels.triton_ops"
@@ -58,31 +56,30 @@ class _Displacement:
     scales: dict[int, float] = field(default_factory=dict)
 
 
-def _is_rmsnorm(module: nn.Module) -> bool:
-    return type(module).__name__.endswith("RMSNorm") and isinstance(
-        module._parameters.get("weight"), nn.Parameter)
-
-
-def _swap_kind(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.LayerNorm)) or _is_rmsnorm(module)
-
-
 class VirtualModel:
     """The hooks that substitute perturbed tensors inside ``model``'s forward.
 
     ``names``: id(tensor) -> name for the optimizer's trainable tensors. ``owned`` maps each
-    virtualised tensor's id to its name; the rest is perturbed in place by the caller.
+    virtualised tensor's id to its name; the rest is perturbed in place by the caller, with
+    the reason in ``reasons``.
     """
 
     def __init__(self, model, names: dict[int, str]):
         self.names = names
         self.owned: dict[int, str] = {}
+        self.reasons: dict[str, str] = {}  # name -> why it is perturbed in place
         self.handles: list = []
         self.displaced: dict[int, _Displacement] = {}
         self.context: tuple | None = None  # (inner ops, seed, step, dist) of the running step
         self.consumed: set[int] = set()
         self.replay = model is VIRTUAL_REPLAY
+        self.probed = self.replay
+        self._internal = 0
+        self._tensors: dict[int, torch.Tensor] = {}
+        self._classes: dict[int, set] = {}  # id(tensor) -> classes of the modules hooking it
         self._swapped: dict[int, list] = {}  # hook module -> [(owner, attr, Parameter)]
+        self._modes: dict[int, list] = {}  # embedding module -> its active EmbeddingReads
+        self._probe = None  # the first step's virtual_probe.Probe while it runs
         self._warned = False
         if self.replay:
             self.owned = dict(names)
@@ -101,8 +98,15 @@ class VirtualModel:
                 self._hook_pairs(module, pairs)
             elif isinstance(module, nn.Embedding):
                 self._own(module, ("weight",), embedding=True)
-            elif _swap_kind(module):
-                self._own(module, ("weight", "bias"))
+            else:  # any module reading its own parameters: swapped around its forward
+                self._own(module, tuple(module._parameters))
+        for n in names.values():
+            self.reasons.setdefault(n, "no module of the model owns it")
+        for i in self.owned:
+            self.reasons.pop(names[i], None)
+        for i, n in names.items():
+            if i in skip and i not in self.owned:
+                self.reasons[n] = "read by nn.MultiheadAttention outside out_proj's forward"
 
     def _own(self, module: nn.Module, attrs, *, embedding: bool = False) -> list[str]:
         mine = [a for a in attrs if id(module._parameters.get(a)) in self.names]
@@ -110,26 +114,37 @@ class VirtualModel:
             return []
         if embedding:
             p = module._parameters["weight"]
-            self.owned[id(p)] = self.names[id(p)]
-            self.handles.append(module.register_forward_hook(self._embedding_hook))
+            self._claim(module, p)
+            self.handles.append(module.register_forward_pre_hook(self._enter_embedding,
+                                                                 prepend=True))
+            self.handles.append(module.register_forward_hook(self._leave_embedding,
+                                                             always_call=True))
             return mine
-        if isinstance(module, nn.Linear) and "weight" in mine and "forward" not in vars(module):
+        # the fused path re-implements nn.Linear's forward: exact class only (a subclass may
+        # compute something else, e.g. Llama4's router returns a tuple)
+        if type(module) is nn.Linear and "weight" in mine and "forward" not in vars(module):
             # the Triton backend computes x @ (W + c·z)ᵀ without materialising W + c·z
             module.forward = functools.partial(self._linear_forward, module, module.forward)
             self.handles.append(_ForwardOverride(module))
         self._hook_pairs(module, [(module, a) for a in mine])
         return mine
 
+    def _claim(self, module: nn.Module, p: torch.Tensor) -> None:
+        self.owned[id(p)] = self.names[id(p)]
+        self._tensors[id(p)] = p
+        self._classes.setdefault(id(p), set()).add(type(module))
+
     def _hook_pairs(self, module: nn.Module, pairs) -> None:
         """Swap ``owner.<attr>`` for each pair around ``module``'s forward."""
         if not pairs:
             return
         for owner, a in pairs:
-            p = owner._parameters[a]
-            self.owned[id(p)] = self.names[id(p)]
+            self._claim(module, owner._parameters[a])
         pre = functools.partial(self._swap_in, tuple(pairs))
-        self.handles.append(module.register_forward_pre_hook(pre))
-        self.handles.append(module.register_forward_hook(self._swap_out, always_call=True))
+        self.handles.append(module.register_forward_pre_hook(pre, prepend=True))  # first: every
+        # hook of the call sees θ + c·z too
+        self.handles.append(module.register_forward_hook(self._swap_out, always_call=True,
+                                                         with_kwargs=True))
 
     def register(self, module: nn.Module, name: str) -> None:
         """Virtualise ``module.<name>``: ``module``'s own forward must be the only reader of
@@ -141,6 +156,8 @@ class VirtualModel:
         if id(p) in self.owned:
             return
         self._own(module, (name,))
+        self.reasons.pop(self.names[id(p)], None)
+        self.probed = False  # the new class is probed at the next step
 
     # A model carrying these hooks can still be deep-copied or pickled: the copy's hooks
     # point to this object (deepcopy) or to an empty one (pickle); neither knows the copy's
@@ -158,24 +175,66 @@ class VirtualModel:
         self.handles.clear()
         self.owned.clear()
 
+    # ---- what the read-tracking modes ask ----------------------------------------------
+    @property
+    def internal(self) -> bool:
+        """True while zoengine itself computes (perturbed copies, the probe's comparisons):
+        hooks and modes stand aside."""
+        return self._internal > 0
+
+    @contextlib.contextmanager
+    def inside(self):
+        self._internal += 1
+        try:
+            yield
+        finally:
+            self._internal -= 1
+
+    @staticmethod
+    def displacement(key: int, mask, offset: int) -> _Displacement:
+        return _Displacement(key, mask, offset)
+
+    def classes_of(self, i: int) -> set:
+        """The classes of the modules whose forward substitutes tensor ``id`` i."""
+        return self._classes.get(i, set())
+
+    def report(self) -> dict[str, str]:
+        """Each trainable tensor's name -> ``"virtual"`` or ``"in place: <reason>"``."""
+        return {n: "virtual" if i in self.owned else f"in place: {self.reasons.get(n, '?')}"
+                for i, n in self.names.items()}
+
+    def owned_tensor(self, t: torch.Tensor) -> bool:
+        return self._tensors.get(id(t)) is t and id(t) in self.owned
+
+    def reading(self, t: torch.Tensor) -> bool:
+        """True while a forward that substitutes ``t`` runs (a read of ``t`` there is the
+        substituted one in a step)."""
+        return self._probe is not None and self._probe.active.get(id(t), 0) > 0
+
     # ---- inside the forward -----------------------------------------------------------
-    def _perturbed(self, p: torch.Tensor) -> torch.Tensor:
+    def perturbed(self, p: torch.Tensor) -> torch.Tensor:
         """A fresh copy of ``p`` + Σ c_k z_k, by the step's own ops (so it carries exactly the
         numbers in-place perturbation would have written first)."""
+        return self._perturbed(p)
+
+    def _perturbed(self, p: torch.Tensor) -> torch.Tensor:
         d = self.displaced[id(p)]
         ops, seed, step, dist = self.context
-        w = p.detach().clone()
-        for k, c in d.scales.items():
-            extra = {"offsets": [d.offset]} if d.offset else {}
-            ops.perturb_([w], [d.key], seed=seed, step=step, sample=k, scale=c, dist=dist,
-                         masks=None if d.mask is None else [d.mask()], **extra)
+        with self.inside():
+            w = p.detach().clone()
+            for k, c in d.scales.items():
+                extra = {"offsets": [d.offset]} if d.offset else {}
+                ops.perturb_([w], [d.key], seed=seed, step=step, sample=k, scale=c, dist=dist,
+                             masks=None if d.mask is None else [d.mask()], **extra)
+        self.consumed.add(id(p))
         return w
 
     def _fusable(self, module: nn.Module):
         """(sample, scale, weight's, bias's displacement) when ``module`` (an nn.Linear) can
         run the fused noisy-linear kernel now, else None: the step's ops are Triton's, one
         sample is displaced, and the bias (if displaced) moves with the weight."""
-        if not self.displaced or getattr(self.context[0], "__name__", "") != _TRITON_OPS \
+        if not self.displaced or self.internal \
+                or getattr(self.context[0], "__name__", "") != _TRITON_OPS \
                 or os.environ.get("ZOENGINE_VIRTUAL_LINEAR", "fused") != "fused":
             return None
         d = self.displaced.get(id(module._parameters["weight"]))
@@ -198,14 +257,19 @@ class VirtualModel:
         _, seed, step, dist = self.context
         w, b = module._parameters["weight"], module._parameters.get("bias")
         self.consumed.update({id(w)} | ({id(b)} if db is not None else set()))
-        out = noisy_linear(x, w, b if db is not None else None, key=d.key, seed=seed,
-                           step=step, sample=k, scale=c, dist=dist,
-                           mask=None if d.mask is None else d.mask(),
-                           bias_key=None if db is None else db.key,
-                           bias_mask=None if db is None or db.mask is None else db.mask())
-        return out if b is None or db is not None else out + b
+        with self.inside():
+            out = noisy_linear(x, w, b if db is not None else None, key=d.key, seed=seed,
+                               step=step, sample=k, scale=c, dist=dist,
+                               mask=None if d.mask is None else d.mask(),
+                               bias_key=None if db is None else db.key,
+                               bias_mask=None if db is None or db.mask is None else db.mask())
+            return out if b is None or db is not None else out + b
 
     def _swap_in(self, pairs, module: nn.Module, args) -> None:
+        if self.internal:
+            return
+        if self._probe is not None:
+            self._probe.enter(module, [owner._parameters[a] for owner, a in pairs])
         if not self.displaced:
             return
         if isinstance(module, nn.Linear) and self._fusable(module) is not None:
@@ -215,43 +279,39 @@ class VirtualModel:
             if id(p) in self.displaced:
                 self._swapped.setdefault(id(module), []).append((owner, a, p))
                 owner._parameters[a] = self._perturbed(p)
-                self.consumed.add(id(p))
 
-    def _swap_out(self, module: nn.Module, args, output):
-        for owner, a, p in self._swapped.pop(id(module), []):
+    def _swap_out(self, module: nn.Module, args, kwargs, output):
+        if self.internal:
+            return None
+        swapped = self._swapped.pop(id(module), [])
+        for owner, a, p in swapped:
             owner._parameters[a] = p
+        if self._probe is not None:
+            self._probe.leave(module, args, kwargs, output)
         return None
 
-    def _embedding_hook(self, module: nn.Embedding, args, output):
-        p = module.weight
-        d = self.displaced.get(id(p))
-        if d is None or not isinstance(self.context[0], types.ModuleType):
-            return self._embedding_swapped(module, args, output, d)
-        self.consumed.add(id(p))
-        _, seed, step, dist = self.context
-        ids = args[0].to(torch.int64).unsqueeze(-1)
-        dim = p.shape[1]
-        index = ids * dim + torch.arange(dim, device=ids.device) + d.offset
-        mask = None if d.mask is None else d.mask().reshape(p.shape)[args[0]]
-        ct = compute_dtype(p.dtype)
-        out = output.to(ct)
-        for k, c in d.scales.items():
-            z = noise_at(index, key64=stream_key(seed, step, k), tensor_key=d.key,
-                         dist=dist).to(device=out.device, dtype=ct)
-            if mask is not None:
-                z = z * mask
-            out = (out + z * c).to(p.dtype).to(ct)  # rounded per sample, as perturb_ chains
-        return out.to(p.dtype)
+    def _enter_embedding(self, module: nn.Module, args) -> None:
+        if self.internal:
+            return
+        p = module._parameters["weight"]
+        if self._probe is not None:
+            self._probe.enter(module, [p])
+        if id(p) in self.displaced:
+            from zoengine.optim.virtual_reads import EmbeddingReads
 
-    def _embedding_swapped(self, module, args, output, d):
-        """A non-contract noise source (PeZO's pool/lanes, hardware models): the rows' z is
-        only defined through the ops, so the perturbed table is built whole, as for Linear."""
-        if d is None:
+            mode = EmbeddingReads(self, p)
+            mode.__enter__()
+            self._modes.setdefault(id(module), []).append(mode)
+
+    def _leave_embedding(self, module: nn.Module, args, output):
+        if self.internal:
             return None
-        self.consumed.add(id(module.weight))
-        return nn.functional.embedding(args[0], self._perturbed(module.weight),
-                                       module.padding_idx, module.max_norm, module.norm_type,
-                                       module.scale_grad_by_freq, module.sparse)
+        modes = self._modes.get(id(module))
+        if modes:
+            modes.pop().__exit__(None, None, None)
+        if self._probe is not None:
+            self._probe.leave(module, args, {}, output)
+        return None
 
     def check_consumed(self) -> None:
         """Warn once when a displaced tensor was never read by its module in a forward: its
@@ -305,81 +365,6 @@ def build_virtual(opt, model) -> VirtualModel:
             if p.requires_grad:
                 names[id(p)] = g["param_names"][j] if "param_names" in g else f"#{i}.{j}"
     return VirtualModel(model, names)
-
-
-class VirtualOps:
-    """``ops`` for ``functional.zo_step``: virtualised tensors get their displacement recorded
-    (the hooks apply it), the rest go to the ``inner`` backend's in-place ops."""
-
-    def __init__(self, inner, virtual: VirtualModel):
-        self.inner, self.virtual = inner, virtual
-        virtual.displaced.clear()  # a new step: nothing is displaced, nothing read yet
-        virtual.consumed.clear()
-
-    def _split(self, params, keys, masks, offsets):
-        """(virtual, in-place) lists of (tensor, key, mask getter, offset)."""
-        mine, rest = [], []
-        for i, (p, k) in enumerate(zip(params, keys)):
-            o = 0 if offsets is None else offsets[i]
-            (mine if id(p) in self.virtual.owned else rest).append((p, k, _mask_getter(masks, i), o))
-        return mine, rest
-
-    @staticmethod
-    def _lists(items):
-        ps, ks = [p for p, _, _, _ in items], [k for _, k, _, _ in items]
-        ms = [None if m is None else m() for _, _, m, _ in items]
-        os_ = [o for _, _, _, o in items]
-        extra = {"offsets": os_} if any(os_) else {}
-        return ps, ks, (ms if any(m is not None for m in ms) else None), extra
-
-    def perturb_(self, params, keys, *, seed, step, sample=0, scale, dist="normal",
-                 masks=None, offsets=None) -> None:
-        mine, rest = self._split(params, keys, masks, offsets)
-        if rest:
-            ps, ks, ms, extra = self._lists(rest)
-            self.inner.perturb_(ps, ks, seed=seed, step=step, sample=sample, scale=scale,
-                                dist=dist, masks=ms, **extra)
-        v = self.virtual
-        v.context = (self.inner, seed, step, dist)
-        for p, k, m, o in mine:
-            d = v.displaced.setdefault(id(p), _Displacement(k, m, o))
-            total = d.scales.get(sample, 0.0) + scale
-            if total == 0.0:  # exact: the walk's ±ε moves are exact multiples of one value
-                d.scales.pop(sample, None)
-                if not d.scales:
-                    del v.displaced[id(p)]
-            else:
-                d.scales[sample] = total
-
-    def restore_update_(self, params, keys, *, eps, masks=None, offsets=None, **kw) -> None:
-        """The fallback tensors restore and update in one pass; the virtual ones, which were
-        never written, get the update alone (eps = 0)."""
-        mine, rest = self._split(params, keys, masks, offsets)
-        if rest:
-            ps, ks, ms, extra = self._lists(rest)
-            self.inner.restore_update_(ps, ks, eps=eps, masks=ms, **extra, **kw)
-        v = self.virtual
-        v.check_consumed()
-        for p, _, _, _ in mine:
-            v.displaced.pop(id(p), None)
-        if not v.displaced:
-            v.consumed.clear()
-        if mine:
-            ps, ks, ms, extra = self._lists(mine)
-            self.inner.restore_update_(ps, ks, eps=0.0, masks=ms, **extra, **kw)
-
-    def __getattr__(self, name):  # anything else the step asks of its ops
-        return getattr(self.inner, name)
-
-
-def _mask_getter(masks, i: int):
-    """A getter of ``masks[i]`` that unpacks a LazyMask only when called, or None."""
-    if masks is None:
-        return None
-    if isinstance(masks, LazyMask):
-        return lambda: masks[i]
-    m = masks[i]
-    return None if m is None else (lambda: m)
 
 
 class _ForwardOverride:

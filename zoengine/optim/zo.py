@@ -33,7 +33,9 @@ from zoengine.optim.docs import shared_docs
 from zoengine.optim.estimators import KERNELS, clip_value, kernel_weight, scalar_uniform
 from zoengine.optim.exchange import RecordedExchange
 from zoengine.optim.functional import StepResult, ZOGroup, zo_step
-from zoengine.optim.virtual import VirtualModel, VirtualOps, build_virtual, check_perturbation
+from zoengine.optim.virtual import VirtualModel, check_perturbation
+from zoengine.optim.virtual_api import VirtualPerturbation
+from zoengine.optim.virtual_ops import VirtualOps
 
 NOISES = DISTRIBUTIONS + ("pool", "rotate")
 ESTIMATORS = ("spsa", "kernel")
@@ -53,7 +55,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 @shared_docs
-class ZO(ZOOptimizer):
+class ZO(VirtualPerturbation, ZOOptimizer):
     r"""Two-point zeroth-order optimizer with a pluggable noise source and estimator.
 
     .. math::
@@ -117,42 +119,6 @@ class ZO(ZOOptimizer):
             self.set_journal(engine["journal"], fsync=engine["journal_fsync"])
 
     # ---- engine features ----------------------------------------------------------------
-    def attach_virtual(self, model) -> VirtualModel:
-        """Perturb virtually (docs/virtual.md): θ is never written during the evaluations;
-        each tensor read by a supported module of ``model`` (the ``nn.Module`` whose forward
-        reads the parameters) is replaced by θ + c·z for that forward only, the update is the
-        step's only write, so lr = 0 or a skipped step leaves θ bit-identical. Call it before
-        the first journaled step (the journal header records the perturbation). Replaces the
-        constructor's deprecated ``perturbation="virtual", model=model``. Returns the hooks'
-        owner (``remove()`` takes them off)."""
-        check_perturbation("virtual", model)
-        if self._journal is not None:
-            raise ValueError("attach_virtual: this optimizer's journal is already open (its "
-                             "header says perturbation='inplace'); attach before the first "
-                             "journaled step")
-        if self._virtual is not None:
-            raise ValueError("attach_virtual: a model is attached already")
-        self._virtual = build_virtual(self, model)
-        self.perturbation = "virtual"
-        return self._virtual
-
-    @property
-    def inplace_fallback(self) -> list[str]:
-        """With ``perturbation="virtual"``: the trainable tensors no supported module reads,
-        perturbed in place instead (names, or ``"#group.index"``); [] otherwise."""
-        v = self._virtual
-        if v is None:
-            return []
-        return [n for i, n in v.names.items() if i not in v.owned]
-
-    def register_virtual(self, module, name: str) -> None:
-        """Virtualise ``module.<name>`` (``perturbation="virtual"``), a tensor read only by
-        ``module``'s own forward that no built-in rule covers."""
-        if self._virtual is None:
-            raise ValueError("register_virtual: this optimizer perturbs in place; call "
-                             "attach_virtual(model) first")
-        self._virtual.register(module, name)
-
     def set_journal(self, path, *, fsync: str | int = "step", meta: dict | None = None) -> None:
         """As :meth:`Journaling.set_journal`; with ``distributed="losses"`` the journal records
         the all-reduced losses every rank applied, so a single process replays the run."""
@@ -309,6 +275,7 @@ class ZO(ZOOptimizer):
         the step was skipped (``nonfinite="skip"``).
         """
         closure = self.require_closure(type(self).__name__, closure)
+        self.probe_virtual(closure)
         with self.journal_step():
             if self._exchange is not None and self._tap is not None:
                 # journal the losses every rank uses: after the all-reduce

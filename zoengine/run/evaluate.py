@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from zoengine.run.config import DTYPES
 from zoengine.run.resources import auto_threads, load_model
 from zoengine.run.strategies import split_seqs
 from zoengine.storage.folder import RunFolder, nonfinite
@@ -61,6 +62,53 @@ def resolve_weights(weights: str) -> str:
     return path
 
 
+def _run_folder_of(weights: str) -> str | None:
+    """The ``zoengine train`` output folder ``weights`` is, or holds a file or folder of."""
+    path = os.path.abspath(weights)
+    for folder in (path, os.path.dirname(path)):
+        if os.path.isfile(os.path.join(folder, "metrics.json")) or (
+                os.path.isfile(os.path.join(folder, "run.json"))):
+            return folder
+    return None
+
+
+def _recorded_config(run: str) -> dict:
+    """The configuration a run folder records: ``metrics.json``'s (verified against the
+    manifest when there is one), else ``run.json`` (an unfinished run)."""
+    metrics = os.path.join(run, "metrics.json")
+    if os.path.isfile(metrics):
+        if os.path.exists(os.path.join(run, MANIFEST)):
+            body = _manifest_of(run)
+            if body.get("kind") == "run" and names_under(body, "metrics.json"):
+                metrics = verify_under(run, body, "metrics.json", flag=FLAG)
+        with open(metrics, encoding="utf-8") as f:
+            return json.load(f).get("config") or {}
+    with open(os.path.join(run, "run.json"), encoding="utf-8") as f:
+        body = json.load(f)
+    return body.get("config", body) if isinstance(body, dict) else {}
+
+
+def run_dtype(run: str, weights: str | None = None) -> str:
+    """The dtype the run in folder ``run`` trained and evaluated in: its ``--dtype``
+    (``float32`` for runs made before the flag); with ``--max-memory`` (whose plan may pick
+    bfloat16 after loading, unrecorded) the dtype its saved ``model`` folder holds, when
+    ``weights`` is one."""
+    config = _recorded_config(run)
+    dtype = config.get("dtype") or "float32"
+    if dtype not in DTYPES:
+        raise TaskError(FLAG, f"{run!r} records dtype {dtype!r}; known: {', '.join(DTYPES)}")
+    if (config.get("max_memory") and weights and os.path.isdir(weights)
+            and os.path.exists(os.path.join(weights, "config.json"))):
+        from zoengine.loading import checkpoint_dtype, checkpoint_tensors
+
+        try:
+            stored = str(checkpoint_dtype(checkpoint_tensors(weights))).removeprefix("torch.")
+        except (OSError, ValueError):  # not safetensors: the recorded dtype
+            stored = dtype
+        dtype = stored if stored in DTYPES else dtype
+    return dtype
+
+
 def check_finite(weights: str) -> None:
     """Refuse weights holding NaN or inf (a head file, or every .safetensors file of an
     adapter or model folder), naming the file and the tensor."""
@@ -80,14 +128,21 @@ def check_finite(weights: str) -> None:
 
 def run_eval(*, model_spec: str, task_name: str, weights: str | None, split: str, seed: int,
              max_length: int = 128, batch_size: int = 16, block_size: int = 128,
-             task_kw: dict | None = None) -> dict:
+             task_kw: dict | None = None, dtype: str | None = None) -> dict:
     """Score a model (optionally with trained head rows, a LoRA adapter or saved model) on a
-    task's split. Classification: accuracy, AUC, dev-calibrated accuracy; LM: loss, perplexity."""
+    task's split. Classification: accuracy, AUC, dev-calibrated accuracy; LM: loss, perplexity.
+    ``dtype``: what the model loads in; None: the run's dtype when ``weights`` is a run folder
+    or in one (``run_dtype``), float32 otherwise. The result names it (``dtype``)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise TaskError("--dtype", f"{dtype!r}: must be one of {', '.join(DTYPES)}")
     torch.set_num_threads(auto_threads())
     task = load_task(task_name, seed=seed, block_size=block_size, **(task_kw or {}))
     head_rows = None
     if weights:
+        run = _run_folder_of(weights)
         weights = resolve_weights(weights)
+        if dtype is None and run is not None:
+            dtype = run_dtype(run, weights)
         check_finite(weights)
         if os.path.isfile(weights):
             from safetensors.torch import load_file
@@ -100,7 +155,8 @@ def run_eval(*, model_spec: str, task_name: str, weights: str | None, split: str
         else:
             raise TaskError("--weights", f"{weights!r} is not a zoengine output folder, "
                                          "head .safetensors, adapter or model folder")
-    model, tok = load_model(model_spec)
+    dtype = dtype or "float32"
+    model, tok = load_model(model_spec, dtype)
     if weights and head_rows is None:
         from zoengine.extras import require
 
@@ -111,7 +167,8 @@ def run_eval(*, model_spec: str, task_name: str, weights: str | None, split: str
         model.eval()
     if task.kind == "lm":
         blocks = lm_blocks(tok, task.splits[split]["text"][0], block_size)
-        return {"task": task.name, "split": split, **lm_eval(model, blocks, batch_size)}
+        return {"task": task.name, "split": split, "dtype": dtype,
+                **lm_eval(model, blocks, batch_size)}
     scorer = OptionScorer(tok, task.options)
     dev_seqs, dev_y = split_seqs(task, tok, "dev", max_length)
     seqs, y = split_seqs(task, tok, split, max_length)
@@ -123,4 +180,4 @@ def run_eval(*, model_spec: str, task_name: str, weights: str | None, split: str
         d = scorer.score_all(model, dev_seqs, batch_size)
         t = scorer.score_all(model, seqs, batch_size)
     m = evaluate_scores(d, dev_y, t, y)
-    return {"task": task.name, "split": split, **m["test"]}
+    return {"task": task.name, "split": split, "dtype": dtype, **m["test"]}

@@ -25,10 +25,11 @@ from zoengine.run.ranks import Ranks
 from zoengine.run.report import curve_files, run_summary_json, summary_lines, weights_writer
 from zoengine.run.resources import auto_threads, load_model
 from zoengine.run.resources import log as _log
-from zoengine.run.resume import Checkpointer, ResumeError, check_base, restore
+from zoengine.run.resume import Checkpointer, ResumeError, check_base, journal_steps, restore
 from zoengine.run.strategies import make_strategy
-from zoengine.storage.folder import RunFolder
-from zoengine.storage.fsio import atomic_write
+from zoengine.storage.folder import JOURNAL, RUN_CONFIG, RunFolder
+from zoengine.storage.lock import LOCK_NAME
+from zoengine.storage.manifest import MANIFEST, read_manifest
 from zoengine.tasks import TaskError, load_task
 
 
@@ -218,12 +219,17 @@ def run_train(cfg: RunConfig, *, resume: bool = False) -> dict:
     (``zoengine.run.ranks``)."""
     t_start = time.perf_counter()
     ranks = Ranks()
-    torch.set_num_threads(cfg.threads or auto_threads())
+    # the thread count changes a forward's summation order, hence the losses: it is recorded
+    # in run.json and a resume uses the recorded one (zoengine.run.resume)
+    threads = cfg.threads or auto_threads()
+    torch.set_num_threads(threads)
     cfg, task = resolve(cfg)
+    cfg.threads = threads
     fsync = journal_fsync(cfg.journal_fsync)
     folder = RunFolder(cfg.output_dir, log=_log)
     try:
         if ranks.main:
+            check_output_dir(cfg.output_dir)  # before anything is created or written
             folder.acquire()  # lock, writable, crash recovery
             check_fresh_or_resumable(folder, resume)
             save_run_config(folder, cfg)
@@ -254,29 +260,93 @@ def run_train(cfg: RunConfig, *, resume: bool = False) -> dict:
         ranks.close()
 
 
+# what a run folder holds besides its outputs: a folder holding one of these is a zoengine run
+RUN_MARKERS = (MANIFEST, RUN_CONFIG, JOURNAL, LOCK_NAME)
+
+
+def check_output_dir(path) -> None:
+    """``--output-dir`` must name a new folder, an empty one or a zoengine run folder: ``""``
+    (the current folder), the root of the file system and a non-empty folder that holds no
+    run (or another kind of zoengine folder, e.g. a pruned model) are refused, before
+    anything is written."""
+    allowed = "allowed: a new folder, an empty folder or a zoengine run folder"
+    if path is None or not str(path).strip():
+        raise TaskError("--output-dir", f"{path!r}: empty (it would write into the current "
+                                        f"folder); {allowed}")
+    real = os.path.realpath(str(path))
+    if real == os.path.dirname(real):
+        raise TaskError("--output-dir", f"{str(path)!r}: the root of the file system; {allowed}")
+    if not os.path.isdir(real):
+        return
+    names = sorted(os.listdir(real))
+    if not names:
+        return
+    kind = "run"
+    if os.path.exists(os.path.join(real, MANIFEST)):
+        try:
+            kind = (read_manifest(real) or {}).get("kind", "run")
+        except ValueError:  # damaged: the run checks say so, naming the file
+            kind = "run"
+    if kind != "run" or not any(n in RUN_MARKERS for n in names):
+        what = f"a zoengine {kind} folder" if kind != "run" else "other files"
+        raise TaskError("--output-dir", f"{str(path)!r} is an existing folder holding {what} "
+                                        f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+                                        f" and no zoengine run; {allowed}")
+
+
 def check_fresh_or_resumable(folder: RunFolder, resume: bool) -> None:
-    """A fresh run must not start over an interrupted one (its checkpoint would be mixed with
-    the new journal); ``--resume`` needs one."""
+    """The folder rules of docs/reliability.md ("Edges"): a completed run is never modified
+    by a new run; a fresh run must not start over an interrupted one (its checkpoint or
+    journal would be mixed with the new run's); ``--resume`` needs an unfinished run. A folder
+    where no step was committed (no checkpoint, no journal record: a run that died in set-up,
+    or a journal whose header never reached the disk) holds nothing trained: a fresh run takes
+    it over and ``--resume`` starts it from step 0."""
     body = folder.manifest() or {}
-    started = any(os.path.exists(os.path.join(folder.path, f))
-                  for f in ("run.json", "journal.zoj"))
-    interrupted = bool(body.get("checkpoint")) or (body.get("state") != "complete" and started)
-    if resume and not interrupted:
-        done = body.get("state") == "complete"
-        raise ResumeError(f"{folder.path} holds {'a completed run' if done else 'no run'}: "
-                          "nothing to resume")
-    if not resume and interrupted:
-        raise ResumeError(f"{folder.path} holds an interrupted run: continue it with "
+    done = body.get("state") == "complete"
+    ck = body.get("checkpoint")
+    steps = journal_steps(folder.journal_path)
+    started = bool(body) or any(os.path.exists(os.path.join(folder.path, f))
+                                for f in (RUN_CONFIG, JOURNAL))
+    trained = bool(ck) or steps is None or steps > 0
+    if resume:
+        if done or not started:
+            raise ResumeError(f"{folder.path} holds {'a completed run' if done else 'no run'}: "
+                              "nothing to resume")
+        if not trained and os.path.exists(folder.journal_path):
+            _log(f"{folder.path}: its journal holds no step ({_journal_state(folder)}); "
+                 "resuming from step 0")
+            os.remove(folder.journal_path)
+        return
+    if done:
+        raise ResumeError(f"{folder.path} holds a completed run, and a new run never modifies "
+                          "one: pass another --output-dir (or move or delete that folder "
+                          "first)", "--output-dir")
+    if trained:
+        what = ("its journal cannot be read" if steps is None else
+                f"{steps} journaled steps" + (f", a checkpoint at step {ck['step']}" if ck
+                                              else ""))
+        raise ResumeError(f"{folder.path} holds an interrupted run ({what}): continue it with "
                           f"`zoengine train --resume {folder.path}`, or choose another "
                           "--output-dir", "--output-dir")
-    if not resume and os.path.exists(folder.journal_path):
-        os.remove(folder.journal_path)  # the journal of a completed earlier run
+    if started:
+        _log(f"{folder.path}: taking over the folder of a run that never committed a step "
+             f"(no checkpoint, {_journal_state(folder)}): nothing trained is lost")
+        if os.path.exists(folder.journal_path):
+            os.remove(folder.journal_path)
+
+
+def _journal_state(folder: RunFolder) -> str:
+    path = folder.journal_path
+    if not os.path.exists(path):
+        return "no journal"
+    size = os.path.getsize(path)
+    return "an empty journal" if size == 0 else f"a journal of {size} bytes and no record"
 
 
 def save_run_config(folder: RunFolder, cfg: RunConfig) -> None:
-    """``run.json``: the resolved configuration, which ``--resume`` reads back."""
-    atomic_write(os.path.join(folder.path, "run.json"),
-                 (json.dumps(asdict(cfg), indent=2) + "\n").encode())
+    """``run.json``: the resolved configuration (the thread count included), which
+    ``--resume`` reads back; committed in the manifest, so it is verified on resume."""
+    folder.write_run_config((json.dumps(asdict(cfg), indent=2) + "\n").encode())
 
 
 def start_journal(cfg, folder, strategy, opt, report, resume, fsync, ranks):
@@ -288,6 +358,9 @@ def start_journal(cfg, folder, strategy, opt, report, resume, fsync, ranks):
         check_base(folder.journal_path, strategy.named_params())
         folder.verify_journal(flag="--resume")
         progress = restore(folder, strategy, opt, dev0, log=_log)
+        if progress.step > cfg.steps:  # resume_config refuses it first; never write over it
+            raise ResumeError(f"--steps {cfg.steps} is lower than the {progress.step} steps "
+                              f"{folder.path} has done; allowed: >= {progress.step}", "--steps")
         _log(f"resume: continuing at step {progress.step} of {cfg.steps}")
     ranks.barrier()  # every rank has read the journal before rank 0 appends to it
     if ranks.main:

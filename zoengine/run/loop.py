@@ -16,7 +16,9 @@ import torch
 
 from zoengine.faults import crashpoint
 from zoengine.optim.batches import batch_rng, search_rng
+from zoengine.optim.functional import NonFiniteUpdateError
 from zoengine.run.strategies import Strategy
+from zoengine.tasks import TaskError
 
 LOOP_STARTED = "zoengine: step loop started"
 
@@ -77,7 +79,10 @@ def run_loop(cfg, strategy: Strategy, opt: torch.optim.Optimizer, report: dict, 
         while p.step < cfg.steps:
             crashpoint("loop-step")
             rng = step_rng(cfg.seed, p.step, data_stream)
-            loss = float(opt.step(strategy.batch_closure(rng)))
+            try:
+                loss = float(opt.step(strategy.batch_closure(rng)))
+            except NonFiniteUpdateError as exc:  # never applied: the weights stay finite
+                raise TaskError("--lr", f"{cfg.lr!r} at step {p.step + 1}: {exc}") from None
             p.step += 1
             p.loss.append(round(loss, 6))
             if loss == loss:  # a skipped step (nonfinite="skip") returns NaN

@@ -10,7 +10,9 @@ from zoengine.tasks import TaskError
 
 def merge_run(run_dir: str, output_dir: str, log=print) -> str:
     """``zoengine merge RUN OUT``: the base model of a LoRA run with its adapter merged; on a
-    pruned base the deltas are masked, so OUT has exactly the pruned zeros (checked per layer)."""
+    pruned base the deltas are masked, so OUT has exactly the pruned zeros (checked per layer).
+    The base loads, and OUT is written, in the run's dtype (``--dtype``; float32 for runs made
+    before the flag): a bfloat16 run merges into a bfloat16 model."""
     import json
 
     import torch
@@ -20,6 +22,7 @@ def merge_run(run_dir: str, output_dir: str, log=print) -> str:
     require("peft", "lora", "zoengine merge")
     from peft import PeftModel
 
+    from zoengine.run.evaluate import run_dtype
     from zoengine.run.pruning import check_output_dir
     from zoengine.run.resources import load_model
     from zoengine.sparsity.lora import mask_lora, merge_masked_lora
@@ -32,7 +35,8 @@ def merge_run(run_dir: str, output_dir: str, log=print) -> str:
     with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
         cfg = json.load(f)["config"]
     check_output_dir(output_dir)
-    model, tok = load_model(cfg["model"])
+    dtype = run_dtype(run_dir)
+    model, tok = load_model(cfg["model"], dtype)
     masks = None
     if os.path.isfile(os.path.join(run_dir, MASKS_FILE)):
         masks = read_masks(os.path.join(run_dir, MASKS_FILE))
@@ -49,5 +53,5 @@ def merge_run(run_dir: str, output_dir: str, log=print) -> str:
         merged.save_pretrained(folder, safe_serialization=True)
         tok.save_pretrained(folder)
     write_model_dir(output_dir, write)
-    log(f"wrote {output_dir} (a plain transformers model)")
+    log(f"wrote {output_dir} (a plain transformers model, {dtype})")
     return output_dir

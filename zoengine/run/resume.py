@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import time
 from dataclasses import asdict, fields
 
@@ -117,32 +118,113 @@ def check_base(header_path, named_params) -> None:
                           "--model")
 
 
-# flags that may differ on --resume: they change how, not what, the run computes
-RESUME_FREE = ("steps", "threads", "progress", "output_dir", "checkpoint_every",
-               "checkpoint_minutes", "journal_fsync")
+def journal_steps(path) -> int | None:
+    """Steps the journal at ``path`` holds: 0 when it is absent, empty, holds only its header
+    or a header whose write never finished (a kill or a full disk while it was written);
+    None when it cannot be read (damaged)."""
+    from zoengine.optim.journal_file import MAGIC
 
-
-def resume_config(run_dir: str, given: RunConfig) -> RunConfig:
-    """The configuration saved in ``run_dir/run.json``, with the flags the user gave on the
-    ``--resume`` command line: those in ``RESUME_FREE`` are taken, any other that differs
-    from the run's is refused naming the flag."""
-    path = os.path.join(run_dir, "run.json")
-    if not os.path.isfile(path):
-        raise ResumeError(f"{run_dir!r} holds no zoengine run (no run.json)")
     try:
-        saved = json.loads(open(path, encoding="utf-8").read())
-    except (OSError, json.JSONDecodeError) as exc:
+        _, records, _ = read_records(path)
+    except FileNotFoundError:
+        return 0
+    except JournalError:
+        with open(path, "rb") as f:
+            head = f.read(len(MAGIC) + 4)
+        if len(head) < len(MAGIC) + 4:
+            return 0 if MAGIC.startswith(head[:len(MAGIC)]) else None
+        if not head.startswith(MAGIC):
+            return None
+        (n,) = struct.unpack("<I", head[len(MAGIC):])
+        return 0 if os.path.getsize(path) < len(MAGIC) + 8 + n else None
+    return records[-1].step + 1 if records else 0
+
+
+def steps_done(run_dir: str) -> int:
+    """Steps the run in ``run_dir`` has committed: its checkpoint's, or its journal's."""
+    from zoengine.storage.manifest import read_manifest
+
+    ck = (read_manifest(run_dir) or {}).get("checkpoint") or {}
+    return max(int(ck.get("step", 0)), journal_steps(os.path.join(run_dir, "journal.zoj")) or 0)
+
+
+# flags that may differ on --resume: they change how, not what, the run computes (--steps may
+# grow, or shrink down to the steps done). --threads is not among them: another thread count
+# gives other losses (a forward's summation order), so the resumed run would not be exact.
+RESUME_FREE = ("steps", "progress", "checkpoint_every", "checkpoint_minutes", "journal_fsync")
+
+
+def _flag(name: str) -> str:
+    from zoengine.run.config import flag_of
+
+    return flag_of({f.name: f for f in fields(RunConfig)}[name])
+
+
+def given_values(given) -> dict:
+    """The values the user passed beside ``--resume`` (flags and ``--config`` keys): those a
+    ``RunConfig`` from ``make_run_config`` records in ``given_flags``; for another
+    ``RunConfig``, the fields that differ from the defaults; a dict is taken as is."""
+    if isinstance(given, dict):
+        return dict(given)
+    names = getattr(given, "given_flags", None)
+    values = asdict(given)
+    if names is not None:
+        return {n: values[n] for n in names}
+    defaults = asdict(RunConfig.unvalidated())
+    return {n: v for n, v in values.items() if v != defaults[n]}
+
+
+def resume_config(run_dir: str, given) -> RunConfig:
+    """The configuration saved in ``run_dir/run.json`` (verified against the manifest), with
+    the flags the user passed on the ``--resume`` command line: those in ``RESUME_FREE`` are
+    taken, any other that differs from the run's recorded value is refused naming the flag,
+    the run's value and the passed one; ``--steps`` below the steps done is refused. A
+    ``run.json`` key that ``RunConfig`` does not know (renamed, retired, misspelt) is refused;
+    a missing key (a ``run.json`` of an older zoengine) takes its default."""
+    from zoengine.storage.folder import RunFolder
+
+    got = (RunFolder(run_dir).read_run_config(flag="--resume")
+           if os.path.isdir(run_dir) else None)
+    if got is None:
+        raise ResumeError(f"{run_dir!r} holds no zoengine run (no run.json)")
+    path = os.path.join(run_dir, "run.json")
+    try:
+        saved = json.loads(got[0])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ResumeError(f"{path}: unreadable ({exc})") from None
-    known = {f.name for f in fields(RunConfig)}
-    cfg = RunConfig(**{k: v for k, v in saved.items() if k in known})
-    defaults = asdict(RunConfig())
-    for name, value in asdict(given).items():
-        if value == defaults[name] or value == getattr(cfg, name):
+    if not isinstance(saved, dict):
+        raise ResumeError(f"{path}: not a mapping of option: value")
+    known = [f.name for f in fields(RunConfig)]
+    unknown = sorted(set(saved) - set(known))
+    if unknown:
+        raise ResumeError(f"{path}: unknown keys {unknown} (renamed, retired or misspelt?): "
+                          "a resumed run keeps its whole configuration, and dropping them "
+                          f"would change it; known keys: {', '.join(known)}")
+    cfg = RunConfig(**saved)
+    for name, value in given_values(given).items():
+        ran = getattr(cfg, name)
+        if value == ran or value is None:
+            continue
+        flag = _flag(name)
+        if name == "output_dir":
+            if os.path.realpath(str(value)) == os.path.realpath(run_dir):
+                continue
+            raise ResumeError(f"{flag} {value!r} differs from --resume {run_dir!r}: a resumed "
+                              "run writes into its own folder", flag)
+        if name == "threads" and ran is None:  # a run.json from before threads were recorded
+            setattr(cfg, name, value)
             continue
         if name not in RESUME_FREE:
-            flag = "--" + name.replace("_", "-")
-            raise ResumeError(f"{flag} {value!r} differs from the run's {getattr(cfg, name)!r}:"
-                              f" a resumed run keeps its configuration", flag)
+            why = (": another thread count changes the losses (a forward's summation order), "
+                   "so the resumed run would not be bit-identical" if name == "threads"
+                   else ": a resumed run keeps its configuration")
+            raise ResumeError(f"{flag} {value!r} differs from the run's {ran!r}{why}; allowed: "
+                              f"{ran!r} or no {flag}", flag)
         setattr(cfg, name, value)
     cfg.output_dir = run_dir
+    cfg.validate()
+    done = steps_done(run_dir)
+    if cfg.steps is not None and cfg.steps < done:
+        raise ResumeError(f"--steps {cfg.steps} is lower than the {done} steps the run in "
+                          f"{run_dir} has done; allowed: --steps >= {done}", "--steps")
     return cfg

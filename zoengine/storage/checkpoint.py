@@ -37,6 +37,27 @@ def nonfinite(tensors: dict) -> tuple[str, int] | None:
     return None
 
 
+def nonfinite_in(path: str, name: str | None = None) -> tuple[str, str, int] | None:
+    """(file, tensor, count) of the first floating tensor holding NaN or inf in the
+    ``.safetensors`` file ``path`` (``name``: its final name, when ``path`` is a temp) or the
+    ``.safetensors`` files under the folder ``path``; None if all are finite (or there are
+    none). Reads one tensor at a time."""
+    from safetensors import safe_open
+
+    if os.path.isdir(path):
+        files = sorted(os.path.join(root, n) for root, _, names in os.walk(path)
+                       for n in names if n.endswith(".safetensors"))
+    else:
+        files = [path] if (name or path).endswith(".safetensors") else []
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            for name in st.keys():
+                bad = nonfinite({name: st.get_tensor(name)})
+                if bad:
+                    return f, name, bad[1]
+    return None
+
+
 def _save_tensors(tensors: dict, path: str) -> None:
     from safetensors.torch import save_file
 

@@ -18,6 +18,7 @@ forward) and removes what a killed save left, and readers look up pending names 
 from __future__ import annotations
 
 import atexit
+import hashlib
 import os
 import weakref
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from zoengine.storage.checkpoint import (
     SaveError,
     encode_extra,
     nonfinite,
+    nonfinite_in,
     read_checkpoint_files,
     save_error,
     write_checkpoint_dir,
@@ -40,17 +42,18 @@ from zoengine.storage.manifest import (
     MANIFEST,
     IntegrityError,
     entries_of,
+    file_entry,
     read_manifest,
     verify_file,
     verify_under,
     write_manifest,
 )
 
-__all__ = ["CHECKPOINTS", "JOURNAL", "FolderError", "IntegrityError", "LockedError",
+__all__ = ["CHECKPOINTS", "JOURNAL", "RUN_CONFIG", "FolderError", "IntegrityError", "LockedError",
            "RunFolder", "SaveError", "atomic_write", "clean_stale_temps", "nonfinite"]
 
-CHECKPOINTS, JOURNAL = "checkpoints", "journal.zoj"
-RESERVED = {MANIFEST, LOCK_NAME, CHECKPOINTS, JOURNAL}
+CHECKPOINTS, JOURNAL, RUN_CONFIG = "checkpoints", "journal.zoj", "run.json"
+RESERVED = {MANIFEST, LOCK_NAME, CHECKPOINTS, JOURNAL, RUN_CONFIG}
 _HELD: weakref.WeakSet = weakref.WeakSet()
 _FINAL = "the final outputs"
 
@@ -230,6 +233,25 @@ class RunFolder:
                                  path=self.journal_path, flag=flag)
         return j.get("records")
 
+    def read_run_config(self, *, flag: str | None = None) -> tuple[bytes, bool] | None:
+        """(bytes of ``run.json``, verified): verified against the manifest when it names the
+        file (a mismatch raises ``IntegrityError``); ``verified`` False for a ``run.json`` the
+        manifest does not name (written by a zoengine before 0.3). None when there is none."""
+        body = self.manifest()
+        if body is not None and RUN_CONFIG in body.get("files", {}):
+            path = verify_file(self.path, body, RUN_CONFIG, flag=flag)
+            with open(path, "rb") as f:
+                data = f.read()
+            if hashlib.sha256(data).hexdigest() != body["files"][RUN_CONFIG]["sha256"]:
+                raise IntegrityError(f"{path}: changed while it was read", path=path, flag=flag)
+            return data, True
+        path = os.path.join(self.path, RUN_CONFIG)
+        try:
+            with open(path, "rb") as f:
+                return f.read(), False
+        except FileNotFoundError:
+            return None
+
     def load_checkpoint(self, *, flag: str | None = None):
         """``(step, tensors, optimizer_state, extra)`` of the checkpoint the manifest names,
         every file verified and the tensors checked finite; None when there is none."""
@@ -272,6 +294,36 @@ class RunFolder:
                 else f"the previous checkpoint (step {ck['step']}) is intact" if ck
                 else "what the folder held before is intact")
         return save_error(exc, what, self.path, kept)
+
+    def write_run_config(self, data: bytes) -> None:
+        """Commit ``run.json`` (the run's configuration, read back by ``--resume``) in the
+        manifest: written under a temp name and fsynced; the manifest names it (the temp name
+        as ``pending``); the temp is renamed onto ``run.json``; the manifest is rewritten
+        without ``pending`` (the rest of it is kept). A kill leaves the previous ``run.json``
+        or this one, both named by the manifest: ``acquire()`` finishes the rename."""
+        self._need_lock()
+        old = self._current()
+        gen = old["generation"] + 1
+        tmp = fsio.tmp_name(os.path.join(self.path, RUN_CONFIG), f"g{gen}")
+        try:
+            fsio.write_bytes(tmp, data)
+            fsio.fsync_dir(self.path)
+            body = {**old, "generation": gen,
+                    "files": {**old["files"], RUN_CONFIG: file_entry(tmp)},
+                    "pending": {"staged": {RUN_CONFIG: os.path.basename(tmp)}, "obsolete": []}}
+            write_manifest(self.path, body, crash_points=False)
+        except BaseException as exc:
+            if self._on_disk_generation() == gen:
+                raise
+            fsio.remove(tmp)
+            err = self._save_error(exc, RUN_CONFIG, old)
+            if err is exc:
+                raise
+            raise err from exc
+        os.replace(tmp, os.path.join(self.path, RUN_CONFIG))
+        fsio.fsync_dir(self.path)
+        body.pop("pending")
+        write_manifest(self.path, body, crash_points=False)
 
     def save_checkpoint(self, step: int, tensors: dict, optimizer_state: dict, extra: dict,
                         journal_records: int | None = None) -> str:
@@ -341,6 +393,7 @@ class RunFolder:
         gen, staged = old["generation"] + 1, {}
         try:
             entries = stage(self.path, files, gen, staged)
+            self._refuse_nonfinite(staged, weights)
             body = self._final_body(old, gen, list(files), weights, entries, staged,
                                     journal_records, keep_checkpoint)
             write_manifest(self.path, body)
@@ -358,11 +411,26 @@ class RunFolder:
         self._clean_checkpoints(body)
         return body
 
+    def _refuse_nonfinite(self, staged: dict, weights: str | None) -> None:
+        """No NaN/inf is committed as final weights: the staged weights (a ``.safetensors``
+        file, or the ones in a folder) are read back tensor by tensor before the commit."""
+        if weights is None:
+            return
+        bad = nonfinite_in(os.path.join(self.path, staged[weights]), weights)
+        if bad:
+            f, tensor, count = bad
+            inner = os.path.relpath(f, os.path.join(self.path, staged[weights]))
+            where = weights if inner == "." else f"{weights}/{inner}"
+            raise ValueError(f"refusing to commit the final outputs of {self.path}: {where} "
+                             f"tensor {tensor!r} holds {count} NaN/inf values; the folder keeps "
+                             "what it held before (its last checkpoint, if any)")
+
     def _final_body(self, old: dict, gen: int, names: list, weights: str | None,
                     entries: dict, staged: dict, journal_records: int | None,
                     keep_checkpoint: bool) -> dict:
         ck = old.get("checkpoint") if keep_checkpoint else None
-        files = {k: v for k, v in old["files"].items() if ck and k.startswith(ck["dir"] + "/")}
+        files = {k: v for k, v in old["files"].items()
+                 if (ck and k.startswith(ck["dir"] + "/")) or k == RUN_CONFIG}
         files.update(entries)
         old_names = (old.get("final") or {}).get("names", [])
         return {"kind": "run", "generation": gen, "state": "complete", "files": files,
