@@ -8,6 +8,7 @@ import os
 import torch
 
 from zoengine.sparsity import mask_memory, parse_prune_spec, prune, sparsity_report
+from zoengine.sparsity.masks import describe_report
 from zoengine.storage.fsio import probe_writable
 from zoengine.storage.lock import FolderError
 from zoengine.storage.modeldir import check_target, recover_model_dir, write_model_dir
@@ -39,7 +40,10 @@ def masks_for_run(model, tok, *, prune_spec: str | None = None, sparsity: float 
                   keep_zeros: bool = False, calib_task: str = "shakespeare",
                   calib_blocks: int = 16, seed: int = 0, log=print):
     """What ``zoengine train`` passes as ``masks=``: None, ``"zeros"``, or the masks of a fresh
-    ``prune`` (Wanda calibrated on ``calib_task``'s train split). Logs a one-line summary."""
+    ``prune`` (Wanda calibrated on ``calib_task``'s train split). Logs a one-line summary: the
+    true share of zeros over the pruned tensors, per kind (attention, mlp, experts, other),
+    what was not pruned (routers, embeddings, lm_head, norms and biases), and the pruner's
+    notes."""
     if prune_spec is None:
         return "zeros" if keep_zeros else None
     method, pattern = parse_prune_spec(prune_spec)
@@ -48,9 +52,10 @@ def masks_for_run(model, tok, *, prune_spec: str | None = None, sparsity: float 
         calib = list(calibration_blocks(tok, calib_task, calib_blocks, seed=seed).split(4))
     masks = prune(model, method, sparsity, pattern, calib)
     rep, mem = sparsity_report(model, masks), mask_memory(masks)
-    log(f"pruned {len(masks)} Linear weights ({method}, {pattern}): sparsity "
-        f"{rep['sparsity']:.4f} of {rep['numel']:,} weights; masks as bits "
-        f"{mem['bit_bytes'] / 2**20:.1f} MiB")
+    log(f"pruned {len(masks)} tensors ({method}, {pattern}): {describe_report(rep)}; masks "
+        f"as bits {mem['bit_bytes'] / 2**20:.1f} MiB")
+    for note in getattr(masks, "notes", ()):
+        log(f"note: {note}")
     return masks
 
 

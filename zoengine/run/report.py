@@ -80,15 +80,30 @@ def plot_curve(report: dict) -> bytes:
     return buf.getvalue()
 
 
+def sparsity_line(sp: dict) -> str:
+    """The run's sparsity at the end: the true share of zeros over the masked tensors, with
+    the share per kind of tensor when the report has it (``sparsity_report``'s ``per_kind``)."""
+    line = f"  sparsity {sp['sparsity']:.4f} of {sp['numel']:,} masked weights"
+    kinds = sp.get("per_kind")
+    if kinds:
+        line += " (" + "; ".join(f"{k} {v['sparsity']:.4f} of {v['numel']:,}"
+                                 for k, v in kinds.items()) + ")"
+    return line
+
+
 def summary_lines(report: dict) -> list[str]:
+    """The printed end-of-run summary: the run, held-out results before and after, and the
+    sparsity kept when the run was pruned (``sparsity_after``)."""
     b, a = report["before"], report["after"]
     c = report["config"]
     head = (f"zoengine: task {c['task']}, train {c['train']} "
             f"({report['trainable_params']:,} params), method {c['method']}, {c['steps']} steps, "
             f"{report['timing']['total_s']:.0f} s")
+    tail = [sparsity_line(report["sparsity_after"])] if report.get("sparsity_after") else []
     if "test" in b and "loss" in b["test"]:
         return [head, f"  test loss {b['test']['loss']:.4f} -> {a['test']['loss']:.4f}   "
-                      f"perplexity {b['test']['perplexity']:.2f} -> {a['test']['perplexity']:.2f}"]
+                      f"perplexity {b['test']['perplexity']:.2f} -> {a['test']['perplexity']:.2f}",
+                *tail]
     g = report["gain"]
     return [head,
             "  held-out test           accuracy    AUC",
@@ -97,7 +112,7 @@ def summary_lines(report: dict) -> list[str]:
             f"  after ZO training         {a['test']['accuracy']:.3f}    {a['test']['auc']:.3f}",
             f"  gain: AUC {g['auc']:+.3f}; accuracy {g['accuracy_vs_calibrated_baseline']:+.3f} "
             f"over the dev-calibrated baseline "
-            f"({'beats' if g['beats_calibrated_baseline'] else 'does NOT beat'} it)"]
+            f"({'beats' if g['beats_calibrated_baseline'] else 'does NOT beat'} it)", *tail]
 
 
 def weights_writer(cfg, trained, tok) -> tuple[str, Callable[[str], None]]:

@@ -8,6 +8,11 @@ store masks as bits (``zoengine.optim.masks.pack_mask``).
 Sources: ``zoengine.sparsity.prune`` (pruners.py), ``masks_from_zeros`` (a dense checkpoint whose
 pruned weights are stored as zeros), ``remove_prune_reparam`` / ``masks_from_prune``
 (``torch.nn.utils.prune``), or any dict name -> bool tensor.
+
+Which weights are prunable (nn.Linear, Conv1D, 3-D expert tensors) is decided in weights.py
+(``prunable_weights``, re-exported here); ``sparsity_report`` breaks the pruned share down per
+kind of tensor (attention, mlp, experts, other) and lists what was not pruned (routers,
+embeddings, lm_head, norms and biases).
 """
 
 from __future__ import annotations
@@ -16,12 +21,30 @@ import re
 
 import torch
 
+from zoengine.sparsity.weights import (  # noqa: F401  (re-exported: masks' old home)
+    KINDS,
+    LAYOUTS,
+    PrunableWeight,
+    _candidates,
+    _embedding_params,
+    _tied_to_embedding,
+    block_of,
+    experts_layout,
+    is_conv1d,
+    is_router,
+    prunable_layers,
+    prunable_weights,
+    weight_kind,
+)
+
 PATTERNS = ("unstructured", "2:4", "4:8")
 
 
-def nm_ok(t: torch.Tensor, n: int, m: int) -> bool:
-    """True when every group of ``m`` consecutive weights along the last dim has <= n nonzeros
-    (``t`` a weight or a keep-mask)."""
+def nm_ok(t: torch.Tensor, n: int, m: int, dim: int = -1) -> bool:
+    """True when every group of ``m`` consecutive weights along ``dim`` (the input dimension:
+    -1 for nn.Linear and ``experts`` layouts, 0 for a Conv1D weight, 1 for ``experts_t``;
+    ``PrunableWeight.in_dim``) has <= n nonzeros (``t`` a weight or a keep-mask)."""
+    t = t.movedim(dim, -1)
     if t.shape[-1] % m:
         return False
     return bool(((t != 0).reshape(-1, m).sum(1) <= n).all())
@@ -41,9 +64,10 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
 # ---- mask sources ------------------------------------------------------------------------------
 
 def masks_from_zeros(model: torch.nn.Module, layers="auto") -> dict[str, torch.Tensor]:
-    """Keep-masks of the prunable weights (``layers`` as in ``prune``) that hold exact zeros."""
-    return {f"{n}.weight": mod.weight.detach() != 0 for n, mod in prunable_layers(model, layers)
-            if bool((mod.weight == 0).any())}
+    """Keep-masks ``{"<module>.<param>": bool}`` of the prunable weights (``layers`` as in
+    ``prune``: Linear, Conv1D and expert tensors) that hold exact zeros."""
+    return {w.name: w.weight.detach() != 0 for w in prunable_weights(model, layers)
+            if bool((w.weight == 0).any())}
 
 
 def remove_prune_reparam(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -99,52 +123,81 @@ def mask_memory(masks: dict) -> dict:
             "fp32_weight_bytes": 4 * n}
 
 
+# ---- reports -----------------------------------------------------------------------------------
+
+def _unpruned_kind(model, name: str, module: torch.nn.Module, parent, p: torch.Tensor,
+                   emb) -> str:
+    if isinstance(module, torch.nn.Embedding) or _tied_to_embedding(model, p, emb):
+        return "embeddings"
+    if name.rsplit(".", 1)[0].endswith(("lm_head", "embed_out")):
+        return "lm_head"
+    mod_name = name.rsplit(".", 1)[0] if "." in name else ""
+    if is_router(mod_name, module, parent):
+        return "router"
+    if p.dim() < 2 or name.endswith(("bias", "_bias")):
+        return "norms_and_biases"
+    return "other"
+
+
 def sparsity_report(model: torch.nn.Module, masks: dict | None = None) -> dict:
-    """Zeros in the masked tensors (or in every prunable Linear weight when ``masks`` is None):
-    ``{"zeros", "numel", "sparsity", "per_tensor": {name: sparsity}}``."""
+    """Zeros in the masked tensors (or in every prunable weight when ``masks`` is None).
+
+    Returns ``{"zeros", "numel", "sparsity", "per_tensor": {name: sparsity}, "per_kind":
+    {kind: {"tensors", "numel", "zeros", "sparsity"}}, "not_pruned": {kind: {"tensors",
+    "numel", "names"}}, "model_sparsity"}``. ``sparsity`` is the true share of zeros over the
+    tensors it names; ``per_kind`` splits it into attention, mlp, experts and other (the kinds of
+    ``prunable_weights``); ``not_pruned`` lists every other parameter of the model by kind
+    (router, embeddings, lm_head, norms_and_biases (counted, not named), other, and the
+    prunable kinds for weights ``layers=`` left out), and
+    ``model_sparsity`` is the masked zeros over every parameter of the model."""
     params = dict(model.named_parameters())
-    names = list(masks) if masks else [f"{n}.weight" for n, _ in prunable_layers(model)]
-    per, zeros, numel = {}, 0, 0
+    by_id = {id(p): n for n, p in params.items()}
+    if masks:
+        names = [k if isinstance(k, str) else by_id[id(k)] for k in masks]
+    else:
+        names = [w.name for w in prunable_weights(model)]
+    cand = {w.name: w for w in _candidates(model)}
+    per, kinds, zeros, numel = {}, {}, 0, 0
     for n in names:
-        p = params[n] if isinstance(n, str) else n
+        p = params[n]
         z = int((p == 0).sum())
-        per[str(n)] = z / p.numel()
+        per[n] = z / max(p.numel(), 1)
+        k = kinds.setdefault(cand[n].kind if n in cand else weight_kind(n),
+                             {"tensors": 0, "numel": 0, "zeros": 0})
+        k["tensors"] += 1
+        k["numel"] += p.numel()
+        k["zeros"] += z
         zeros, numel = zeros + z, numel + p.numel()
-    return {"zeros": zeros, "numel": numel, "sparsity": zeros / max(numel, 1), "per_tensor": per}
+    for k in kinds.values():
+        k["sparsity"] = k["zeros"] / max(k["numel"], 1)
+    mods = dict(model.named_modules())
+    emb, chosen, rest = _embedding_params(model), set(names), {}
+    for n, p in params.items():
+        if n in chosen:
+            continue
+        mname = n.rsplit(".", 1)[0] if "." in n else ""
+        pname = mname.rsplit(".", 1)[0] if "." in mname else ""
+        kind = _unpruned_kind(model, n, mods.get(mname), mods.get(pname) if mname else None,
+                              p, emb)
+        if kind == "other" and n in cand:  # a prunable weight that layers= left out
+            kind = cand[n].kind
+        r = rest.setdefault(kind, {"tensors": 0, "numel": 0, "names": []})
+        r["tensors"] += 1
+        r["numel"] += p.numel()
+        if kind != "norms_and_biases":
+            r["names"].append(n)
+    total = sum(p.numel() for p in params.values())
+    return {"zeros": zeros, "numel": numel, "sparsity": zeros / max(numel, 1),
+            "per_tensor": per, "per_kind": {k: kinds[k] for k in KINDS if k in kinds},
+            "not_pruned": rest, "model_sparsity": zeros / max(total, 1)}
 
 
-# ---- which layers ------------------------------------------------------------------------------
-
-def _tied_to_embedding(model: torch.nn.Module, w: torch.Tensor) -> bool:
-    return any(isinstance(m, torch.nn.Embedding) and m.weight.data_ptr() == w.data_ptr()
-               for m in model.modules())
-
-
-def prunable_layers(model: torch.nn.Module, layers="auto") -> list[tuple[str, torch.nn.Linear]]:
-    """The Linear layers a pruner touches.
-
-    ``"auto"``: every ``nn.Linear`` inside an ``nn.ModuleList`` (the decoder blocks of a
-    transformers model), never embeddings, norms, ``lm_head`` or weights tied to an embedding;
-    a model without a ModuleList gets all its Linear layers except those. A regex selects by
-    module name; a callable ``(name, module) -> bool`` decides itself.
-    """
-    lins = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    if callable(layers):
-        return [(n, m) for n, m in lins if layers(n, m)]
-    if layers != "auto":
-        rx = re.compile(layers)
-        return [(n, m) for n, m in lins if rx.search(n)]
-    in_list = set()
-    for ml in (m for m in model.modules() if isinstance(m, torch.nn.ModuleList)):
-        in_list |= {id(x) for x in ml.modules()}
-    chosen = [(n, m) for n, m in lins if id(m) in in_list] or lins
-    return [(n, m) for n, m in chosen if not n.endswith(("lm_head", "embed_out"))
-            and not _tied_to_embedding(model, m.weight)]
-
-
-def block_of(model: torch.nn.Module, name: str) -> str | None:
-    """The name of the ModuleList entry (decoder block) that holds module ``name``."""
-    for lname, ml in model.named_modules():
-        if isinstance(ml, torch.nn.ModuleList) and name.startswith(lname + "."):
-            return lname + "." + name[len(lname) + 1:].split(".")[0]
-    return None
+def describe_report(rep: dict) -> str:
+    """One line of a ``sparsity_report``: the share per kind and what was not pruned."""
+    kinds = "; ".join(f"{k} {v['sparsity']:.4f} of {v['numel']:,}"
+                      for k, v in rep["per_kind"].items())
+    rest = ", ".join(f"{k.replace('_', ' ')} {v['numel']:,} ({v['tensors']} tensor"
+                     f"{'s' if v['tensors'] != 1 else ''})"
+                     for k, v in rep["not_pruned"].items())
+    return (f"sparsity {rep['sparsity']:.4f} of {rep['numel']:,} weights ({kinds}); "
+            f"not pruned: {rest or 'nothing'}; {rep['model_sparsity']:.4f} of all parameters")

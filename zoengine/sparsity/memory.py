@@ -31,6 +31,7 @@ import torch
 from zoengine.optim import available_methods
 from zoengine.optim.base import KERNEL_SCRATCH as KERNEL_SCRATCH  # re-exported
 from zoengine.optim.registry import method_spec
+from zoengine.sparsity.weights import count_parameters, meta_model, prunable_numel
 
 RUNTIME_CPU = 420 * 2**20  # python + torch + transformers RSS (measured: 415-440 MiB, torch 2.13)
 C_HIDDEN, C_INTER = 8.0, 3.0  # live (B,T,D) and (B,T,I) tensors at a block's peak
@@ -75,7 +76,12 @@ def fmt_size(n: float) -> str:
 
 @dataclass
 class ModelShape:
-    """What the planner needs to know about a decoder LM."""
+    """What the planner needs to know about a decoder LM.
+
+    ``params`` is exact for a model and for any config transformers can build: ``of`` builds
+    the model on the ``meta`` device (no memory, no initialisation) and counts its parameters,
+    a tied embedding once; a dict without ``model_type`` gets a LLaMA-shaped formula
+    (``source`` says which)."""
 
     params: int
     hidden: int
@@ -86,9 +92,14 @@ class ModelShape:
     largest_tensor: int
     masked: int = 0  # weights under a sparsity mask
     largest_masked: int = 0  # the largest masked tensor (unpacked one at a time)
+    source: str = "formula"  # "model", "meta" (built from the config) or "formula"
 
     @classmethod
     def of(cls, model_or_config, masked: int | None = None) -> ModelShape:
+        """The shape of a model, or of a transformers config (or dict) before loading.
+
+        ``masked`` defaults to every prunable weight (``sparsity.prunable_weights``: the
+        Linear, Conv1D and expert tensors of the decoder blocks)."""
         cfg = getattr(model_or_config, "config", model_or_config)
         get = (cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d))
         d, i, v = get("hidden_size"), get("intermediate_size"), get("vocab_size")
@@ -98,19 +109,21 @@ class ModelShape:
         i = i or 4 * d
         n_layers = get("num_hidden_layers", 1)
         heads = get("num_attention_heads", 1)
-        kv = d // heads * (get("num_key_value_heads") or heads)
+        kv = (get("head_dim") or d // heads) * (get("num_key_value_heads") or heads)
         if isinstance(model_or_config, torch.nn.Module):
-            seen, params, largest = set(), 0, 0
-            for p in model_or_config.parameters():
-                if p.data_ptr() not in seen:  # tied weights count once
-                    seen.add(p.data_ptr())
-                    params += p.numel()
-                    largest = max(largest, p.numel())
+            model, source = model_or_config, "model"
         else:
-            block = 2 * d * d + 2 * d * kv + 3 * d * i + 2 * d
-            tied = get("tie_word_embeddings", True)
-            params = n_layers * block + v * d * (1 if tied else 2) + d
-            largest = max(v * d, d * i)
+            model, source = meta_model(cfg), "meta"
+        if model is not None:
+            params, largest = count_parameters(model)
+            m_all, m_largest = prunable_numel(model)
+            if masked is None:
+                masked = m_all
+            return cls(params, d, i, v, n_layers, kv, largest, masked, m_largest, source)
+        block = 2 * d * d + 2 * d * kv + 3 * d * i + 2 * d
+        tied = get("tie_word_embeddings", True)
+        params = n_layers * block + v * d * (1 if tied else 2) + d
+        largest = max(v * d, d * i)
         if masked is None:  # default: every Linear weight of the blocks is masked
             masked = n_layers * (2 * d * d + 2 * d * kv + 3 * d * i)
         return cls(params, d, i, v, n_layers, kv, largest, masked, max(d * i, d * d))
