@@ -71,3 +71,25 @@ def build(name: str, seed: int = 0) -> torch.nn.Module:
 def batch(seed: int = 3, shape=(3, 9)) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, VOCAB, shape, generator=g)
+
+
+def save(name: str, folder: str, seed: int = 0) -> str:
+    """The zoo model ``name`` and a word-level tokenizer of VOCAB entries (the words the CLI
+    tests use first), saved as a local Hugging Face model folder."""
+    from test_cli import WORDS
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    vocab.update({f"w{i}": i for i in range(len(WORDS), VOCAB)})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>",
+                                  eos_token="<eos>")
+    model = build(name, seed)
+    for key, value in (("pad_token_id", 0), ("eos_token_id", 2), ("bos_token_id", 2)):
+        setattr(model.config, key, value)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

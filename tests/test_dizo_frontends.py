@@ -61,22 +61,26 @@ def test_cli_dizo_bad_flags_exit_2(tiny, tmp_path, capsys, extra, flag):
     assert flag in err and "Traceback" not in err
 
 
-def test_cli_dizo_full_without_attention_names_is_refused_before_training(tiny, tmp_path,
-                                                                          capsys):
-    """A GPT-2 (attn.c_attn, no k_proj/v_proj) with --train full: exit 2 before any step."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+def test_cli_dizo_full_without_known_attention_names_is_refused_before_training(tiny, tmp_path,
+                                                                                capsys):
+    """An MPT (attn.Wqkv: no entry of the architecture table) with --train full: exit 2 before
+    any step, naming --dizo-projected; with it, the run trains."""
+    from transformers import AutoTokenizer, MptConfig, MptForCausalLM
 
-    folder = tmp_path / "gpt2"
+    folder = tmp_path / "mpt"
     tok = AutoTokenizer.from_pretrained(tiny["model"])
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2,
-                               n_positions=256)).save_pretrained(folder)
+    MptForCausalLM(MptConfig(vocab_size=len(tok), d_model=16, n_layers=1, n_heads=2,
+                             max_seq_len=256)).save_pretrained(folder)
     tok.save_pretrained(folder)
     args = tiny_args(tiny, tmp_path / "out", "--train", "full", *DIZO)
     args[args.index("--model") + 1] = str(folder)
     assert main(args) == 2
     captured = capsys.readouterr()
-    assert "--train" in captured.err and "k_proj" in captured.err
+    assert "--dizo-projected" in captured.err and "Wqkv" in captured.err
     assert LOOP_STARTED not in captured.out
+    args[args.index("--output-dir") + 1] = str(tmp_path / "out2")
+    assert main(args + ["--dizo-projected", r"attn\.Wqkv\.weight$"]) == 0
+    assert main(tiny_args(tiny, tmp_path / "o3", "--dizo-projected", "all")) == 2  # not dizo
 
 
 # ---- ZOTrainer ---------------------------------------------------------------------------------

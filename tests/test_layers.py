@@ -19,6 +19,7 @@ LAYERS = [
     ("zoengine.faults", 0),  # crash points for recovery tests: stdlib only
     ("zoengine.checks", 0),  # the configurations' value checks: stdlib only
     ("zoengine.extras", 0),  # optional dependencies and their error: stdlib only
+    ("zoengine.architectures", 0),  # what each architecture calls its parts: stdlib only
     ("zoengine.kernels", 1),
     ("zoengine.noise", 2),  # the contract's public face: generate() over the kernels
     ("zoengine.optim", 2),

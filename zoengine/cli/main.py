@@ -11,6 +11,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import sys
 
 from zoengine.cli.flags import (
@@ -140,6 +141,22 @@ def cmd_merge(args) -> int:
 
 
 def cmd_prune(args) -> int:
+    try:
+        return _prune(args)
+    except ValueError as exc:
+        # the pruners name their argument (``sparsity=0.25 ...``): that is a flag of this command
+        m = re.match(r"(sparsity|pattern|method|structure|calib_blocks)=", str(exc))
+        if getattr(exc, "flag", None) is not None:
+            raise
+        if m:
+            raise UsageError("--" + m.group(1).replace("_", "-"), str(exc)) from None
+        if args.structure is not None:  # a model whose layout structured pruning refuses
+            raise UsageError("--structure", f"{exc}; prune unstructured instead (without "
+                                            "--structure)") from None
+        raise
+
+
+def _prune(args) -> int:
     if args.structure is not None:
         from zoengine.run.pruning import run_prune_structured
 

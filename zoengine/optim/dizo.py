@@ -17,24 +17,12 @@ from zoengine.kernels.philox import STREAM_DIZO_ZETA
 from zoengine.optim.base import check_float, check_int
 from zoengine.optim.batches import BatchSource, ProjectionClosure, check_batch_source
 from zoengine.optim.deprecations import warn_outside
+from zoengine.optim.dizo_selection import projected_regex
 from zoengine.optim.docs import shared_docs
 from zoengine.optim.estimators import scalar_normal
 from zoengine.optim.functional import NonFiniteLossError, NonFiniteUpdateError, loss_value
 from zoengine.optim.registry import register_method
 from zoengine.optim.zo import ZO
-
-# Which tensors are projected. The authors' code projects k_proj and v_proj of OPT; the paper
-# text and its reviewers say query and value. LLaMA uses the same k_proj/v_proj/q_proj names;
-# for LoRA every A and B tensor is projected separately (as the code does). "all" projects every
-# trainable tensor (e.g. a classification head trained alone): anchors = a copy of them all, so
-# "auto" never falls back to it silently.
-PROJECTED_PRESETS = {
-    "code": r"self_attn\.(k_proj|v_proj)\.weight$",
-    "paper": r"self_attn\.(q_proj|v_proj)\.weight$",
-    "lora": r"lora_[AB]\b",
-    "all": r"",
-}
-
 
 TAU = 0.2  # τ: the searched ratios lie in [1 − τ, 1 + τ] (the authors' default)
 NORM_CHUNK = 1 << 22  # elements per float64 slice of delta_norm: 32 MB of temporaries
@@ -50,12 +38,6 @@ def delta_norm(p: torch.Tensor, anchor: torch.Tensor, chunk: int = NORM_CHUNK) -
         d = a[s:s + chunk].double() - b[s:s + chunk].double()
         total += float(d.dot(d))
     return total ** 0.5
-
-
-def _projected_regex(projected: str, names: list[str]) -> str:
-    if projected == "auto":
-        return PROJECTED_PRESETS["lora" if any("lora_" in n for n in names) else "code"]
-    return PROJECTED_PRESETS.get(projected, projected)
 
 
 @shared_docs
@@ -78,10 +60,13 @@ class DiZO(ZO):
         interval (int): κ, steps between projections (50).
         proj_eps, proj_lr, tau, search_iters: ε_p (0.1), α_p (2.0), τ (0.2, in [0, 1): the
             searched ratios lie in [1 − τ, 1 + τ]; called ``clip`` before 0.2) and M (10).
-        projected: ``"auto"`` (LoRA A/B if present, else attention k_proj/v_proj as the
-            authors' code), ``"code"``, ``"paper"`` (q_proj/v_proj), ``"lora"``, ``"all"``
-            (every trainable tensor, e.g. a head trained alone), or a regex matched against
-            parameter names. An empty selection raises.
+        projected: ``"auto"`` (LoRA A/B if present, else ``"code"``), ``"code"`` (the
+            attention's key and value weights, as the authors' code), ``"paper"`` (query and
+            value), ``"lora"``, ``"all"`` (every trainable tensor, e.g. a head trained alone),
+            or a regex matched against parameter names. ``code``/``paper`` use the
+            architecture's names (``zoengine.architectures``); on a fused q/k/v model (GPT-2,
+            Phi-3, GPT-NeoX, Falcon, BLOOM) they project the fused weight whole. An empty
+            selection raises.
         projection_closure: the search's data, your own (it takes precedence over a front
             end's): a factory, ``fresh()`` returning a loss closure bound to a fresh batch
             (called once per search iteration), or an iterable of loss closures, one per
@@ -194,7 +179,7 @@ class DiZO(ZO):
             raise ValueError("DiZO selects projected tensors by name: pass "
                              "model.named_parameters() (or groups with 'param_names')")
         names = [n for g in self.param_groups for n in g["param_names"]]
-        pattern = _projected_regex(projected, names)
+        pattern = projected_regex(projected, names)
         try:
             rx = re.compile(pattern)
         except re.error as exc:

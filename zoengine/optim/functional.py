@@ -293,13 +293,7 @@ def zo_step(
     perturbation is undone as after a NaN loss and ``NonFiniteUpdateError`` is raised, whatever
     ``nonfinite`` says.
     """
-    for g in groups:  # an lr the arithmetic cannot hold: refused before θ is touched
-        big = min((_compute_max(p.dtype) for p in g.params), default=math.inf)
-        if not g.lr < big:
-            raise NonFiniteUpdateError(
-                f"step {step}: lr={g.lr!r} (param_groups[{g.index}]) is beyond the largest "
-                f"value the update's arithmetic holds ({big:.3g}), so lr·g·z would be inf/NaN; "
-                "the weights were not changed. Lower lr", lr=g.lr, group=g.index)
+    _refuse_lr(groups, step)  # an lr the arithmetic cannot hold: refused before θ is touched
     radii = [radius(k) for k in range(n_samples)]
     local = exchange.local_samples(n_samples) if exchange else list(range(n_samples))
     walk = _Walk(groups, ops, closure, seed=seed, step=step, dist=dist, exchange=exchange)
@@ -314,19 +308,42 @@ def zo_step(
             return _result(walk, float("nan"), [], [], skipped=True)
         raise NonFiniteLossError(f"{exc}; {report}") from None
     grads = [[project(k, d / g.eps) for k, d in enumerate(half)] for g in groups]
+    _apply_update(walk, grads, seed=seed, radius=radii[-1], n_samples=n_samples,
+                  stochastic_rounding=stochastic_rounding)
+    return _result(walk, sum(walk.losses) / len(walk.losses), half, grads)
+
+
+def _refuse_lr(groups: Sequence[ZOGroup], step: int) -> None:
+    """Raise ``NonFiniteUpdateError`` for an lr beyond the largest value the update's
+    arithmetic holds (the kernels' dtype for the group's weights): lr·g·z would be inf/NaN."""
+    for g in groups:
+        big = min((_compute_max(p.dtype) for p in g.params), default=math.inf)
+        if not g.lr < big:
+            raise NonFiniteUpdateError(
+                f"step {step}: lr={g.lr!r} (param_groups[{g.index}]) is beyond the largest "
+                f"value the update's arithmetic holds ({big:.3g}), so lr·g·z would be inf/NaN; "
+                "the weights were not changed. Lower lr", lr=g.lr, group=g.index)
+
+
+def _apply_update(walk: _Walk, grads: list[list[float]], *, seed: int, radius: float,
+                  n_samples: int, stochastic_rounding: bool) -> None:
+    """The step's update, checked, then applied: an update ``check_update`` refuses undoes the
+    last sample's −εr z (as after a NaN loss) and raises ``NonFiniteUpdateError``; otherwise
+    one pass per group restores the last sample and applies θ ← θ − lr·(1/n·Σ_k g_k z_k +
+    wd·θ)."""
+    groups, ops, step, dist = walk.groups, walk.ops, walk.step, walk.dist
     try:
-        check_update(groups, grads, radii[-1], n_samples, z_bound(ops, dist), step)
+        check_update(groups, grads, radius, n_samples, z_bound(ops, dist), step)
     except NonFiniteUpdateError as exc:
         walk.undo()  # the last sample's −εz, as after a NaN loss
         raise NonFiniteUpdateError(f"{exc}; {walk.restore_report()}", lr=exc.lr,
                                    group=exc.group) from None
     for g, gk in zip(groups, grads):
         ops.restore_update_(g.params, g.keys, seed=seed, step=step,
-                            eps=g.eps * radii[-1], lr=g.lr,
+                            eps=g.eps * radius, lr=g.lr,
                             grads=[v / n_samples for v in gk], restore_sample=n_samples - 1,
                             weight_decay=g.weight_decay, dist=dist, masks=g.masks, **_offsets(g),
                             **({"stochastic_rounding": True} if stochastic_rounding else {}))
-    return _result(walk, sum(walk.losses) / len(walk.losses), half, grads)
 
 
 def _offsets(g: ZOGroup) -> dict:

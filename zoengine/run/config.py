@@ -159,7 +159,9 @@ class RunConfig:
     eval_batch_size: int = option(16, "evaluation batch size", POSITIVE_INT)
     lora_r: int = option(8, "LoRA rank", POSITIVE_INT)
     lora_alpha: int = option(16, "LoRA alpha", POSITIVE_INT)
-    lora_targets: list = option(["q_proj", "v_proj"], "LoRA target modules, comma-separated",
+    lora_targets: list = option(["auto"], "LoRA target modules, comma-separated (auto: the "
+                                          "query and value projections, or the fused q/k/v "
+                                          "one, from the architecture table; docs/models.md)",
                                 STRINGS, parse=csv_list, metavar="NAMES")
     template: str | None = option(None, "user classification task: prompt template with "
                                         "{text}", optional(TEMPLATE))
@@ -190,6 +192,13 @@ class RunConfig:
                                     metavar="SIZE")
     dizo_interval: int | None = option(None, "--method dizo only: steps between projections "
                                              "(default 50)", optional(POSITIVE_INT))
+    dizo_projected: str | None = option(None, "--method dizo only: the tensors it projects: "
+                                              "code (key and value projections, the "
+                                              "authors' code), paper (query and value), "
+                                              "lora, all, or a regex of parameter names "
+                                              "(default per --train: full code, lora lora, "
+                                              "head and norms all)", optional(STRING),
+                                        metavar="SET")
     checkpoint_every: int | None = option(None, "steps between checkpoints (default per "
                                                 f"--train: {_per_mode(DEFAULT_CHECKPOINT_EVERY)}"
                                                 "; 0: never)", optional(NONNEGATIVE_INT))
@@ -225,9 +234,10 @@ class RunConfig:
             check = f.metadata.get("check")  # every field has one (tests/test_config.py)
             if check is not None:
                 check(flag_of(f), getattr(self, f.name), field=f.name)
-        if self.dizo_interval is not None and self.method != "dizo":
-            raise ConfigError("--dizo-interval", self.dizo_interval,
-                              "applies to --method dizo only", field="dizo_interval")
+        for name in ("dizo_interval", "dizo_projected"):
+            if getattr(self, name) is not None and self.method != "dizo":
+                raise ConfigError("--" + name.replace("_", "-"), getattr(self, name),
+                                  "applies to --method dizo only", field=name)
         return self
 
     @classmethod

@@ -20,6 +20,17 @@ RECOVER_HINT = ("--train norms --keep-zeros (quick, inference memory), or --trai
                 "--keep-zeros (slower, goes further)")
 
 
+CALIB_BLOCK = 128  # tokens per Wanda calibration block (Wanda's own default is 2,048 of C4)
+
+
+def calib_block_size(model) -> int:
+    """CALIB_BLOCK, or fewer when the model's learned positions end sooner (OPT, GPT-2 and
+    BLOOM index a position table: a longer block would read past its end)."""
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return min(CALIB_BLOCK, int(limit)) if isinstance(limit, int) and limit > 0 else CALIB_BLOCK
+
+
 def calibration_blocks(tok, task_name: str = "shakespeare", n_blocks: int = 16,
                        block_size: int = 128, seed: int = 0) -> torch.Tensor:
     """(n_blocks, block_size) token ids from a task's *train* split (never dev/test)."""
@@ -49,7 +60,8 @@ def masks_for_run(model, tok, *, prune_spec: str | None = None, sparsity: float 
     method, pattern = parse_prune_spec(prune_spec)
     calib = None
     if method == "wanda":
-        calib = list(calibration_blocks(tok, calib_task, calib_blocks, seed=seed).split(4))
+        calib = list(calibration_blocks(tok, calib_task, calib_blocks, calib_block_size(model),
+                                        seed=seed).split(4))
     masks = prune(model, method, sparsity, pattern, calib)
     rep, mem = sparsity_report(model, masks), mask_memory(masks)
     log(f"pruned {len(masks)} tensors ({method}, {pattern}): {describe_report(rep)}; masks "
@@ -110,7 +122,8 @@ def run_prune_structured(*, model_spec: str, output_dir: str, structure: str,
     check_output_dir(output_dir)
     torch.manual_seed(seed)
     model, tok = load_model(model_spec)
-    calib = list(calibration_blocks(tok, calib_task, calib_blocks).split(4))
+    calib = list(calibration_blocks(tok, calib_task, calib_blocks,
+                                    calib_block_size(model)).split(4))
     report = prune_structured(model, structure, sparsity, calib)
 
     def write(folder: str) -> None:

@@ -31,8 +31,9 @@ from zoengine.journal import (
 from zoengine.run.config import DTYPES, RunConfig
 from zoengine.run.report import weights_writer
 from zoengine.run.strategies import initial_head, trainable
-from zoengine.storage.folder import JOURNAL, RunFolder
+from zoengine.storage.folder import RunFolder
 from zoengine.storage.fsio import atomic_write
+from zoengine.storage.layout import JOURNAL
 from zoengine.storage.manifest import MANIFEST, IntegrityError, read_manifest
 from zoengine.tasks import OptionScorer, TaskError
 

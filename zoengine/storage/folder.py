@@ -30,14 +30,16 @@ from zoengine.storage.checkpoint import (
     SaveError,
     encode_extra,
     nonfinite,
-    nonfinite_in,
     read_checkpoint_files,
     save_error,
     write_checkpoint_dir,
 )
+from zoengine.storage.cleanup import remove_unnamed_checkpoints
 from zoengine.storage.commit import finish_pending, stage
+from zoengine.storage.final import FINAL_OUTPUTS, check_final_names, final_body, refuse_nonfinite
 from zoengine.storage.fsio import atomic_write, clean_stale_temps
-from zoengine.storage.lock import LOCK_NAME, FolderError, FolderLock, LockedError
+from zoengine.storage.layout import CHECKPOINTS, JOURNAL, RESERVED, RUN_CONFIG
+from zoengine.storage.lock import FolderError, FolderLock, LockedError
 from zoengine.storage.manifest import (
     MANIFEST,
     IntegrityError,
@@ -52,10 +54,7 @@ from zoengine.storage.manifest import (
 __all__ = ["CHECKPOINTS", "JOURNAL", "RUN_CONFIG", "FolderError", "IntegrityError", "LockedError",
            "RunFolder", "SaveError", "atomic_write", "clean_stale_temps", "nonfinite"]
 
-CHECKPOINTS, JOURNAL, RUN_CONFIG = "checkpoints", "journal.zoj", "run.json"
-RESERVED = {MANIFEST, LOCK_NAME, CHECKPOINTS, JOURNAL, RUN_CONFIG}
 _HELD: weakref.WeakSet = weakref.WeakSet()
-_FINAL = "the final outputs"
 
 
 @atexit.register
@@ -152,25 +151,8 @@ class RunFolder:
         if body is not None and body.get("pending"):
             self.log(f"{self.path}: finishing the save a killed run left half done")
             self._finish_commit(body)
-        self._clean_checkpoints(body)
+        remove_unnamed_checkpoints(self.path, body)
         clean_stale_temps(self.path)
-
-    def _clean_checkpoints(self, body: dict | None) -> None:
-        ck = os.path.join(self.path, CHECKPOINTS)
-        if not os.path.isdir(ck):
-            return
-        current = (body or {}).get("checkpoint")
-        keep = os.path.basename(current["dir"]) if current else None
-        for name in os.listdir(ck):
-            pid = fsio.temp_owner(name)
-            live = pid is not None and (pid == os.getpid() or fsio.pid_alive(pid))
-            if name == keep or live:
-                continue
-            if pid is not None or name.startswith("step-"):
-                fsio.remove(os.path.join(ck, name))
-        if keep is None and not os.listdir(ck):
-            os.rmdir(ck)
-        fsio.fsync_dir(self.path if keep is None else ck)
 
     # ---- reading --------------------------------------------------------------------------
 
@@ -290,7 +272,7 @@ class RunFolder:
 
     def _save_error(self, exc: BaseException, what: str, body: dict) -> BaseException:
         ck = body.get("checkpoint")
-        kept = ("the outputs the folder held before are intact" if what == _FINAL
+        kept = ("the outputs the folder held before are intact" if what == FINAL_OUTPUTS
                 else f"the previous checkpoint (step {ck['step']}) is intact" if ck
                 else "what the folder held before is intact")
         return save_error(exc, what, self.path, kept)
@@ -384,60 +366,28 @@ class RunFolder:
         name of the weights among them (``eval --weights RUN`` reads it). The checkpoint is
         dropped unless ``keep_checkpoint``. Returns the new manifest body."""
         self._need_lock()
-        for name in files:
-            if "/" in name or name.startswith(".") or name in RESERVED or name in ("", ".."):
-                raise ValueError(f"write_final: {name!r} is not a top-level output name")
-        if weights is not None and weights not in files:
-            raise ValueError(f"write_final: weights {weights!r} is not among {list(files)}")
+        check_final_names(files, weights)
         old = self._current()
         gen, staged = old["generation"] + 1, {}
         try:
             entries = stage(self.path, files, gen, staged)
-            self._refuse_nonfinite(staged, weights)
-            body = self._final_body(old, gen, list(files), weights, entries, staged,
-                                    journal_records, keep_checkpoint)
+            refuse_nonfinite(self.path, staged, weights)
+            body = final_body(old, gen, list(files), weights, entries, staged,
+                              self._journal_info(journal_records), keep_checkpoint)
             write_manifest(self.path, body)
         except BaseException as exc:
             if self._on_disk_generation() == gen:
                 raise  # committed: the next acquire() finishes the renames
             for s in staged.values():
                 fsio.remove(os.path.join(self.path, s))
-            err = self._save_error(exc, _FINAL, old)
+            err = self._save_error(exc, FINAL_OUTPUTS, old)
             if err is exc:
                 raise
             raise err from exc
         crashpoint("final-committed")
         self._finish_commit(body)
-        self._clean_checkpoints(body)
+        remove_unnamed_checkpoints(self.path, body)
         return body
-
-    def _refuse_nonfinite(self, staged: dict, weights: str | None) -> None:
-        """No NaN/inf is committed as final weights: the staged weights (a ``.safetensors``
-        file, or the ones in a folder) are read back tensor by tensor before the commit."""
-        if weights is None:
-            return
-        bad = nonfinite_in(os.path.join(self.path, staged[weights]), weights)
-        if bad:
-            f, tensor, count = bad
-            inner = os.path.relpath(f, os.path.join(self.path, staged[weights]))
-            where = weights if inner == "." else f"{weights}/{inner}"
-            raise ValueError(f"refusing to commit the final outputs of {self.path}: {where} "
-                             f"tensor {tensor!r} holds {count} NaN/inf values; the folder keeps "
-                             "what it held before (its last checkpoint, if any)")
-
-    def _final_body(self, old: dict, gen: int, names: list, weights: str | None,
-                    entries: dict, staged: dict, journal_records: int | None,
-                    keep_checkpoint: bool) -> dict:
-        ck = old.get("checkpoint") if keep_checkpoint else None
-        files = {k: v for k, v in old["files"].items()
-                 if (ck and k.startswith(ck["dir"] + "/")) or k == RUN_CONFIG}
-        files.update(entries)
-        old_names = (old.get("final") or {}).get("names", [])
-        return {"kind": "run", "generation": gen, "state": "complete", "files": files,
-                "checkpoint": ck, "final": {"names": names, "weights": weights},
-                "journal": self._journal_info(journal_records),
-                "pending": {"staged": staged,
-                            "obsolete": [n for n in old_names if n not in names]}}
 
     def _finish_commit(self, body: dict) -> None:
         finish_pending(self.path, body, RESERVED)
