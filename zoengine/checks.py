@@ -56,6 +56,8 @@ def is_number(v) -> bool:
 
 
 POSITIVE_INT = Check(lambda v: is_int(v) and v > 0, "must be an integer > 0")
+# numpy's RandomState (data splits, batches) takes seeds below 2^32
+SEED = Check(lambda v: is_int(v) and 0 <= v < 2**32, "must be an integer in [0, 2^32)")
 NONNEGATIVE_INT = Check(lambda v: is_int(v) and v >= 0, "must be an integer >= 0")
 POSITIVE_NUMBER = Check(lambda v: is_number(v) and v > 0, "must be a finite number > 0")
 NONNEGATIVE_NUMBER = Check(lambda v: is_number(v) and v >= 0, "must be a finite number >= 0")

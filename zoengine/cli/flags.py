@@ -8,6 +8,7 @@ turns it into exit status 2 with that message (never a traceback).
 from __future__ import annotations
 
 import argparse
+import re
 import importlib.util
 import json
 import os
@@ -26,6 +27,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but errors raise (so every usage error takes the same exit-2 path)."""
 
     def error(self, message):
+        m = re.match(r"argument (--?[\w-]+)(?:/\S+)?: (.*)", message, re.S)
+        if m:  # "argument --batch-size: ..." -> "--batch-size: ..."
+            raise UsageError(m.group(1), m.group(2))
         raise UsageError("argument", message)
 
 
@@ -54,6 +58,22 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=None) -> None:
             kw["metavar"] = meta.get("metavar") or ("{" + ",".join(choices) + "}" if choices
                                                     else None)
         parser.add_argument(flag_of(f), **kw)
+
+
+def checked(check, parse=int):
+    """An argparse ``type=`` that parses with ``parse`` and applies ``check`` (zoengine.checks):
+    a bad value is a usage error naming the flag, the value and the rule."""
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: {check.describe()}") from None
+        if not check.ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: {check.describe()}")
+        return value
+
+    convert.__name__ = parse.__name__  # argparse names the type in its messages
+    return convert
 
 
 def _options_list(s: str) -> list[str]:

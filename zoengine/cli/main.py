@@ -14,12 +14,14 @@ import os
 import re
 import sys
 
+from zoengine.checks import POSITIVE_INT, SEED
 from zoengine.cli.flags import (
     EXIT_USAGE,
     UsageError,
     _options_list,
     _Parser,
     add_config_flags,
+    checked,
     make_run_config,
     validate,
 )
@@ -41,8 +43,9 @@ def _add_prune_command(subparsers) -> None:
                         "removed)")
     p.add_argument("--calib-task", default="shakespeare",
                    help="task whose *train* split calibrates Wanda (default shakespeare)")
-    p.add_argument("--calib-blocks", type=int, default=16, help="128-token blocks (default 16)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib-blocks", type=checked(POSITIVE_INT), default=16,
+                   help="128-token blocks (default 16)")
+    p.add_argument("--seed", type=checked(SEED), default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,10 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights", default=None,
                    help="a `zoengine train` output folder, head .safetensors, adapter or model")
     e.add_argument("--split", default="test", choices=["dev", "test"])
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--max-length", type=int, default=128)
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--block-size", type=int, default=128)
+    e.add_argument("--seed", type=checked(SEED), default=0)
+    e.add_argument("--max-length", type=checked(POSITIVE_INT), default=128)
+    e.add_argument("--batch-size", type=checked(POSITIVE_INT), default=16)
+    e.add_argument("--block-size", type=checked(POSITIVE_INT), default=128)
     e.add_argument("--template", default=None)
     e.add_argument("--options", type=_options_list, default=None)
     e.add_argument("--text-column", default="text")

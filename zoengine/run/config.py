@@ -21,6 +21,7 @@ from zoengine.checks import (
     POSITIVE_INT,
     POSITIVE_NUMBER,
     PROBABILITY,
+    SEED,
     STRING,
     STRINGS,
     Check,
@@ -143,7 +144,7 @@ class RunConfig:
                               optional(NONNEGATIVE_NUMBER))
     eps: float | None = option(None, "perturbation scale ε (default per --train: "
                                      f"{_per_mode(_EPS)})", optional(POSITIVE_NUMBER))
-    seed: int = option(0, "seed of the data split, batches and noise", NONNEGATIVE_INT)
+    seed: int = option(0, "seed of the data split, batches and noise", SEED)
     output_dir: str | None = option(None, "where metrics.json, curve.png and weights go "
                                           "(default outputs/<task>-<train>-<method>-s<seed>)",
                                     optional(STRING))
