@@ -325,9 +325,8 @@ def test_iterators_of_closures_and_bad_sources():
     assert opt.state["zo"]["dizo_searches"] == 1
     with pytest.raises(RuntimeError, match="exhausted"):
         opt.step(_closure(model))
-    opt = DiZO(model.named_parameters(), lr=0.05, interval=1, projection_closure=[{"x": 1}])
-    with pytest.raises(TypeError, match="loss closures"):
-        opt.step(_closure(model))
+    with pytest.raises(TypeError, match="loss closures"):  # a list: checked at construction
+        DiZO(model.named_parameters(), lr=0.05, interval=1, projection_closure=[{"x": 1}])
     opt = DiZO(model.named_parameters(), lr=0.05, interval=1, projection_closure=lambda: "x")
     with pytest.raises(ValueError, match="projection_closure"):
         opt.step(_closure(model))

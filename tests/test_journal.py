@@ -58,6 +58,9 @@ def _run(make, path, steps=9, backend="reference", nan_at=(), seed=0):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("backend", ["reference", "native"])
 def test_replay_rebuilds_the_weights_bit_for_bit(tmp_path, name, backend):
+    if name in ("pezo-pool", "pezo-rotate") and backend != "reference":
+        pytest.skip("reused noise runs on the reference kernels only (other backends are "
+                    "refused: tests/test_bad_input.py)")
     path = tmp_path / "j.zoj"
     trained, start, opt = _run(CONFIGS[name], path, backend=backend)
     replayed = J.replay(start, path)

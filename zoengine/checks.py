@@ -11,6 +11,8 @@ checks whose choices live higher up (the method registry) take them as a functio
 from __future__ import annotations
 
 import math
+import os
+import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,12 +39,15 @@ class Check:
     def describe(self) -> str:
         return self.allowed() if callable(self.allowed) else self.allowed
 
-    def __call__(self, name: str, value, *, field: str | None = None):
+    def accepts(self, value) -> bool:
+        """``ok(value)``, False where it raises ``TypeError``/``ValueError``."""
         try:
-            good = bool(self.ok(value))
-        except (TypeError, ValueError):
-            good = False
-        if not good:
+            return bool(self.ok(value))
+        except (TypeError, ValueError, OverflowError):
+            return False
+
+    def __call__(self, name: str, value, *, field: str | None = None):
+        if not self.accepts(value):
             raise ConfigError(name, value, self.describe(), field=field)
         return value
 
@@ -55,19 +60,60 @@ def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-POSITIVE_INT = Check(lambda v: is_int(v) and v > 0, "must be an integer > 0")
+# counts fit int64 (torch's index type, the journal's step field)
+INT64 = 2**63
+POSITIVE_INT = Check(lambda v: is_int(v) and 0 < v < INT64, "must be an integer > 0 (below 2^63)")
 # numpy's RandomState (data splits, batches) takes seeds below 2^32
 SEED = Check(lambda v: is_int(v) and 0 <= v < 2**32, "must be an integer in [0, 2^32)")
-NONNEGATIVE_INT = Check(lambda v: is_int(v) and v >= 0, "must be an integer >= 0")
+NONNEGATIVE_INT = Check(lambda v: is_int(v) and 0 <= v < INT64,
+                        "must be an integer >= 0 (below 2^63)")
 POSITIVE_NUMBER = Check(lambda v: is_number(v) and v > 0, "must be a finite number > 0")
 NONNEGATIVE_NUMBER = Check(lambda v: is_number(v) and v >= 0, "must be a finite number >= 0")
 FRACTION = Check(lambda v: is_number(v) and 0 < v < 1, "must be a fraction in (0, 1)")
 PROBABILITY = Check(lambda v: is_number(v) and 0 <= v <= 1, "must be a number in [0, 1]")
 STRING = Check(lambda v: isinstance(v, str), "must be a string")
-BOOL = Check(lambda v: isinstance(v, bool), "must be true or false")
+NAME = Check(lambda v: isinstance(v, str) and v.strip() != "", "must be a non-empty string")
+BOOL = Check(lambda v: isinstance(v, bool), "must be true or false (a JSON/YAML boolean, not a "
+                                           "string)")
 STRINGS = Check(lambda v: isinstance(v, (list, tuple)) and len(v) > 0
                 and all(isinstance(x, str) and x.strip() for x in v),
                 "must be a non-empty list of names")
+
+
+def _is_root(v: str) -> bool:
+    return os.path.dirname(os.path.abspath(v)) == os.path.abspath(v)
+
+
+# an output folder: not "" (the current folder) nor a file system's root
+OUTPUT_DIR = Check(lambda v: isinstance(v, str) and v.strip() != "" and not _is_root(v),
+                   "must name a folder to write into (not empty, not the root of the file "
+                   "system)")
+# an output file: a path that is not "" and not an existing folder
+OUTPUT_FILE = Check(lambda v: isinstance(v, str) and v.strip() != "" and not os.path.isdir(v),
+                    "must name a file to write (not empty, not an existing folder)")
+EXISTING_FILE = Check(lambda v: isinstance(v, str) and os.path.isfile(v),
+                      "must be an existing file")
+EXISTING_DIR = Check(lambda v: isinstance(v, str) and os.path.isdir(v),
+                     "must be an existing folder")
+
+
+def template_ok(v) -> bool:
+    """A prompt template: a str whose only replacement field is ``{text}`` (used at least once)
+    and that ``str.format`` accepts (``{{`` / ``}}`` are literal braces)."""
+    if not isinstance(v, str) or "{text}" not in v:
+        return False
+    names = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+    if names != {"text"}:
+        return False
+    v.format(text="")  # a bad conversion or format spec raises ValueError
+    return True
+
+
+TEMPLATE = Check(template_ok, "must contain {text} and no other {field} (write a literal "
+                              "brace as {{ or }})")
+
+OPTIONS = Check(lambda v: STRINGS.ok(v) and len(v) >= 2 and len({x.strip() for x in v}) == len(v),
+                "must be at least 2 distinct comma-separated answer words")
 
 
 def one_of(choices) -> Check:

@@ -8,10 +8,10 @@ turns it into exit status 2 with that message (never a traceback).
 from __future__ import annotations
 
 import argparse
-import re
 import importlib.util
 import json
 import os
+import re
 from dataclasses import MISSING, fields
 
 EXIT_USAGE = 2
@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but errors raise (so every usage error takes the same exit-2 path)."""
 
     def error(self, message):
-        m = re.match(r"argument (--?[\w-]+)(?:/\S+)?: (.*)", message, re.S)
+        m = re.match(r"argument (-{0,2}[\w-]+)(?:/\S+)?: (.*)", message, re.S)
         if m:  # "argument --batch-size: ..." -> "--batch-size: ..."
             raise UsageError(m.group(1), m.group(2))
         raise UsageError("argument", message)
@@ -66,13 +66,14 @@ def checked(check, parse=int):
     def convert(text: str):
         try:
             value = parse(text)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"{text!r}: {check.describe()}") from None
-        if not check.ok(value):
+        if not check.accepts(value):
             raise argparse.ArgumentTypeError(f"{text!r}: {check.describe()}")
         return value
 
     convert.__name__ = parse.__name__  # argparse names the type in its messages
+    convert.check, convert.parse = check, parse  # tests/test_bad_input.py reads them
     return convert
 
 

@@ -8,13 +8,26 @@ Bad input exits with status 2 and a message that names the flag; never a traceba
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import json
 import os
 import re
 import sys
 
-from zoengine.checks import POSITIVE_INT, SEED
+from zoengine.checks import (
+    EXISTING_DIR,
+    EXISTING_FILE,
+    NAME,
+    OPTIONS,
+    OUTPUT_DIR,
+    OUTPUT_FILE,
+    POSITIVE_INT,
+    SEED,
+    TEMPLATE,
+    Check,
+    parsed_by,
+)
 from zoengine.cli.flags import (
     EXIT_USAGE,
     UsageError,
@@ -25,23 +38,39 @@ from zoengine.cli.flags import (
     make_run_config,
     validate,
 )
+from zoengine.run.config import MODEL, TASK
+
+
+def _pattern(v):
+    from zoengine.sparsity.masks import parse_pattern
+
+    return parse_pattern(v)
+
+
+# --sparsity of `zoengine prune` (unstructured and structured alike)
+SPARSITY = Check(lambda v: isinstance(v, float) and 0 <= v < 1, "must be a number in [0, 1)")
+PATTERN = parsed_by(_pattern, "must be 'unstructured' or 'N:M' with 0 < N < M (e.g. 2:4, 4:8)")
+EXISTS = Check(lambda v: isinstance(v, str) and v != "" and os.path.exists(v),
+               "no such file or folder")
 
 
 def _add_prune_command(subparsers) -> None:
     """Register ``zoengine prune``: prune a model and save it (zeros in a dense checkpoint)."""
     p = subparsers.add_parser("prune", help="prune a model (magnitude or Wanda, unstructured "
                                             "or N:M) and save it")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--output-dir", required=True, help="folder for the pruned model")
+    p.add_argument("--model", default="smollm2-135m", type=checked(MODEL, str))
+    p.add_argument("--output-dir", required=True, type=checked(OUTPUT_DIR, str),
+                   help="folder for the pruned model")
     p.add_argument("--method", choices=("magnitude", "wanda"), default="wanda")
-    p.add_argument("--sparsity", type=float, default=None,
-                   help="fraction removed per layer (default 0.5; N:M fixes it)")
-    p.add_argument("--pattern", default="unstructured", help="unstructured | 2:4 | 4:8")
+    p.add_argument("--sparsity", type=checked(SPARSITY, float), default=None,
+                   help="fraction removed per layer, in [0, 1) (default 0.5; N:M fixes it)")
+    p.add_argument("--pattern", default="unstructured", type=checked(PATTERN, str),
+                   help="unstructured | N:M with 0 < N < M (2:4, 4:8)")
     p.add_argument("--structure", choices=("heads", "channels"), default=None,
                    help="structured pruning instead: remove whole KV groups of attention heads "
                         "or MLP channels (a smaller dense model; --sparsity is the fraction "
                         "removed)")
-    p.add_argument("--calib-task", default="shakespeare",
+    p.add_argument("--calib-task", default="shakespeare", type=checked(TASK, str),
                    help="task whose *train* split calibrates Wanda (default shakespeare)")
     p.add_argument("--calib-blocks", type=checked(POSITIVE_INT), default=16,
                    help="128-token blocks (default 16)")
@@ -52,12 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="zoengine", description="Zeroth-order (forward-only) LLM fine-tuning.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     t = sub.add_parser("train", help="fine-tune with a ZO method (no arguments: the default job)")
-    t.add_argument("--config", metavar="FILE",
+    t.add_argument("--config", metavar="FILE", type=checked(EXISTING_FILE, str),
                    help="YAML (needs pyyaml) or JSON file with the same keys as the flags "
                         "(batch-size or batch_size); flags given on the command line win")
     add_config_flags(t)  # one flag per RunConfig field (zoengine.run.config)
     t.add_argument("--lora", action="store_true", default=None, help="same as --train lora")
-    t.add_argument("--resume", metavar="DIR", default=None,
+    t.add_argument("--resume", metavar="DIR", default=None, type=checked(EXISTING_DIR, str),
                    help="continue the interrupted run in DIR (its last checkpoint, then its "
                         "journal, replayed without forward passes); a flag given beside it "
                         "must equal the run's value, except --steps (not below the steps "
@@ -65,38 +94,39 @@ def build_parser() -> argparse.ArgumentParser:
                         "--threads is reused")
     _add_prune_command(sub)
     e = sub.add_parser("eval", help="score a model on a task")
-    e.add_argument("--model", default="smollm2-135m")
-    e.add_argument("--task", default="sentiment")
-    e.add_argument("--weights", default=None,
+    e.add_argument("--model", default="smollm2-135m", type=checked(MODEL, str))
+    e.add_argument("--task", default="sentiment", type=checked(TASK, str))
+    e.add_argument("--weights", default=None, type=checked(EXISTS, str),
                    help="a `zoengine train` output folder, head .safetensors, adapter or model")
     e.add_argument("--split", default="test", choices=["dev", "test"])
     e.add_argument("--seed", type=checked(SEED), default=0)
     e.add_argument("--max-length", type=checked(POSITIVE_INT), default=128)
     e.add_argument("--batch-size", type=checked(POSITIVE_INT), default=16)
     e.add_argument("--block-size", type=checked(POSITIVE_INT), default=128)
-    e.add_argument("--template", default=None)
-    e.add_argument("--options", type=_options_list, default=None)
-    e.add_argument("--text-column", default="text")
-    e.add_argument("--label-column", default="label")
+    e.add_argument("--template", default=None, type=checked(TEMPLATE, str))
+    e.add_argument("--options", type=checked(OPTIONS, _options_list), default=None)
+    e.add_argument("--text-column", default="text", type=checked(NAME, str))
+    e.add_argument("--label-column", default="label", type=checked(NAME, str))
     e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="the dtype the model loads in (default: the run's --dtype when "
                         "--weights is a train output folder or in one, else float32)")
     sub.add_parser("methods", help="list the registered ZO methods")
     x = sub.add_parser("export-journal", help="copy a run's verified journal: the fine-tune as "
                                               "kilobytes, to apply to the base model")
-    x.add_argument("run", help="a `zoengine train` output folder")
-    x.add_argument("out", help="the journal file to write")
+    x.add_argument("run", type=checked(EXISTING_DIR, str), help="a `zoengine train` output "
+                                                                "folder")
+    x.add_argument("out", type=checked(OUTPUT_FILE, str), help="the journal file to write")
     a = sub.add_parser("apply-journal", help="rebuild a run's trained weights from the base "
                                              "model and its journal (no forward pass)")
-    a.add_argument("base", help="the base model: 'smollm2-135m' or a local HF model folder")
-    a.add_argument("journal", help="a journal from `zoengine export-journal` (or a run's "
+    a.add_argument("base", type=checked(MODEL, str), help="the base model: 'smollm2-135m' or a local HF model folder")
+    a.add_argument("journal", type=checked(EXISTING_FILE, str), help="a journal from `zoengine export-journal` (or a run's "
                                    "journal.zoj)")
-    a.add_argument("out", help="output folder for the weights (head.safetensors, adapter/ or "
+    a.add_argument("out", type=checked(OUTPUT_DIR, str), help="output folder for the weights (head.safetensors, adapter/ or "
                               "model/)")
     m = sub.add_parser("merge", help="merge a LoRA run's adapter into its base model (a pruned "
                                      "base keeps its exact zeros)")
-    m.add_argument("run", help="a finished `zoengine train --lora` output folder")
-    m.add_argument("out", help="folder for the merged model (plain transformers)")
+    m.add_argument("run", type=checked(EXISTING_DIR, str), help="a finished `zoengine train --lora` output folder")
+    m.add_argument("out", type=checked(OUTPUT_DIR, str), help="folder for the merged model (plain transformers)")
     h = sub.add_parser("hwsim", help="hardware RNG cost simulator", add_help=False)
     h.add_argument("rest", nargs=argparse.REMAINDER)
     return p
@@ -245,6 +275,35 @@ def _main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a short message; ZOENGINE_DEBUG=1 for the traceback
         if os.environ.get("ZOENGINE_DEBUG"):
             raise
+        full = disk_full(exc)
+        if full:
+            print(f"zoengine {command}: error: {full}; free space, then run the command again "
+                  "(a training run continues with `zoengine train --resume OUTPUT_DIR`)",
+                  file=sys.stderr)
+            return 1
         print(f"zoengine {command}: error: {type(exc).__name__}: {exc} "
               "(set ZOENGINE_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+
+
+_FULL_WORDS = ("no space left on device", "os error 28", "file write failed")
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """What a disk-full failure wrote, in words, or None for any other error. ``torch.save``
+    says only "[enforce fail at inline_container.cc] ... file write failed", the tokenizer's
+    save a bare ``Exception`` with "os error 28"; an ``OSError`` carries ENOSPC and the file."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            where = f" writing {seen.filename}" if seen.filename else ""
+            return f"the disk is full (no space left on device){where}"
+        text = str(seen)
+        if any(w in text.lower() for w in _FULL_WORDS):
+            m = re.search(r"(?:writing file|file) (\S+?):", text)
+            inner = f" (entry {m.group(1)} of a torch.save archive)" if "Pytorch" in text and m \
+                else ""
+            return (f"a write failed, the disk is most likely full{inner}: "
+                    f"{type(seen).__name__}: {text.strip()[:200]}")
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -9,8 +9,6 @@ and a checkpoint of a differently configured optimizer is refused instead of loa
 
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 from collections.abc import Callable
 
@@ -19,6 +17,7 @@ import torch
 from zoengine.kernels.dispatch import BACKENDS, get_ops, resolve_backend
 from zoengine.kernels.keys import tensor_keys
 from zoengine.kernels.philox import DISTRIBUTIONS
+from zoengine.optim.arguments import check_choice, check_float, check_int, check_saved_zo
 from zoengine.optim.batches import BatchSource, check_batch_source
 from zoengine.optim.exchange import ScalarExchange
 from zoengine.optim.functional import ZOGroup
@@ -29,34 +28,6 @@ NONFINITE_MODES = ("raise", "skip")
 KERNEL_SCRATCH = 4 * 2**20  # the kernels' chunk buffers: a 64 Ki-element chunk x ~6 fp32 temps
 _HYPER = (("lr", False), ("eps", True), ("weight_decay", False))  # (name, strictly > 0)
 _ABSENT = object()
-
-
-def check_float(name: str, value, *, low: float, strict: bool) -> float:
-    """Validate a float hyper-parameter: ``value > low`` (strict) or ``value >= low``."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
-        value = value.item()
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if ok:
-        value = float(value)
-        ok = math.isfinite(value) and (value > low if strict else value >= low)
-    if not ok:
-        rel = ">" if strict else ">="
-        raise ValueError(f"{name}={value!r}: must be a finite number {rel} {low:g}")
-    return value
-
-
-def check_int(name: str, value, *, low: int, high: int | None = None) -> int:
-    if (not isinstance(value, int) or isinstance(value, bool) or value < low
-            or (high is not None and value >= high)):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high})"
-        raise ValueError(f"{name}={value!r}: must be an int {allowed}")
-    return value
-
-
-def check_choice(name: str, value, choices) -> str:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r}: must be one of {tuple(choices)}")
-    return value
 
 
 def _zo_group(run: list, hyper: dict, mask=None) -> ZOGroup:
@@ -116,6 +87,10 @@ class ZOOptimizer(Journaling, torch.optim.Optimizer):
         if names is not None and len(names) != len(tensors):
             raise ValueError(f"{where}['param_names'] has {len(names)} names for "
                              f"{len(tensors)} tensors: must name every tensor, in order")
+        if names is None and tensors and all(isinstance(p, tuple) for p in params):
+            names = [p[0] for p in params]  # named_parameters(): torch names them later
+        if names is not None:
+            self._check_new_names(where, list(names))
         seen = {id(p): f"param_groups[{i}]" for i, g in enumerate(self.param_groups)
                 for p in g["params"]}
         for j, p in enumerate(tensors):
@@ -129,6 +104,19 @@ class ZOOptimizer(Journaling, torch.optim.Optimizer):
             if p.is_complex():
                 raise ValueError(f"{label} has dtype {p.dtype}: must be a real floating-point "
                                  "tensor (ZO noise is real; freeze it or split real/imag)")
+
+    def _check_new_names(self, where: str, names: list) -> None:
+        """Each parameter name a non-empty str, once across all groups (a journal, masks and
+        DiZO's selection find tensors by name)."""
+        taken = {n for g in self.param_groups for n in g.get("param_names", ())}
+        for j, n in enumerate(names):
+            if not isinstance(n, str) or not n:
+                raise ValueError(f"{where}['param_names'][{j}]={n!r}: must be a non-empty str")
+            if n in taken:
+                raise ValueError(f"{where}['param_names'][{j}]={n!r}: the name appears twice; "
+                                 "each tensor needs its own name (journals, masks and DiZO "
+                                 "select tensors by name)")
+            taken.add(n)
 
     def _check_group_values(self) -> None:
         """Every group's lr/eps/weight_decay, checked before a step touches the weights (a
@@ -362,11 +350,17 @@ class ZOOptimizer(Journaling, torch.optim.Optimizer):
                              "by a zoengine optimizer")
         saved = dict(saved)
         self._check_config(saved.pop("config", None))
+        self._check_saved(saved)
         missing = {k: v for k, v in self.state["zo"].items() if k not in saved}
         if missing and "step" in saved:
             saved = {**missing, **saved}  # keys newer than the checkpoint keep their defaults
         state_dict = {**state_dict, "state": {**state_dict["state"], "zo": saved}}
         super().load_state_dict(state_dict)
+
+    def _check_saved(self, saved: dict) -> None:
+        """Refuse a saved run state out of range (a negative step, a seed >= 2^64, ...)
+        before any of it is loaded. Subclasses extend it (PeZO's pool)."""
+        check_saved_zo(saved)
 
     def _check_config(self, saved: dict | None) -> None:
         mine = self._run_config()

@@ -109,6 +109,9 @@ class DiZO(ZO):
                          "and KerZOO) since zoengine 0.2; the projection's τ, formerly clip=, "
                          "is tau= (default 0.2): pass tau= to silence this warning",
                          FutureWarning)
+        if not isinstance(projected, str) or not projected.strip():
+            raise ValueError(f"projected={projected!r}: must be 'auto', 'code', 'paper', 'lora', "
+                             "'all' or a non-empty regex of parameter names")
         self.interval = check_int("interval", interval, low=1)
         self.proj_eps = check_float("proj_eps", proj_eps, low=0.0, strict=True)
         self.proj_lr = check_float("proj_lr", proj_lr, low=0.0, strict=False)
@@ -152,6 +155,10 @@ class DiZO(ZO):
 
     @projection_closure.setter
     def projection_closure(self, given) -> None:
+        if isinstance(given, (str, bytes, dict)) or (isinstance(given, (list, tuple)) and not all(
+                callable(c) for c in given)):
+            raise TypeError(f"projection_closure={given!r:.60}: must be a factory (fresh() -> a "
+                            "loss closure on a fresh batch) or an iterable of loss closures")
         self._batch_source = None if given is None else ProjectionClosure(given)
 
     def extra_evaluations(self) -> int:

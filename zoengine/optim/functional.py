@@ -7,6 +7,7 @@ A step perturbs every group jointly, so the functional form takes all groups at 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -82,7 +83,7 @@ def loss_value(out, where: str) -> float:
             raise ValueError(f"closure returned a complex tensor at {where}; the loss must be "
                              "real")
         return float(out.detach().reshape(()).item())
-    if isinstance(out, (int, float)) and not isinstance(out, bool):
+    if isinstance(out, numbers.Real) and not isinstance(out, bool):  # numpy scalars too
         return float(out)
     raise ValueError(f"closure returned {type(out).__name__} at {where}; it must return the "
                      "scalar loss as a tensor or a float")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from zoengine.optim.base import check_choice
 from zoengine.optim.docs import shared_docs
 from zoengine.optim.registry import register_method
-from zoengine.optim.zo import ZO
+from zoengine.optim.zo import NOISES, ZO
 
 REUSE_MODES = ("pool", "rotate", None)
 
@@ -46,6 +46,8 @@ class KerZOO(ZO):
     @classmethod
     def zo_options(cls, *, dist: str = "normal", **options) -> dict:
         """KerZOO's keywords in ZO's terms: ``noise=dist``, ``estimator="kernel"``."""
+        if not (isinstance(dist, str) and dist.startswith("hw:")):
+            check_choice("dist", dist, NOISES + ("hw:<generator spec>",))
         return super().zo_options(noise=dist, estimator="kernel", **options)
 
 

@@ -27,6 +27,7 @@ from zoengine.kernels.reuse import (
     pool_stride,
 )
 from zoengine.optim.accounting import rng_count
+from zoengine.optim.arguments import check_eps_floor, check_journal, check_saved_pool
 from zoengine.optim.base import ZOOptimizer, check_choice, check_float, check_int
 from zoengine.optim.deprecations import engine_keywords
 from zoengine.optim.docs import shared_docs
@@ -103,6 +104,10 @@ class ZO(VirtualPerturbation, ZOOptimizer):
                         weight_decay=check_float("weight_decay", weight_decay, low=0.0,
                                                  strict=False))
         dist = noise if noise in DISTRIBUTIONS else "uniform"
+        if noise not in DISTRIBUTIONS and backend not in (None, "auto", "reference"):
+            raise ValueError(f"backend={backend!r} with noise={noise!r}: reused numbers (PeZO's "
+                             "pool and lanes, hardware models) run on the reference kernels "
+                             "only; pass backend=None, 'auto' or 'reference'")
         super().__init__(params, defaults, seed=seed, n_samples=n_samples, dist=dist,
                          backend=backend, nonfinite=nonfinite, masks=masks)
         self.noise, self.estimator = noise, estimator
@@ -110,6 +115,9 @@ class ZO(VirtualPerturbation, ZOOptimizer):
         self.pool_size, self.lanes, self.scaling = pool_size, lanes, scaling
         if noise == "pool":
             self.state["zo"].update(self._make_pool(seed))
+        for i, g in enumerate(self.param_groups):  # an ε that never moves them: refused
+            check_eps_floor("eps" if g["eps"] == eps else f"param_groups[{i}]['eps']", g["eps"],
+                            [p for p in g["params"] if p.requires_grad], warn=True)
         # the deprecated engine keywords, attached in the order the constructor always did
         if "distributed" in deprecated:
             self.set_distributed(engine["distributed"])
@@ -126,6 +134,7 @@ class ZO(VirtualPerturbation, ZOOptimizer):
             raise ValueError(f"set_journal after set_distributed({self._exchange.mode!r}): "
                              "not supported yet (each rank evaluates other samples); use "
                              "set_distributed('losses')")
+        check_journal(path, fsync, meta)
         super().set_journal(path, fsync=fsync, meta=meta)
 
     @staticmethod
@@ -183,6 +192,11 @@ class ZO(VirtualPerturbation, ZOOptimizer):
             cfg.update(lanes=self.lanes, scaling=self.scaling)
         return cfg
 
+    def _check_saved(self, saved: dict) -> None:
+        super()._check_saved(saved)
+        if self.noise == "pool":  # the pool this optimizer draws from: its size and pointer
+            check_saved_pool(saved, self.pool_size)
+
     # ---- noise sources ----------------------------------------------------------------
     def _make_pool(self, seed: int) -> dict:
         """N numbers of U(-1, 1) from the noise contract, drawn once for the whole run."""
@@ -234,6 +248,8 @@ class ZO(VirtualPerturbation, ZOOptimizer):
         """Refuse, before touching the weights, an ε whose ±ε·r·z cannot be undone in the
         parameter dtype. Scans max|θ| only when 2ε·max|r z| is within 2^-10 of the dtype's
         largest value (never for sane ε)."""
+        for g in groups:
+            check_eps_floor(f"param_groups[{g.index}]['eps']", g.eps, g.params)
         reach_z = 2.0 * self._z_bound() * (self.r_range if self.estimator == "kernel" else 1.0)
         for g in groups:
             reach = g.eps * reach_z

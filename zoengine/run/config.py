@@ -10,20 +10,24 @@ command line, a config file or a Python caller (``run_train(RunConfig(steps=-1))
 from __future__ import annotations
 
 import os
+import re
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from zoengine.checks import (
     BOOL,
     FRACTION,
+    NAME,
     NONNEGATIVE_INT,
     NONNEGATIVE_NUMBER,
+    OPTIONS,
+    OUTPUT_DIR,
     POSITIVE_INT,
     POSITIVE_NUMBER,
     PROBABILITY,
     SEED,
-    STRING,
     STRINGS,
+    TEMPLATE,
     Check,
     ConfigError,
     one_of,
@@ -94,11 +98,23 @@ def _size(v):
 
 
 METHOD = one_of(_methods)
-MODEL = Check(lambda v: v == DEFAULT_MODEL or os.path.isfile(os.path.join(str(v), "config.json")),
+MODEL = Check(lambda v: v == DEFAULT_MODEL or (isinstance(v, str) and v.strip() != "" and
+                                               os.path.isfile(os.path.join(v, "config.json"))),
               f"not {DEFAULT_MODEL!r} and not a local Hugging Face model folder with config.json")
 TASK = Check(lambda v: isinstance(v, str) and (v in _bundled() or os.path.isfile(v)),
              lambda: f"neither a bundled task ({', '.join(_bundled())}) nor an existing file")
-TEMPLATE = Check(lambda v: isinstance(v, str) and "{text}" in v, "must contain {text}")
+
+
+def _regex_ok(v) -> bool:
+    try:
+        re.compile(v)
+    except re.error:
+        return False
+    return isinstance(v, str) and v.strip() != ""
+
+
+DIZO_SET = Check(_regex_ok, "must be code, paper, lora, all or a valid, non-empty regex of "
+                            "parameter names")
 PRUNE = parsed_by(_prune_spec, "must be wanda or magnitude, optionally with :2:4 or :4:8 "
                                "(e.g. wanda:2:4)")
 SIZE = parsed_by(_size, "must be a size such as 2GiB, 1.5G, 800MiB, 4GB or a number of bytes")
@@ -147,7 +163,7 @@ class RunConfig:
     seed: int = option(0, "seed of the data split, batches and noise", SEED)
     output_dir: str | None = option(None, "where metrics.json, curve.png and weights go "
                                           "(default outputs/<task>-<train>-<method>-s<seed>)",
-                                    optional(STRING))
+                                    optional(OUTPUT_DIR))
     train_examples: int = option(512, "head mode: balanced training prompts whose features "
                                       "are cached", POSITIVE_INT)
     eval_limit: int = option(0, "score only the first N dev and test rows (LM tasks: blocks; "
@@ -168,10 +184,10 @@ class RunConfig:
                                         "{text}", optional(TEMPLATE))
     options: list | None = option(None, "user classification task: comma-separated answer "
                                         "words (negative,positive becomes ' negative', "
-                                        "' positive')", optional(STRINGS), parse=options_list,
+                                        "' positive')", optional(OPTIONS), parse=options_list,
                                   metavar="WORDS")
-    text_column: str = option("text", "column of the text in a task file", STRING)
-    label_column: str = option("label", "column of the label in a task file", STRING)
+    text_column: str = option("text", "column of the text in a task file", NAME)
+    label_column: str = option("label", "column of the label in a task file", NAME)
     block_size: int = option(128, "LM tasks: tokens per block", POSITIVE_INT)
     threads: int | None = option(None, "torch threads (default: torch's count, lowered to the "
                                        "cores other processes leave free)",
@@ -198,7 +214,7 @@ class RunConfig:
                                               "authors' code), paper (query and value), "
                                               "lora, all, or a regex of parameter names "
                                               "(default per --train: full code, lora lora, "
-                                              "head and norms all)", optional(STRING),
+                                              "head and norms all)", optional(DIZO_SET),
                                         metavar="SET")
     checkpoint_every: int | None = option(None, "steps between checkpoints (default per "
                                                 f"--train: {_per_mode(DEFAULT_CHECKPOINT_EVERY)}"

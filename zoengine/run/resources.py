@@ -38,11 +38,30 @@ def load_model(spec: str, dtype: str | torch.dtype = torch.float32, *, log=log):
 
     from zoengine.loading import load_pretrained
 
-    tok = AutoTokenizer.from_pretrained(spec)
+    tok = _load_tokenizer(AutoTokenizer, spec)
     model = load_pretrained(spec, dtype, log=log)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return model, tok
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tokenizer_config.json")
+
+
+def _load_tokenizer(auto, spec: str):
+    """The folder's tokenizer, or a ``--model`` error that says what is missing (transformers
+    says "install sentencepiece" for a folder that holds no tokenizer at all)."""
+    present = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(spec, f))]
+    if not present:
+        raise TaskError("--model", f"{spec!r} holds no tokenizer (none of "
+                                   f"{', '.join(TOKENIZER_FILES)}): copy the base model's "
+                                   "tokenizer files into it (tokenizer.save_pretrained)")
+    try:
+        return auto.from_pretrained(spec)
+    except Exception as exc:  # noqa: BLE001 - transformers raises bare Exception/ValueError/OSError
+        raise TaskError("--model", f"the tokenizer in {spec!r} ({', '.join(present)}) cannot "
+                                   f"load: {type(exc).__name__}: {exc}") from None
 
 
 def auto_threads() -> int:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from zoengine.checks import TEMPLATE
+
 CORPORA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "corpora")
 SENTIMENT_TEMPLATE = "Tweet: {text}\nSentiment:"  # best dev accuracy of 3 templates (feasibility §1)
 
@@ -138,7 +140,26 @@ def _load_table(path: str, *, encoding: str | None = None):
     kw = {"encoding": encoding} if encoding else {}
     if ext == "tsv":
         kw["sep"] = "\t"
-    return load_dataset(builder, data_files=path, split="train", keep_in_memory=True, **kw)
+    if os.path.getsize(path) == 0:
+        raise TaskError("--task", f"{path!r} is empty: a table needs a header row and data rows")
+    try:
+        return load_dataset(builder, data_files=path, split="train", keep_in_memory=True, **kw)
+    except Exception as exc:  # noqa: BLE001 - datasets wraps the cause (DatasetGenerationError)
+        raise TaskError("--task", f"{path!r}: cannot be read as .{ext}: {_root_cause(exc)}"
+                        ) from None
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost cause of a ``datasets`` error, in words (a file that is not UTF-8 says
+    so: ``datasets`` reads text as UTF-8)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    if isinstance(exc, UnicodeDecodeError):
+        return (f"not UTF-8 (byte {exc.object[exc.start:exc.start + 1]!r} at offset "
+                f"{exc.start}); re-save the file as UTF-8")
+    hint = "; the file is probably not UTF-8: re-save it as UTF-8" if "utf" in str(exc).lower() \
+        else ""
+    return f"{type(exc).__name__}: {exc}{hint}"
 
 
 def tweet_sentiment(*, n_classes: int = 2, seed: int = 0, n_dev: int = 100,
@@ -223,8 +244,8 @@ def task_from_file(path: str, *, seed: int = 0, template: str | None = None,
     if len(options) < 2:
         raise TaskError("--options", f"{options!r}: need at least 2 options")
     template = template or "{text}"
-    if "{text}" not in template:
-        raise TaskError("--template", f"{template!r} must contain the placeholder {{text}}")
+    if not TEMPLATE.accepts(template):
+        raise TaskError("--template", f"{template!r}: {TEMPLATE.describe()}")
     by_text = {o.strip(): i for i, o in enumerate(options)}
     labels = []
     for v in column(table, label_column):
