@@ -64,8 +64,13 @@ METHODS = _methods()
 
 def _train(m, make, masks, backend, steps=STEPS):
     _PROJ[0] = _closure(m, seed=9)
-    opt = make(m.named_parameters(), lr=2e-3, eps=1e-2, weight_decay=0.1, masks=masks,
-               backend=backend)
+    try:
+        opt = make(m.named_parameters(), lr=2e-3, eps=1e-2, weight_decay=0.1, masks=masks,
+                   backend=backend)
+    except ValueError as exc:  # PeZO's reused/windowed numbers: reference kernels only
+        if backend != "reference" and "reference kernels only" in str(exc):
+            pytest.skip(f"refused as it should be (tests/test_bad_input.py): {exc}")
+        raise
     for s in range(steps):
         opt.step(_closure(m, seed=s))
     return opt
