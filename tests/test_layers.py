@@ -19,7 +19,8 @@ LAYERS = [
     ("zoengine.faults", 0),  # crash points for recovery tests: stdlib only
     ("zoengine.checks", 0),  # the configurations' value checks: stdlib only
     ("zoengine.extras", 0),  # optional dependencies and their error: stdlib only
-    ("zoengine.architectures", 0),  # what each architecture calls its parts: stdlib only
+    ("zoengine.architectures", 0),
+    ("zoengine.hashing", 0),  # a file's SHA-256: stdlib only  # what each architecture calls its parts: stdlib only
     ("zoengine.kernels", 1),
     ("zoengine.noise", 2),  # the contract's public face: generate() over the kernels
     ("zoengine.optim", 2),
@@ -28,7 +29,7 @@ LAYERS = [
     ("zoengine.models", 3),
     ("zoengine.loading", 3),  # model folders read with one copy of the weights
     ("zoengine.journal", 3),
-    ("zoengine.storage", 3),  # run folders on disk: imports only zoengine.faults
+    ("zoengine.storage", 3),  # run folders on disk: imports only zoengine.faults, .hashing
     ("zoengine.distributed", 3),
     ("zoengine.run", 4),
     ("zoengine.hf", 5),

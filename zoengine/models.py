@@ -12,7 +12,6 @@ on every load (~1 s): a damaged copy is converted again, never used.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -21,6 +20,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from zoengine.hashing import sha256_file
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,11 +75,7 @@ def _converted_folder(dtype: torch.dtype) -> Path | None:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)[1]
 
 
 def _intact(folder: Path) -> bool:

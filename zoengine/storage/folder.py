@@ -24,6 +24,7 @@ import weakref
 from collections.abc import Callable
 
 from zoengine.faults import crashpoint
+from zoengine.hashing import sha256_file
 from zoengine.storage import fsio
 from zoengine.storage.checkpoint import (
     CHECKPOINT_FILES,
@@ -267,7 +268,7 @@ class RunFolder:
     def _journal_info(self, records: int | None) -> dict | None:
         if not os.path.exists(self.journal_path):
             return None
-        size, digest = fsio.sha256_file(self.journal_path)
+        size, digest = sha256_file(self.journal_path)
         return {"records": records, "size": size, "sha256": digest}
 
     def _save_error(self, exc: BaseException, what: str, body: dict) -> BaseException:

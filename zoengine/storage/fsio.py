@@ -125,16 +125,6 @@ def atomic_write(path: str, data: bytes) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def sha256_file(path: str) -> tuple[int, str]:
-    """(size in bytes, SHA-256 hex digest) of a file, read in 1 MiB chunks."""
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
-
-
 def sha256_prefix(path: str, size: int) -> str | None:
     """SHA-256 of the first ``size`` bytes of ``path``; None when the file is shorter."""
     h, left = hashlib.sha256(), size

@@ -22,7 +22,8 @@ import socket
 import time
 
 from zoengine.faults import crashpoint
-from zoengine.storage.fsio import fsync_dir, sha256_file, tmp_name, write_bytes
+from zoengine.hashing import sha256_file
+from zoengine.storage.fsio import fsync_dir, tmp_name, write_bytes
 
 MANIFEST = "manifest.json"
 FORMAT = "zoengine-manifest/1"

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from zoengine.hashing import sha256_file
 from zoengine.tasks.data import TaskError
 
 FORMAT, VERSION, HEADER = "zoengine-kd-cache", 1, "header.json"
@@ -78,14 +79,6 @@ def blocks_sha256(blocks) -> str:
     a = np.ascontiguousarray(torch.as_tensor(blocks).cpu().numpy().astype("<i8"))
     h = hashlib.sha256(f"{tuple(a.shape)}".encode())
     h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -172,7 +165,7 @@ def _write_arrays(model, blocks, tmp, *, k, dtype, **kw) -> dict:
         f = os.path.join(tmp, name + ".npy")
         _fsync(f)
         files[name] = {"dtype": dt.name, "shape": list(shape), "bytes": os.path.getsize(f),
-                       "sha256": _sha256_file(f)}
+                       "sha256": sha256_file(f)[1]}
     return {"files": files, **stats}
 
 
@@ -260,7 +253,7 @@ def _open_array(path: str, name: str, dt, shape, meta: dict, verify: bool) -> np
     if size != meta.get("bytes"):
         raise KDCacheError(f"{where} has {size} bytes, the header says {meta.get('bytes')}: "
                            "missing, truncated or replaced; delete the folder to rebuild it")
-    if verify and _sha256_file(f) != meta.get("sha256"):
+    if verify and sha256_file(f)[1] != meta.get("sha256"):
         raise KDCacheError(f"{where} is corrupt (its SHA-256 differs from the header's); "
                            "delete the folder to rebuild the cache")
     try:
