@@ -73,23 +73,28 @@ def batch(seed: int = 3, shape=(3, 9)) -> torch.Tensor:
     return torch.randint(1, VOCAB, shape, generator=g)
 
 
-def save(name: str, folder: str, seed: int = 0) -> str:
-    """The zoo model ``name`` and a word-level tokenizer of VOCAB entries (the words the CLI
-    tests use first), saved as a local Hugging Face model folder."""
+def save_word_tokenizer(folder: str, size: int | None = None) -> None:
+    """The CLI tests' word-level tokenizer (test_cli.WORDS first, then fillers ``w<i>`` up to
+    ``size`` entries), saved into ``folder``."""
     from test_cli import WORDS
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(WORDS)}
-    vocab.update({f"w{i}": i for i in range(len(WORDS), VOCAB)})
+    vocab.update({f"w{i}": i for i in range(len(WORDS), size or len(WORDS))})
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.normalizer = normalizers.Lowercase()
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>",
-                                  eos_token="<eos>")
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>",
+                            eos_token="<eos>").save_pretrained(folder)
+
+
+def save(name: str, folder: str, seed: int = 0) -> str:
+    """The zoo model ``name`` and a word-level tokenizer of VOCAB entries, saved as a local
+    Hugging Face model folder."""
     model = build(name, seed)
     for key, value in (("pad_token_id", 0), ("eos_token_id", 2), ("bos_token_id", 2)):
         setattr(model.config, key, value)
     model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    save_word_tokenizer(folder, VOCAB)
     return folder

@@ -15,6 +15,7 @@ import zlib
 
 import pytest
 import torch
+from archs import save_word_tokenizer
 from safetensors.torch import load_file
 from test_cli import WORDS, make_tiny_model, make_tiny_task, tiny_args
 
@@ -23,17 +24,6 @@ from zoengine.cli import main
 from zoengine.optim.journal_file import Layout
 
 torch.set_num_threads(1)
-
-
-def _tokenizer(folder: str) -> None:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>",
-                            eos_token="<eos>").save_pretrained(folder)
 
 
 def _make_model(folder: str, arch: str) -> str:
@@ -53,7 +43,7 @@ def _make_model(folder: str, arch: str) -> str:
         model = GPT2LMHeadModel(GPT2Config(vocab_size=len(WORDS), n_embd=32, n_layer=2,
                                            n_head=4, n_positions=256, **ids))
     model.save_pretrained(folder)
-    _tokenizer(folder)
+    save_word_tokenizer(folder)
     return folder
 
 
