@@ -47,3 +47,18 @@ def test_python_dash_m_runs_the_cli(tmp_path):
     res = subprocess.run([sys.executable, "-m", "zoengine", "--help"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "zoengine" in res.stdout
+
+
+def test_every_package_folder_is_listed_for_installation():
+    """pyproject's explicit ``packages`` list must name every folder with an __init__.py: a
+    missing one installs fine in editable mode and is absent from a wheel (zoengine.storage
+    once was)."""
+    import pathlib
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    found = {".".join(p.parent.relative_to(root).parts)
+             for p in (root / "zoengine").rglob("__init__.py")}
+    assert found == listed

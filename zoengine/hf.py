@@ -8,10 +8,9 @@ the training logs carry the projected gradient (``projected_grad``, ``projected_
 instead of the Trainer's ``grad_norm`` (``ProjectedGradLog``).
 
 The ZO optimizer is built from the method registry (``zoengine.optim.create``) and stored as
-``trainer.optimizer``, so the Trainer saves its ``state_dict()`` (master seed, step counter:
-the ZO state) in every checkpoint and restores it on resume, and LR schedulers drive its
-``param_groups``. When the loop later calls ``optimizer.step()`` without a closure, that call is a
-no-op: the step already happened inside ``training_step``.
+``trainer.optimizer``: the Trainer saves its ``state_dict()`` (the ZO state) in checkpoints and
+restores it on resume, LR schedulers drive its ``param_groups``, and the loop's own
+``optimizer.step()`` without a closure is a no-op (the step happened in ``training_step``).
 
 Example:
     >>> args = ZOTrainingArguments("out", zo_method="mezo", learning_rate=1e-6, zo_eps=1e-3,
@@ -51,6 +50,8 @@ class ZOTrainingArguments(TrainingArguments):
 
     zo_method: str = field(default="mezo", metadata={"help": "method from zoengine's registry"})
     zo_eps: float = field(default=1e-3, metadata={"help": "perturbation scale ε"})
+    zo_update: str | None = field(default=None, metadata={"help": "update rule: sgd, momentum, "
+                                  "sign, adam or conservative (None: the method's)"})
     zo_seed: int | None = field(default=None,
                                 metadata={"help": "master seed of the noise (default: seed)"})
     zo_kwargs: dict | None = field(default=None,
@@ -65,13 +66,13 @@ class ZOTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        # the checks RunConfig's --method, --perturbation, --eps and --seed use
-        # (zoengine.checks): a bad value gets the same words here as on the command line
+        # RunConfig's checks (zoengine.checks): the same words here as on the command line
         from zoengine.checks import BOOL, NONNEGATIVE_INT, POSITIVE_NUMBER, one_of, optional
         from zoengine.optim import available_methods
-        from zoengine.run.config import PERTURBATIONS
+        from zoengine.run.config import PERTURBATIONS, UPDATES
 
         one_of(available_methods)("zo_method", self.zo_method)
+        optional(one_of(UPDATES))("zo_update", self.zo_update)
         one_of(PERTURBATIONS)("zo_perturbation", self.zo_perturbation)
         POSITIVE_NUMBER("zo_eps", self.zo_eps)
         optional(NONNEGATIVE_INT)("zo_seed", self.zo_seed)
@@ -84,9 +85,7 @@ def _closure_only(opt):
     real_step = opt.step
 
     def step(closure=None):
-        if closure is None:
-            return None
-        return real_step(closure)
+        return None if closure is None else real_step(closure)
 
     opt.step = step
     return opt
@@ -333,6 +332,7 @@ class ZOTrainer(Trainer):
                 "seed": a.seed if zo_seed is None else zo_seed,
                 **({"perturbation": "virtual"}
                    if getattr(a, "zo_perturbation", "inplace") == "virtual" else {}),
+                **({"update": a.zo_update} if getattr(a, "zo_update", None) else {}),
                 **(getattr(a, "zo_kwargs", None) or {})})
         elif self.optimizer is not None and not hasattr(self.optimizer, "require_closure"):
             raise TypeError("ZOTrainer needs a zoengine ZO optimizer (closure contract); got "

@@ -162,7 +162,8 @@ class DiZO(ZO):
         self._batch_source = None if given is None else ProjectionClosure(given)
 
     def extra_evaluations(self) -> int:
-        return 2 * self.search_iters  # two evaluations per search iteration
+        # two per search iteration, beside the update rule's own (conservative: three)
+        return super().extra_evaluations() + 2 * self.search_iters
 
     def projected_count(self) -> int:
         return len(self.projected)

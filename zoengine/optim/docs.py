@@ -66,6 +66,18 @@ masks: sparsity masks: ``None``, ``"zeros"`` (keep the weights that are exactly 
     "stochastic_rounding": """
 stochastic_rounding (bool): round fp16/bf16 updates stochastically (unbiased), so updates
     below half an ulp are not lost; fp32/fp64 weights are unaffected (default False).""",
+    "update": """
+update (str): how the estimate ĝ = (1/n)·Σ g_k z_k moves θ: ``"sgd"`` (default, fused with
+    the restore pass), ``"momentum"``, ``"sign"``, ``"adam"`` (torch.optim.SGD-momentum,
+    sign-SGD and Adam arithmetic on ĝ + λθ; one, zero and two buffers of the trainable size)
+    or ``"conservative"`` (three more forwards: keep the best of θ, θ ∓ lr·ĝ); ZO-Bench's
+    ZO-SGD, -MMT, -Sign, -Adam, -Cons (docs/methods/updates.md).""",
+    "momentum": """
+momentum (float): μ of ``update="momentum"``, in [0, 1) (default 0.9).""",
+    "betas": """
+betas (tuple): Adam's (β1, β2) for ``update="adam"`` (default (0.9, 0.999)).""",
+    "adam_eps": """
+adam_eps (float): Adam's ε in the denominator (default 1e-8; not the perturbation ε).""",
 }
 
 # The engine features: not constructor arguments (docs/reliability.md, docs/virtual.md,

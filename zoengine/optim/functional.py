@@ -118,6 +118,16 @@ def _compute_max(dtype: torch.dtype) -> float:
     return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max
 
 
+def check_finite_grads(groups: Sequence[ZOGroup], grads: list[list[float]], step: int) -> None:
+    """Raise ``NonFiniteUpdateError`` when a projected gradient is NaN/inf (nothing written)."""
+    for g, gk in zip(groups, grads):
+        bad = [v for v in gk if not math.isfinite(v)]
+        if bad:
+            raise NonFiniteUpdateError(
+                f"step {step}: the projected gradient g={bad[0]!r} (param_groups[{g.index}], "
+                f"ε={g.eps!r}) is not finite; the update was not applied", lr=g.lr, group=g.index)
+
+
 def check_update(groups: Sequence[ZOGroup], grads: list[list[float]], radius: float,
                  n_samples: int, zb: float, step: int) -> None:
     """Refuse an update that could write NaN/inf: g must be finite, lr must be representable
@@ -126,12 +136,8 @@ def check_update(groups: Sequence[ZOGroup], grads: list[list[float]], radius: fl
     intermediates). max|θ| is scanned only when the bound without it is within 2^-10 of that
     value, or lr·wd >= 1 (never for sane hyper-parameters). Raises ``NonFiniteUpdateError``
     before anything is written."""
+    check_finite_grads(groups, grads, step)
     for g, gk in zip(groups, grads):
-        bad = [v for v in gk if not math.isfinite(v)]
-        if bad:
-            raise NonFiniteUpdateError(
-                f"step {step}: the projected gradient g={bad[0]!r} (param_groups[{g.index}], "
-                f"ε={g.eps!r}) is not finite; the update was not applied", lr=g.lr, group=g.index)
         coef = sum(abs(v) for v in gk) / n_samples
         back = g.eps * abs(radius) * zb
         move = g.lr * coef * zb
@@ -272,6 +278,7 @@ def zo_step(
     project: Callable[[int, float], float] = _identity,
     stochastic_rounding: bool = False,
     exchange=None,
+    update=None,
 ) -> StepResult:
     """One two-point ZO step with n samples, in place.
 
@@ -282,9 +289,9 @@ def zo_step(
     θ ← θ − lr·(1/n·Σ_k g_k z_k + wd·θ). Earlier samples are restored by a plain pass. Only
     scalars survive between passes: no z, no copy of θ, no gradient buffer. ``ops`` provides
     ``perturb_``/``restore_update_`` (a kernels backend, or a reuse source for PeZO);
-    ``stochastic_rounding`` rounds fp16/bf16 updates stochastically (Philox stream word 1);
-    ``exchange`` (an ``optim.exchange.ScalarExchange``) shares the loss scalars between
-    data-parallel ranks (docs/distributed.md).
+    ``stochastic_rounding``: fp16/bf16 updates rounded stochastically (Philox word 1);
+    ``exchange`` (``optim.exchange.ScalarExchange``) shares the loss scalars between ranks;
+    ``update``: an ``optim.updates.RuleStep`` instead of the fused SGD update.
 
     If the closure raises, the perturbation in place is undone before the exception
     propagates. A NaN/inf loss undoes it, checks that the weights are finite again, then raises
@@ -309,9 +316,14 @@ def zo_step(
             return _result(walk, float("nan"), [], [], skipped=True)
         raise NonFiniteLossError(f"{exc}; {report}") from None
     grads = [[project(k, d / g.eps) for k, d in enumerate(half)] for g in groups]
-    _apply_update(walk, grads, seed=seed, radius=radii[-1], n_samples=n_samples,
-                  stochastic_rounding=stochastic_rounding)
-    return _result(walk, sum(walk.losses) / len(walk.losses), half, grads)
+    loss = sum(walk.losses) / len(walk.losses)  # the 2n evaluations, not a rule's extra
+    applied = _apply_update(walk, grads, seed=seed, radius=radii[-1], n_samples=n_samples,
+                            stochastic_rounding=stochastic_rounding, update=update)
+    if not applied and nonfinite != "skip":
+        raise NonFiniteLossError(f"closure returned a non-finite loss at θ (step {step}, the "
+                                 "update rule's evaluation); weights restored")
+    return _result(walk, loss, half, grads) if applied else _result(
+        walk, float("nan"), [], [], skipped=True)
 
 
 def _refuse_lr(groups: Sequence[ZOGroup], step: int) -> None:
@@ -327,24 +339,31 @@ def _refuse_lr(groups: Sequence[ZOGroup], step: int) -> None:
 
 
 def _apply_update(walk: _Walk, grads: list[list[float]], *, seed: int, radius: float,
-                  n_samples: int, stochastic_rounding: bool) -> None:
+                  n_samples: int, stochastic_rounding: bool, update=None) -> bool:
     """The step's update, checked, then applied: an update ``check_update`` refuses undoes the
     last sample's −εr z (as after a NaN loss) and raises ``NonFiniteUpdateError``; otherwise
     one pass per group restores the last sample and applies θ ← θ − lr·(1/n·Σ_k g_k z_k +
-    wd·θ)."""
+    wd·θ), or ``update`` (an update rule) restores and applies its own. Returns False when
+    the rule applied nothing (a non-finite loss at θ in its own evaluations)."""
     groups, ops, step, dist = walk.groups, walk.ops, walk.step, walk.dist
     try:
-        check_update(groups, grads, radius, n_samples, z_bound(ops, dist), step)
+        if update is None:
+            check_update(groups, grads, radius, n_samples, z_bound(ops, dist), step)
+        else:
+            update.check(walk, grads, radius, z_bound(ops, dist))
     except NonFiniteUpdateError as exc:
         walk.undo()  # the last sample's −εz, as after a NaN loss
         raise NonFiniteUpdateError(f"{exc}; {walk.restore_report()}", lr=exc.lr,
                                    group=exc.group) from None
+    if update is not None:
+        return update.apply(walk, grads, radius)
     for g, gk in zip(groups, grads):
         ops.restore_update_(g.params, g.keys, seed=seed, step=step,
                             eps=g.eps * radius, lr=g.lr,
                             grads=[v / n_samples for v in gk], restore_sample=n_samples - 1,
                             weight_decay=g.weight_decay, dist=dist, masks=g.masks, **_offsets(g),
                             **({"stochastic_rounding": True} if stochastic_rounding else {}))
+    return True
 
 
 def _offsets(g: ZOGroup) -> dict:

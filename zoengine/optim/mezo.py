@@ -6,7 +6,7 @@ from zoengine.kernels.philox import DISTRIBUTIONS
 from zoengine.optim.base import check_choice
 from zoengine.optim.docs import shared_docs
 from zoengine.optim.registry import register_method
-from zoengine.optim.zo import ZO, ZO_OWN
+from zoengine.optim.zo import UPDATE_OWN, ZO, ZO_OWN
 
 
 @shared_docs
@@ -26,7 +26,7 @@ class MeZO(ZO):
 
     Args:
         {args: params lr eps weight_decay seed n_samples dist backend nonfinite masks}
-        {args: stochastic_rounding}
+        {args: stochastic_rounding update momentum betas adam_eps}
 
     {engine}
 
@@ -47,11 +47,14 @@ class MeZO(ZO):
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  *, seed: int = 0, n_samples: int = 1, dist: str = "normal",
                  backend: str | None = None, nonfinite: str = "raise", masks=None,
-                 stochastic_rounding: bool = False, **deprecated):
+                 stochastic_rounding: bool = False, update: str = "sgd", momentum: float = 0.9,
+                 betas=(0.9, 0.999), adam_eps: float = 1e-8, **deprecated):
         super().__init__(params, lr, eps, weight_decay,
                          **self.zo_options(dist=dist, seed=seed, n_samples=n_samples,
                                            backend=backend, nonfinite=nonfinite, masks=masks,
-                                           stochastic_rounding=stochastic_rounding),
+                                           stochastic_rounding=stochastic_rounding,
+                                           update=update, momentum=momentum, betas=betas,
+                                           adam_eps=adam_eps),
                          **deprecated)
 
     def hyperparameters(self) -> dict:
@@ -59,7 +62,8 @@ class MeZO(ZO):
         options."""
         h = super().hyperparameters()
         for k in ZO_OWN:
-            h.pop(k)
+            if k not in UPDATE_OWN:  # the update rule is MeZO's too (MeZO-momentum, -Adam)
+                h.pop(k)
         return {**h, "dist": self.noise}
 
     @classmethod

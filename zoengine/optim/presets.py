@@ -5,6 +5,7 @@ from __future__ import annotations
 from zoengine.optim.base import check_choice
 from zoengine.optim.docs import shared_docs
 from zoengine.optim.registry import register_method
+from zoengine.optim.updates import ZO_BENCH_NAMES
 from zoengine.optim.zo import NOISES, ZO
 
 REUSE_MODES = ("pool", "rotate", None)
@@ -117,3 +118,5 @@ register_method("kerzoo", KerZOO)
 register_method("pezo", PeZO)
 register_method("pezo-rotate", PeZO, reuse="rotate")
 register_method("kerzoo+pezo", ZO, noise="pool", estimator="kernel")
+for _name, _update in ZO_BENCH_NAMES.items():  # ZO-Bench's optimizers, by its names
+    register_method(_name, ZO, update=_update)

@@ -34,6 +34,8 @@ from zoengine.optim.docs import shared_docs
 from zoengine.optim.estimators import KERNELS, clip_value, kernel_weight, scalar_uniform
 from zoengine.optim.exchange import RecordedExchange
 from zoengine.optim.functional import StepResult, ZOGroup, zo_step
+from zoengine.optim.update_api import UpdateRules, check_update_options
+from zoengine.optim.updates import update_bytes
 from zoengine.optim.virtual import VirtualModel, check_perturbation
 from zoengine.optim.virtual_api import VirtualPerturbation
 from zoengine.optim.virtual_ops import VirtualOps
@@ -44,10 +46,12 @@ SCALINGS = ("adaptive", "static")
 # ZO's options that decide z, the estimator and the accounting (``ZO.zo_options``).
 ZO_DEFAULTS = dict(noise="normal", estimator="spsa", kernel_order=3, r_range=1.0, clip=None,
                    pool_size=1 << 16, lanes=64, scaling="adaptive", n_samples=1,
-                   stochastic_rounding=False)
+                   stochastic_rounding=False, update="sgd", momentum=0.9, betas=(0.9, 0.999),
+                   adam_eps=1e-8)
 # ZO's own keywords beyond the base's (presets translate them: MeZO's ``dist`` is ``noise``)
+UPDATE_OWN = ("update", "momentum", "betas", "adam_eps")
 ZO_OWN = ("noise", "estimator", "kernel_order", "r_range", "clip", "pool_size", "lanes",
-          "scaling")
+          "scaling", *UPDATE_OWN)
 # max |z| of each source (normal: the contract's cut at sqrt(50 ln 2); adaptive rotate: a
 # window's RMS normalisation bounds |z| by sqrt(window); hardware models: a loose bound).
 _Z_BOUND = {"normal": math.sqrt(50 * math.log(2)), "uniform": SQRT3_F32, "rademacher": 1.0,
@@ -56,7 +60,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 @shared_docs
-class ZO(VirtualPerturbation, ZOOptimizer):
+class ZO(UpdateRules, VirtualPerturbation, ZOOptimizer):
     r"""Two-point zeroth-order optimizer with a pluggable noise source and estimator.
 
     .. math::
@@ -70,7 +74,7 @@ class ZO(VirtualPerturbation, ZOOptimizer):
     Args:
         {args: params lr eps weight_decay noise estimator kernel_order r_range clip}
         {args: pool_size lanes scaling seed n_samples backend nonfinite masks}
-        {args: stochastic_rounding}
+        {args: stochastic_rounding update momentum betas adam_eps}
 
     {engine}
 
@@ -91,8 +95,12 @@ class ZO(VirtualPerturbation, ZOOptimizer):
                  r_range: float = 1.0, clip: float | None = None, pool_size: int = 1 << 16,
                  lanes: int = 64, scaling: str = "adaptive", seed: int = 0, n_samples: int = 1,
                  backend: str | None = None, nonfinite: str = "raise", masks=None,
-                 stochastic_rounding: bool = False, **deprecated):
+                 stochastic_rounding: bool = False, update: str = "sgd", momentum: float = 0.9,
+                 betas=(0.9, 0.999), adam_eps: float = 1e-8, **deprecated):
         engine = engine_keywords(type(self).__name__, deprecated)
+        self.update = check_update_options(update, momentum, betas, adam_eps,
+                                           stochastic_rounding=stochastic_rounding,
+                                           weight_decay=weight_decay)
         self._hw = self._check_options(noise, estimator, kernel_order, r_range, clip,
                                        pool_size, lanes, scaling, stochastic_rounding)
         check_perturbation(engine["perturbation"], engine["model"])
@@ -115,6 +123,7 @@ class ZO(VirtualPerturbation, ZOOptimizer):
         self.pool_size, self.lanes, self.scaling = pool_size, lanes, scaling
         if noise == "pool":
             self.state["zo"].update(self._make_pool(seed))
+        self.state["zo"]["update_steps"] = 0  # updates applied (Adam's bias correction)
         for i, g in enumerate(self.param_groups):  # an ε that never moves them: refused
             check_eps_floor("eps" if g["eps"] == eps else f"param_groups[{i}]['eps']", g["eps"],
                             [p for p in g["params"] if p.requires_grad], warn=True)
@@ -177,13 +186,17 @@ class ZO(VirtualPerturbation, ZOOptimizer):
         return {**super().hyperparameters(), "noise": self.noise, "estimator": self.estimator,
                 "kernel_order": self.kernel_order, "r_range": self.r_range, "clip": self.clip,
                 "pool_size": self.pool_size, "lanes": self.lanes, "scaling": self.scaling,
-                "stochastic_rounding": self.stochastic_rounding}
+                "stochastic_rounding": self.stochastic_rounding, "update": self.update.name,
+                "momentum": self.update.momentum, "betas": list(self.update.betas),
+                "adam_eps": self.update.adam_eps}
 
     def _run_config(self) -> dict:
         cfg = {**super()._run_config(), "noise": self.noise, "estimator": self.estimator,
                "clip": self.clip, "stochastic_rounding": self.stochastic_rounding}
         if self.perturbation != "inplace":  # absent by default: older checkpoints still load
             cfg["perturbation"] = self.perturbation
+        if not self.update.fused:  # absent for sgd: older checkpoints still load
+            cfg.update(update=self.update.name, **self.update.options())
         if self.estimator == "kernel":
             cfg.update(kernel_order=self.kernel_order, r_range=self.r_range)
         if self.noise == "pool":
@@ -309,8 +322,10 @@ class ZO(VirtualPerturbation, ZOOptimizer):
                          n_samples=self.n_samples, dist=self.dist, nonfinite=self.nonfinite,
                          radius=radius, project=project,
                          stochastic_rounding=self.stochastic_rounding,
-                         exchange=exchange or self._exchange)
+                         exchange=exchange or self._exchange, update=self._rule_step(groups))
         zo["step"] += 1
+        if not result.skipped:
+            zo["update_steps"] = zo.get("update_steps", 0) + 1
         if self._exchange is not None:  # the drift guard, every check_every steps
             self._exchange.after_step(zo["step"], (p for g in groups for p in g.params))
         if self.noise == "pool":
@@ -338,15 +353,19 @@ class ZO(VirtualPerturbation, ZOOptimizer):
     @classmethod
     def memory_extras(cls, *, trainable_numel: int = 0, dtype_bytes: int = 4,
                       masked_numel: int = 0, largest_masked: int = 0, projected_numel: int = 0,
-                      **options) -> dict:
+                      largest_numel: int = 0, **options) -> dict:
         """Persistent bytes beyond the weights for this class with ``options`` (its
-        constructor's keywords): the base's kernels and masks and PeZO's pool (4 bytes a
-        number); ``projected_numel`` is for a class that keeps anchors (DiZO adds them)."""
+        constructor's keywords): the base's kernels and masks, PeZO's pool (4 bytes a
+        number), the update rule's buffers (``update_buffers``: momentum one, Adam two per
+        trainable number, fp32 or wider) and its transient estimate of the largest tensor
+        (``update_scratch``, with ``largest_numel``); ``projected_numel`` is for a class
+        that keeps anchors (DiZO adds them)."""
         out = super().memory_extras(trainable_numel=trainable_numel, dtype_bytes=dtype_bytes,
                                     masked_numel=masked_numel, largest_masked=largest_masked)
         opts = cls.zo_options(**options)
         if opts["noise"] == "pool":
             out["pezo_pool"] = 4 * opts["pool_size"]
+        out.update(update_bytes(opts["update"], trainable_numel, largest_numel, dtype_bytes))
         return out
 
     @classmethod

@@ -16,6 +16,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from zoengine.checks import (
     BOOL,
+    EXISTING_DIR,
     FRACTION,
     NAME,
     NONNEGATIVE_INT,
@@ -35,11 +36,12 @@ from zoengine.checks import (
     parsed_by,
 )
 
-# The choices of three flags, here rather than with their owners (optim/virtual.py, run/kd.py,
-# run/lora.py) so that building the parser (`zoengine --help`) imports no torch: 0.7 s instead
+# The choices of four flags, here rather than with their owners (optim/virtual.py, run/kd.py,
+# run/lora.py, optim/updates.py) so that building the parser (`zoengine --help`) imports no torch: 0.7 s instead
 # of 3-6 s. tests/test_config.py checks PERTURBATIONS equals optim.virtual's.
 PERTURBATIONS = ("inplace", "virtual")
 OBJECTIVES = ("lm", "kd", "kd+lm")
+UPDATES = ("sgd", "momentum", "sign", "conservative", "adam")  # = optim.updates.UPDATES
 LORA_SCALINGS = ("lora", "rslora")
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -85,6 +87,18 @@ def _bundled():
     return tuple(BUNDLED)
 
 
+def _file_tasks():
+    """The tasks read from ``--data-dir`` (MeZO's suite and any registered later)."""
+    from zoengine.tasks import FILE_TASKS
+
+    return tuple(FILE_TASKS)
+
+
+def split_sizes(s: str) -> list[int]:
+    """``--split-sizes 1000,500,1000`` -> [1000, 500, 1000] (train, dev, test)."""
+    return [int(x) for x in s.split(",")]
+
+
 def _prune_spec(v):
     from zoengine.sparsity import parse_prune_spec
 
@@ -101,8 +115,13 @@ METHOD = one_of(_methods)
 MODEL = Check(lambda v: v == DEFAULT_MODEL or (isinstance(v, str) and v.strip() != "" and
                                                os.path.isfile(os.path.join(v, "config.json"))),
               f"not {DEFAULT_MODEL!r} and not a local Hugging Face model folder with config.json")
-TASK = Check(lambda v: isinstance(v, str) and (v in _bundled() or os.path.isfile(v)),
-             lambda: f"neither a bundled task ({', '.join(_bundled())}) nor an existing file")
+TASK = Check(lambda v: isinstance(v, str) and (v in _bundled() or v in _file_tasks()
+                                               or os.path.isfile(v)),
+             lambda: f"neither a bundled task ({', '.join(_bundled())}), a task read from "
+                     f"--data-dir ({', '.join(_file_tasks())}) nor an existing file")
+SPLIT_SIZES = Check(lambda v: isinstance(v, (list, tuple)) and len(v) == 3
+                    and all(POSITIVE_INT.ok(x) for x in v),
+                    "must be three integers > 0: TRAIN,DEV,TEST (e.g. 1000,500,1000)")
 
 
 def _regex_ok(v) -> bool:
@@ -146,9 +165,24 @@ class RunConfig:
     model: str = option(DEFAULT_MODEL, "the embedded model, or a local Hugging Face model folder "
                                        "(config.json + weights + tokenizer)", MODEL)
     task: str = option("sentiment", "sentiment | sentiment3 | shakespeare | a .csv/.tsv/.json/"
-                                    ".jsonl/.parquet/.txt file", TASK)
+                                    ".jsonl/.parquet/.txt file | a task read from --data-dir: "
+                                    "sst2, rte, cb, boolq, wsc, wic, multirc, copa, record, "
+                                    "squad, drop (docs/tasks.md)", TASK)
+    data_dir: str | None = option(None, "the folder of --task sst2 ... drop: train.jsonl, "
+                                        "validation.jsonl (or save_to_disk folders) in the "
+                                        "dataset's own field names", optional(EXISTING_DIR),
+                                  metavar="DIR")
+    split_sizes: list | None = option(None, "with --data-dir: rows drawn for train, dev and "
+                                            "test (default MeZO's 1000,500,1000; cb and copa "
+                                            "1000,100,1000)", optional(SPLIT_SIZES),
+                                      parse=split_sizes, metavar="TRAIN,DEV,TEST")
     method: str = option("mezo", "ZO method from the registry (`zoengine methods` lists them)",
                          METHOD, metavar="METHOD")
+    update: str | None = option(None, "how the estimate moves the weights: sgd (the method's "
+                                      "default), momentum, sign, adam or conservative "
+                                      "(docs/methods/updates.md)", choices=UPDATES)
+    momentum: float | None = option(None, "--update momentum only: its mu (default 0.9)",
+                                    optional(FRACTION))
     train: str = option("auto", "what to train (auto: head for classification, lora for LM; "
                                 "norms: the RMSNorm/LayerNorm gains only, the fast recovery of "
                                 "a pruned model)", choices=TRAIN_MODES)
@@ -251,11 +285,34 @@ class RunConfig:
             check = f.metadata.get("check")  # every field has one (tests/test_config.py)
             if check is not None:
                 check(flag_of(f), getattr(self, f.name), field=f.name)
+        self._check_data_dir()
+        if self.momentum is not None and self.update != "momentum":
+            raise ConfigError("--momentum", self.momentum, "applies to --update momentum only",
+                              field="momentum")
         for name in ("dizo_interval", "dizo_projected"):
             if getattr(self, name) is not None and self.method != "dizo":
                 raise ConfigError("--" + name.replace("_", "-"), getattr(self, name),
                                   "applies to --method dizo only", field=name)
         return self
+
+    def _check_data_dir(self) -> None:
+        """A task read from ``--data-dir`` needs it; ``--data-dir``/``--split-sizes`` apply to
+        those tasks only."""
+        tasks = _file_tasks()
+        if self.task in tasks and self.data_dir is None:
+            raise ConfigError("--data-dir", None, f"--task {self.task} reads local files: give "
+                              "--data-dir DIR holding train.jsonl and validation.jsonl "
+                              "(docs/tasks.md)", field="data_dir")
+        for name in ("data_dir", "split_sizes"):
+            if getattr(self, name) is not None and self.task not in tasks:
+                raise ConfigError("--" + name.replace("_", "-"), getattr(self, name),
+                                  f"applies to the tasks read from --data-dir only "
+                                  f"({', '.join(tasks)}), not --task {self.task}", field=name)
+        for name in ("template", "options"):
+            if getattr(self, name) is not None and self.task in tasks:
+                raise ConfigError("--" + name, getattr(self, name), f"--task {self.task} uses "
+                                  "MeZO's template and verbalizer (docs/tasks.md); this flag "
+                                  "is for a classification file", field=name)
 
     @classmethod
     def unvalidated(cls, **values) -> RunConfig:

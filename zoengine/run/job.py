@@ -86,6 +86,10 @@ def make_optimizer(cfg: RunConfig, named_params, masks=None, distributed: str | 
                                                     "full": "code", "norms": "all"}[cfg.train]
         if cfg.dizo_interval is not None:
             extra["interval"] = cfg.dizo_interval
+    if cfg.update is not None:
+        extra["update"] = cfg.update
+    if cfg.momentum is not None:
+        extra["momentum"] = cfg.momentum
     try:
         opt = create(cfg.method, named_params, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, **extra)
     except ValueError as exc:
@@ -95,6 +99,9 @@ def make_optimizer(cfg: RunConfig, named_params, masks=None, distributed: str | 
                                                 "names, or all)") from None
         if cfg.method == "dizo" and "not a valid regex" in str(exc):
             raise TaskError("--dizo-projected", str(exc)) from None
+        if "fixes update=" in str(exc):
+            raise TaskError("--update", f"{exc}; leave --update out, or choose --method zo "
+                                        "(or mezo) with --update") from None
         raise
     if exchange is not None:
         opt.set_distributed(exchange)
@@ -160,6 +167,9 @@ def journal_fsync(value: str) -> str | int:
 
 def run_task(cfg: RunConfig):
     """The task ``cfg`` names, with its template, options, columns and block size."""
+    if cfg.data_dir is not None:  # a task read from a folder (docs/tasks.md)
+        return load_task(cfg.task, seed=cfg.seed, data_dir=cfg.data_dir,
+                         split_sizes=cfg.split_sizes)
     return load_task(cfg.task, seed=cfg.seed, template=cfg.template, options=cfg.options,
                      text_column=cfg.text_column, label_column=cfg.label_column,
                      block_size=cfg.block_size)

@@ -105,6 +105,8 @@ def run_loop(cfg, strategy: Strategy, opt: torch.optim.Optimizer, report: dict, 
 def dev_point_of(metrics: dict) -> dict:
     """The dev point of a full ``evaluate()`` result (classification or LM)."""
     dev = metrics["dev"]
+    if "metric" in dev:  # a suite task: its own metric (accuracy or f1)
+        return {f"dev_{dev['metric']}": dev[dev["metric"]]}
     if "auc" in dev:
         return {"dev_accuracy": dev["accuracy"], "dev_auc": dev["auc"]}
     return {"dev_loss": dev["loss"]}

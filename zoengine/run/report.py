@@ -59,16 +59,17 @@ def plot_curve(report: dict) -> bytes:
     a1.legend(fontsize=8)
     dev = report["curve"]["dev"]
     xs = [d["step"] for d in dev]
-    if "dev_accuracy" in dev[0]:
+    if "dev_auc" in dev[0]:
         a2.plot(xs, [d["dev_accuracy"] for d in dev], "o-", ms=3, label="dev accuracy")
         a2.plot(xs, [d["dev_auc"] for d in dev], "s-", ms=3, label="dev AUC")
         base = report["before"]["dev"].get("calibrated_accuracy")
         if base is not None:
             a2.axhline(base, ls="--", c="gray", lw=1, label="zero-shot, bias fitted on dev")
         a2.set_title("held-out dev")
-    else:
-        a2.plot(xs, [d["dev_loss"] for d in dev], "o-", ms=3, label="dev loss")
-        a2.set_title("held-out dev loss")
+    else:  # dev_loss, or a suite task's dev_accuracy / dev_f1
+        key = next(k for k in dev[0] if k.startswith("dev_"))
+        a2.plot(xs, [d[key] for d in dev], "o-", ms=3, label=key.replace("_", " "))
+        a2.set_title(f"held-out {key.replace('_', ' ')}")
     a2.set_xlabel("step")
     a2.legend(fontsize=8)
     fig.suptitle(f"{report['config']['task']} · {report['config']['train']} · "
@@ -105,6 +106,10 @@ def summary_lines(report: dict) -> list[str]:
         return [head, f"  test loss {b['test']['loss']:.4f} -> {a['test']['loss']:.4f}   "
                       f"perplexity {b['test']['perplexity']:.2f} -> {a['test']['perplexity']:.2f}",
                 *tail]
+    if "metric" in b["test"]:  # a suite task (docs/tasks.md): its metric before and after
+        m = b["test"]["metric"]
+        return [head, f"  test {m} {b['test'][m]:.4f} -> {a['test'][m]:.4f}   dev {m} "
+                      f"{b['dev'][m]:.4f} -> {a['dev'][m]:.4f}", *tail]
     g = report["gain"]
     return [head,
             "  held-out test           accuracy    AUC",

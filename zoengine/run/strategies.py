@@ -237,6 +237,10 @@ class LMStrategy(Strategy):
 def make_strategy(cfg, task, model, tok, log=print, teacher=None) -> Strategy:
     """The strategy for ``cfg.train`` on ``task`` (an LM task never trains a head);
     ``teacher``: the KD cache of ``--objective kd`` (LM tasks)."""
+    if task.kind == "suite":  # MeZO's task suite read from --data-dir (docs/tasks.md)
+        from zoengine.run.suite import SuiteStrategy
+
+        return SuiteStrategy(cfg, task, model, tok, log)
     if task.kind == "lm":
         if cfg.train == "head":
             raise TaskError("--train", "head trains classification options; an LM task needs "

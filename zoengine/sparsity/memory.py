@@ -222,7 +222,7 @@ def extras_bytes(shape: ModelShape, method: str, dtype: str, *, pool_size: int =
         trainable_numel=shape.params, dtype_bytes=DTYPES[dtype], projected_numel=projected,
         masked_numel=shape.masked if masks else 0,
         largest_masked=shape.largest_masked if masks else 0,
-        **{"pool_size": pool_size, **spec.fixed})
+        largest_numel=shape.largest_tensor, **{"pool_size": pool_size, **spec.fixed})
 
 
 def predict(model_or_config, method: str = "mezo", batch_size: int = 16, seq_len: int = 128,

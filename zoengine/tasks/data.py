@@ -204,6 +204,10 @@ def shakespeare(*, path: str | None = None, block_size: int = 128) -> LMTask:
                   meta={"source": os.path.basename(path)})
 
 
+# tasks read from a folder of the user's files (``--data-dir``), by name: name -> loader(seed,
+# **kw). zoengine.tasks.suite registers MeZO's eleven here, and every task registered later.
+FILE_TASKS: dict = {}
+
 BUNDLED = {
     "sentiment": lambda seed, **kw: tweet_sentiment(n_classes=2, seed=seed),
     "sentiment3": lambda seed, **kw: tweet_sentiment(n_classes=3, seed=seed),
@@ -267,7 +271,14 @@ def task_from_file(path: str, *, seed: int = 0, template: str | None = None,
 
 
 def load_task(task: str, *, seed: int = 0, **kw):
-    """A bundled task by name, or a task from a file (see ``task_from_file``)."""
+    """A bundled task by name, a task read from ``data_dir`` by name (``FILE_TASKS``: the
+    suite, docs/tasks.md), or a task from a file (see ``task_from_file``)."""
     if task in BUNDLED:
         return BUNDLED[task](seed, **kw)
+    if task in FILE_TASKS:
+        return FILE_TASKS[task](seed, **kw)
+    for name in ("data_dir", "split_sizes"):  # the file tasks' options
+        if kw.pop(name, None) is not None:
+            raise TaskError("--" + name.replace("_", "-"), f"applies to the tasks read from "
+                                                           f"a folder ({', '.join(FILE_TASKS)})")
     return task_from_file(task, seed=seed, **kw)
