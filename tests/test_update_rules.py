@@ -106,11 +106,12 @@ def test_lr_zero_moves_nothing_but_the_restore(rule):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("rule", RULES + ("conservative",))
+@pytest.mark.parametrize("rule", ("sgd",) + RULES + ("conservative",))
 @pytest.mark.parametrize("backend", ["reference", "native"])
 def test_masked_weights_never_move(rule, backend):
     """A dict mask on non-zero weights with weight decay (not conservative: it refuses
-    decay): masked elements are bit-identical after every step; the rest move."""
+    decay): masked elements are bit-identical after every step, decay included (the fused
+    sgd kernels once decayed them); the rest move."""
     model = tiny_mlp(2)
     w = model[0].weight
     mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) < 0.5

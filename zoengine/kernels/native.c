@@ -297,11 +297,14 @@ static void restore_tile(const zo_tensor *t, const op_args *a, int64_t pos, int 
     float *restrict x = t->dtype == DT_F32 ? (float *)t->data + pos : xbuf;
     if (t->dtype != DT_F32) load_x(xbuf, t->data, pos, n, t->dtype);
     if (a->has_wd) {
+        /* the decay term is masked too: a masked element gets no update at all */
+        float th[TILE_ELEMS], tw[TILE_ELEMS];
         for (int j = 0; j < n; j++) {
-            float theta = x[j] + zr[j] * eps;
-            float g = acc[j] + theta * wd;
-            x[j] = theta - g * lr;
+            th[j] = x[j] + zr[j] * eps;
+            tw[j] = th[j] * wd;
         }
+        apply_mask(tw, t, pos, n);
+        for (int j = 0; j < n; j++) x[j] = th[j] - (acc[j] + tw[j]) * lr;
     } else {
         for (int j = 0; j < n; j++) {
             float theta = x[j] + zr[j] * eps;

@@ -208,8 +208,9 @@ def restore_update_(
             if m is not None:
                 zr, acc = zr * m[s:e], acc * m[s:e]
             theta = x.to(ct) + zr * eps
-            if weight_decay != 0.0:
-                acc = acc + theta * weight_decay
+            if weight_decay != 0.0:  # masked too: a masked element gets no update at all
+                decay = theta * weight_decay
+                acc = acc + (decay if m is None else decay * m[s:e])
             if sr:
                 words = _rounding_words(s + o, e + o, key64s[0], key, p.device)
                 x.copy_(stochastic_round(theta - acc * lr, p.dtype, words))

@@ -196,6 +196,7 @@ class ReuseOps:
             for k in range(1, n):
                 acc = acc + zs[k] * float(grads[k])
             theta = x.to(acc.dtype) + zs[r] * eps
-            if weight_decay != 0.0:
-                acc = acc + theta * weight_decay
+            if weight_decay != 0.0:  # masked too: a masked element gets no update at all
+                decay = theta * weight_decay
+                acc = acc + (decay if m is None else decay * m[s:e])
             x.copy_(theta - acc * lr)

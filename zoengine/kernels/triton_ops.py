@@ -266,8 +266,8 @@ def _restore_update_kernel(tab_ptr, prog_ptr, T, samp_ptr, n, r, eps, lr, wd,
     acc = _apply_mask(acc, maddr, offs, inb)
     x = _load_f32(addr, offs, inb, dt)
     theta = x + zr * eps
-    if wd != 0.0:
-        acc = acc + theta * wd
+    if wd != 0.0:  # the decay term masked too: a masked element gets no update at all
+        acc = acc + _apply_mask(theta * wd, maddr, offs, inb)
     v = theta - acc * lr
     if dt == 0:
         tl.store(addr.to(tl.pointer_type(tl.float32)) + offs, v, mask=inb)

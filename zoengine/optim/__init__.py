@@ -3,12 +3,14 @@
 from zoengine.optim.base import ZOOptimizer
 from zoengine.optim.dizo import DiZO
 from zoengine.optim.functional import NonFiniteLossError, StepResult, ZOGroup, mezo_step, zo_step
+from zoengine.optim.fzoo import FZOO
+from zoengine.optim.hizoo import HiZOO
 from zoengine.optim.mezo import MeZO
 from zoengine.optim.presets import KerZOO, PeZO
 from zoengine.optim.registry import available_methods, create, method_name, register_method
+from zoengine.optim.sparse_mezo import SparseMeZO
 from zoengine.optim.zo import ZO
 
-__all__ = ["ZO", "DiZO", "KerZOO", "MeZO", "NonFiniteLossError", "PeZO", "StepResult", "ZOGroup",
-           "ZOOptimizer", "available_methods", "create", "method_name", "mezo_step",
-           "register_method",
-           "zo_step"]
+__all__ = ["ZO", "DiZO", "FZOO", "HiZOO", "KerZOO", "MeZO", "NonFiniteLossError", "PeZO",
+           "SparseMeZO", "StepResult", "ZOGroup", "ZOOptimizer", "available_methods", "create",
+           "method_name", "mezo_step", "register_method", "zo_step"]
