@@ -128,3 +128,39 @@ def test_zotrainer_zo_update(tmp_path):
     assert any("momentum_buffer" in zo.state[p] for p in tr.model.parameters())
     with pytest.raises(ValueError, match="zo_update"):
         zo_args(tmp_path, zo_update="lion")
+
+
+@pytest.mark.parametrize("method", ["fzoo", "hizoo", "sparse-mezo", "zo-sgd-cons"])
+def test_cli_newer_methods_train_full(tiny, tmp_path, method):
+    """The newer presets through ``zoengine train --method``: a full fine-tuning run
+    completes, the loss curve has a point per step and the run's method is recorded."""
+    out = tmp_path / method
+    assert main(tiny_args(tiny, out, "--train", "full", "--steps", "2", "--batch-size", "2",
+                          "--method", method, "--lr", "1e-5")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["method"] == method and len(m["curve"]["loss"]) == 2
+
+
+@pytest.mark.parametrize("method", ["fzoo", "hizoo"])
+def test_cli_refuses_an_update_rule_the_method_does_not_take(tiny, tmp_path, capsys, method):
+    assert main(tiny_args(tiny, tmp_path / "x", "--train", "full", "--steps", "1",
+                          "--method", method, "--update", "adam")) == 2
+    err = capsys.readouterr().err
+    assert "--update" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("method", ["fzoo", "hizoo", "sparse-mezo"])
+def test_zotrainer_newer_methods(tmp_path, method):
+    from test_hf import lm_dataset, tiny_model, zo_args
+
+    from zoengine.hf import ZOTrainer
+
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tr = ZOTrainer(model=model, args=zo_args(tmp_path, zo_method=method, max_steps=2,
+                                             learning_rate=1e-4),
+                   train_dataset=lm_dataset())
+    tr.train()
+    zo = getattr(tr.optimizer, "optimizer", tr.optimizer)
+    assert zo.state["zo"]["step"] == 2
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -25,7 +25,6 @@ import functools
 import math
 import os
 import sys
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -40,43 +39,7 @@ except ImportError:  # transformers' Trainer needs accelerate: zoengine's `hf` e
     require("accelerate", "hf", "zoengine.hf (ZOTrainer, built on transformers' Trainer)")
     raise
 
-
-@dataclass
-class ZOTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the ZO fields. ``learning_rate`` is the ZO learning rate.
-
-    Gradient clipping is off by default (``max_grad_norm=0``): there are no gradients.
-    """
-
-    zo_method: str = field(default="mezo", metadata={"help": "method from zoengine's registry"})
-    zo_eps: float = field(default=1e-3, metadata={"help": "perturbation scale ε"})
-    zo_update: str | None = field(default=None, metadata={"help": "update rule: sgd, momentum, "
-                                  "sign, adam or conservative (None: the method's)"})
-    zo_seed: int | None = field(default=None,
-                                metadata={"help": "master seed of the noise (default: seed)"})
-    zo_kwargs: dict | None = field(default=None,
-                                   metadata={"help": "extra keyword arguments for the method"})
-    zo_perturbation: str = field(default="inplace", metadata={
-        "help": "'inplace' or 'virtual' (θ never written during the two evaluations; "
-                "docs/virtual.md)"})
-    max_grad_norm: float = field(default=0.0, metadata={"help": "unused by ZO (no gradients)"})
-    zo_journal: bool = field(default=False, metadata={
-        "help": "journal every ZO step into <output_dir>/zo_journal.zoj; a resumed run then "
-                "replays the steps after its checkpoint without forward passes"})
-
-    def __post_init__(self):
-        super().__post_init__()
-        # RunConfig's checks (zoengine.checks): the same words here as on the command line
-        from zoengine.checks import BOOL, NONNEGATIVE_INT, POSITIVE_NUMBER, one_of, optional
-        from zoengine.optim import available_methods
-        from zoengine.run.config import PERTURBATIONS, UPDATES
-
-        one_of(available_methods)("zo_method", self.zo_method)
-        optional(one_of(UPDATES))("zo_update", self.zo_update)
-        one_of(PERTURBATIONS)("zo_perturbation", self.zo_perturbation)
-        POSITIVE_NUMBER("zo_eps", self.zo_eps)
-        optional(NONNEGATIVE_INT)("zo_seed", self.zo_seed)
-        BOOL("zo_journal", self.zo_journal)
+from zoengine.run.hf_args import ZOTrainingArguments, zo_factory_kwargs  # noqa: E402,F401
 
 
 def _closure_only(opt):
@@ -333,7 +296,7 @@ class ZOTrainer(Trainer):
                 **({"perturbation": "virtual"}
                    if getattr(a, "zo_perturbation", "inplace") == "virtual" else {}),
                 **({"update": a.zo_update} if getattr(a, "zo_update", None) else {}),
-                **(getattr(a, "zo_kwargs", None) or {})})
+                **zo_factory_kwargs(a), **(getattr(a, "zo_kwargs", None) or {})})
         elif self.optimizer is not None and not hasattr(self.optimizer, "require_closure"):
             raise TypeError("ZOTrainer needs a zoengine ZO optimizer (closure contract); got "
                             f"{type(self.optimizer).__name__}")

@@ -28,6 +28,7 @@ from zoengine.checks import (
     Check,
     parsed_by,
 )
+from zoengine.cli.diagnose import add_diagnose_command, cmd_diagnose
 from zoengine.cli.flags import (
     EXIT_USAGE,
     UsageError,
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "done), --no-progress, --checkpoint-* and --journal-fsync; the run's "
                         "--threads is reused")
     _add_prune_command(sub)
+    add_diagnose_command(sub)
     e = sub.add_parser("eval", help="score a model on a task")
     e.add_argument("--model", default="smollm2-135m", type=checked(MODEL, str))
     e.add_argument("--task", default="sentiment", type=checked(TASK, str))
@@ -257,7 +259,7 @@ def _main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         commands = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods,
                     "prune": cmd_prune, "merge": cmd_merge, "export-journal": cmd_journal,
-                    "apply-journal": cmd_journal}
+                    "apply-journal": cmd_journal, "diagnose": cmd_diagnose}
         return commands[args.command](args)
     except UsageError as exc:
         print(f"zoengine {command}: error: {exc}", file=sys.stderr)

@@ -65,3 +65,74 @@ def scalar_normal(seed: int, step: int, sample: int, stream_word: int, key: int 
 def clip_value(g: float, clip: float | None) -> float:
     """Clip a projected gradient to [-clip, clip] (KerZOO README's optional clip constant)."""
     return g if clip is None else max(-clip, min(clip, g))
+
+
+# ---- KerZOO's open questions as options: kernel reading, r schedule, moments ----------------
+
+R_SCHEDULES = ("linear", "cosine")
+MOMENTS = ("E[K]", "E[rK]", "E[r3K]", "E[r5K]", "E[r2K2]")
+
+
+def kernel_moments(order: int, a=1, *, rescale: bool = True) -> dict[str, Fraction]:
+    """Exact moments of the kernel of ``order`` under r ~ U(-a, a), ``a`` a Fraction, int or
+    float (a float is taken at its exact binary value).
+
+    ``rescale=True``: the weight is K_a(r) = K(r/a)/a (E[rK] = 1 for every a);
+    ``rescale=False``: K(r) itself, evaluated at r ~ U(-a, a). Keys: ``MOMENTS``; E[r2K2] is
+    E[r²K²], the factor by which the kernel multiplies the estimator's second moment.
+    """
+    if order not in KERNELS:
+        raise ValueError(f"order={order!r}: must be one of {tuple(KERNELS)}")
+    a = Fraction(a)
+    if a <= 0:
+        raise ValueError(f"a={a}: must be > 0")
+    # K as {power: coefficient}: r^(2i+1) with c_i, divided by a^(2i+2) when rescaled
+    k = {2 * i + 1: c / (a ** (2 * i + 2) if rescale else 1) for i, c in enumerate(KERNELS[order])}
+
+    def mean(poly: dict) -> Fraction:  # E[Σ c r^m] on U(-a, a): a^m/(m+1) for even m
+        return sum((c * a ** m / (m + 1) for m, c in poly.items() if m % 2 == 0), Fraction(0))
+
+    k2 = {}
+    for m1, c1 in k.items():
+        for m2, c2 in k.items():
+            k2[m1 + m2 + 2] = k2.get(m1 + m2 + 2, Fraction(0)) + c1 * c2
+    shift = lambda j: {m + j: c for m, c in k.items()}  # noqa: E731  (r^j K)
+    return {"E[K]": mean(k), "E[rK]": mean(shift(1)), "E[r3K]": mean(shift(3)),
+            "E[r5K]": mean(shift(5)), "E[r2K2]": mean(k2)}
+
+
+def check_r_schedule(r_schedule, r_range: float):
+    """``None`` or ``(kind, a_end, steps)``, kind ``"linear"`` or ``"cosine"``, 0 < a_end <=
+    r_range (r shrinks), steps an int >= 1; a list (a JSON round trip) is accepted. Returns the
+    schedule as a tuple ``(kind, float(a_end), steps)``."""
+    if r_schedule is None:
+        return None
+    allowed = ("must be None or (kind, a_end, steps) with kind 'linear' or 'cosine', "
+               f"0 < a_end <= r_range ({r_range!r}) and steps an int >= 1")
+    if not isinstance(r_schedule, (tuple, list)) or len(r_schedule) != 3:
+        raise ValueError(f"r_schedule={r_schedule!r}: {allowed}")
+    kind, a_end, steps = r_schedule
+    ok = kind in R_SCHEDULES if isinstance(kind, str) else False
+    ok = ok and isinstance(a_end, (int, float)) and not isinstance(a_end, bool)
+    ok = ok and math.isfinite(a_end) and 0 < a_end <= r_range
+    ok = ok and isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1
+    if not ok:
+        raise ValueError(f"r_schedule={r_schedule!r}: {allowed}")
+    return (kind, float(a_end), steps)
+
+
+def scheduled_r_range(r_range: float, r_schedule, step: int) -> float:
+    """a at ``step`` (the optimizer's step count before the step, 0-based): ``r_range`` without
+    a schedule; with ``(kind, a_end, T)`` and s = min(step, T)/T,
+    linear: a = r_range + (a_end - r_range)·s;
+    cosine: a = a_end + (r_range - a_end)·(1 + cos(π·s))/2; a = a_end from step T on.
+    A pure function of the step, in float64: resume, replay and every rank agree."""
+    if r_schedule is None:
+        return r_range
+    kind, a_end, total = r_schedule
+    s = min(step, total) / total
+    if s >= 1.0:
+        return a_end
+    if kind == "linear":
+        return r_range + (a_end - r_range) * s
+    return a_end + (r_range - a_end) * (1.0 + math.cos(math.pi * s)) / 2.0

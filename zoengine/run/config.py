@@ -10,9 +10,8 @@ command line, a config file or a Python caller (``run_train(RunConfig(steps=-1))
 from __future__ import annotations
 
 import os
-import re
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 from zoengine.checks import (
     BOOL,
@@ -29,22 +28,37 @@ from zoengine.checks import (
     SEED,
     STRINGS,
     TEMPLATE,
-    Check,
     ConfigError,
-    one_of,
     optional,
-    parsed_by,
+)
+from zoengine.run.config_fields import (  # noqa: F401  (MODEL, TASK: re-exported)
+    DEFAULT_MODEL,
+    DIZO_SET,
+    JOURNAL_FSYNC,
+    KERNEL_ORDER,
+    TAU,
+    METHOD,
+    MODEL,
+    PRUNE,
+    SIZE,
+    SPLIT_SIZES,
+    TASK,
+    _file_tasks,
+    csv_list,
+    option,
+    options_list,
+    split_sizes,
 )
 
 # The choices of four flags, here rather than with their owners (optim/virtual.py, run/kd.py,
 # run/lora.py, optim/updates.py) so that building the parser (`zoengine --help`) imports no torch: 0.7 s instead
 # of 3-6 s. tests/test_config.py checks PERTURBATIONS equals optim.virtual's.
 PERTURBATIONS = ("inplace", "virtual")
-OBJECTIVES = ("lm", "kd", "kd+lm")
+OBJECTIVES = ("lm", "kd", "kd+lm", "accuracy", "f1")  # run/kd.py, run/objectives.py
+LR_SCHEDULERS = ("constant", "linear", "cosine")  # = run/controls.py's
 UPDATES = ("sgd", "momentum", "sign", "conservative", "adam")  # = optim.updates.UPDATES
 LORA_SCALINGS = ("lora", "rslora")
 
-DEFAULT_MODEL = "smollm2-135m"
 # per trainable set: (lr, eps) defaults, from research/feasibility.md §2-4 and our runs
 # norms: 1e-4 closed 23 % of Wanda-50 % SmolLM2's gap in 116 steps, 3e-5 12 %, 1e-3 diverged
 MODE_DEFAULTS = {"head": (1e-4, 1e-3), "full": (1e-5, 1e-3), "lora": (1e-3, 1e-2),
@@ -57,103 +71,12 @@ TRAIN_MODES = ("auto", "head", "full", "lora", "norms")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def csv_list(s: str) -> list[str]:
-    """``--lora-targets q_proj,v_proj`` -> ["q_proj", "v_proj"]."""
-    return [x for x in s.split(",") if x != ""]
-
-
-def options_list(s: str) -> list[str]:
-    """``--options neg,pos`` -> [" neg", " pos"] (an option keeps a leading space if given)."""
-    return [x if x.startswith(" ") else " " + x for x in s.split(",") if x.strip()]
-
-
 def _per_mode(table: dict) -> str:
     return ", ".join(f"{mode} {v:g}" for mode, v in table.items())
 
 
 _LR = {mode: lr for mode, (lr, _) in MODE_DEFAULTS.items()}
 _EPS = {mode: eps for mode, (_, eps) in MODE_DEFAULTS.items()}
-
-
-def _methods():
-    from zoengine.optim import available_methods
-
-    return available_methods()
-
-
-def _bundled():
-    from zoengine.tasks import BUNDLED
-
-    return tuple(BUNDLED)
-
-
-def _file_tasks():
-    """The tasks read from ``--data-dir`` (MeZO's suite and any registered later)."""
-    from zoengine.tasks import FILE_TASKS
-
-    return tuple(FILE_TASKS)
-
-
-def split_sizes(s: str) -> list[int]:
-    """``--split-sizes 1000,500,1000`` -> [1000, 500, 1000] (train, dev, test)."""
-    return [int(x) for x in s.split(",")]
-
-
-def _prune_spec(v):
-    from zoengine.sparsity import parse_prune_spec
-
-    return parse_prune_spec(v)
-
-
-def _size(v):
-    from zoengine.sparsity.memory import parse_size
-
-    return parse_size(v)
-
-
-METHOD = one_of(_methods)
-MODEL = Check(lambda v: v == DEFAULT_MODEL or (isinstance(v, str) and v.strip() != "" and
-                                               os.path.isfile(os.path.join(v, "config.json"))),
-              f"not {DEFAULT_MODEL!r} and not a local Hugging Face model folder with config.json")
-TASK = Check(lambda v: isinstance(v, str) and (v in _bundled() or v in _file_tasks()
-                                               or os.path.isfile(v)),
-             lambda: f"neither a bundled task ({', '.join(_bundled())}), a task read from "
-                     f"--data-dir ({', '.join(_file_tasks())}) nor an existing file")
-SPLIT_SIZES = Check(lambda v: isinstance(v, (list, tuple)) and len(v) == 3
-                    and all(POSITIVE_INT.ok(x) for x in v),
-                    "must be three integers > 0: TRAIN,DEV,TEST (e.g. 1000,500,1000)")
-
-
-def _regex_ok(v) -> bool:
-    try:
-        re.compile(v)
-    except re.error:
-        return False
-    return isinstance(v, str) and v.strip() != ""
-
-
-DIZO_SET = Check(_regex_ok, "must be code, paper, lora, all or a valid, non-empty regex of "
-                            "parameter names")
-PRUNE = parsed_by(_prune_spec, "must be wanda or magnitude, optionally with :2:4 or :4:8 "
-                               "(e.g. wanda:2:4)")
-SIZE = parsed_by(_size, "must be a size such as 2GiB, 1.5G, 800MiB, 4GB or a number of bytes")
-JOURNAL_FSYNC = Check(lambda v: str(v) in ("step", "checkpoint") or (
-    str(v).isdigit() and int(v) > 0), "must be 'step', 'checkpoint' or a number of steps > 0")
-
-
-def option(default, help: str, check: Check | None = None, *, choices=None, **cli):
-    """A ``RunConfig`` field: its default, help and check. ``choices`` (a tuple) become the
-    check when none is given; ``cli`` holds the parser's settings where the defaults do not
-    fit: ``flag`` (default ``--`` + the name with dashes), ``parse`` (the flag's type; default
-    the annotation's), ``metavar``, ``action`` (``store_true``/``store_false``), ``show_default``."""
-    if check is None:
-        check = one_of(choices)
-        if default is None:
-            check = optional(check)
-    meta = {"help": help, "check": check, "choices": choices, **cli}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -265,14 +188,48 @@ class RunConfig:
                                            "ranks' weights (0: never)", NONNEGATIVE_INT)
     lora_scaling: str = option("lora", "lora: alpha/r; rslora: alpha/sqrt(r), PEFT's "
                                        "rank-stabilised scale", choices=LORA_SCALINGS)
-    objective: str = option("lm", "LM tasks: lm, kd (distil the dense model's top-k logits) "
-                                  "or kd+lm", choices=OBJECTIVES)
+    objective: str = option("lm", "what the closure returns: lm (the task's loss: LM loss, or "
+                                  "cross-entropy over the options), accuracy or f1 (minus the "
+                                  "batch's metric, MeZO's non-differentiable objectives), kd "
+                                  "or kd+lm (LM tasks: distil the dense model's top-k logits)",
+                            choices=OBJECTIVES)
     kd_weight: float = option(0.5, "--objective kd+lm: weight of the KD term", PROBABILITY)
     kd_top_k: int = option(64, "teacher logits kept per position", POSITIVE_INT)
     kd_blocks: int = option(256, "training blocks the teacher cache covers (KD trains on "
                                  "these)", POSITIVE_INT)
     dtype: str = option("float32", "the dtype the model loads and trains in (with "
                                    "--max-memory: the widest that fits)", choices=DTYPES)
+    # run controls (docs/cli.md; defaults MeZO's: n = 1, constant lr, no weight decay)
+    n_samples: int = option(1, "perturbations per step, averaged (n-SPSA; 2n forwards a step; "
+                               "MeZO's n = 1)", POSITIVE_INT)
+    lr_scheduler: str = option("constant", "lr schedule over --steps: constant (MeZO), linear "
+                                           "or cosine decay to 0 (transformers' formulas)",
+                               choices=LR_SCHEDULERS)
+    warmup_steps: int = option(0, "steps of linear lr warm-up from 0 (transformers' rule)",
+                               NONNEGATIVE_INT)
+    weight_decay: float = option(0.0, "L2 weight decay added to the update (MeZO's default 0)",
+                                 NONNEGATIVE_NUMBER)
+    kernel_order: int | None = option(None, "KerZOO's kernel order: 1, 3 or 5 (default 3; "
+                                            "kerzoo, kerzoo+pezo only)", optional(KERNEL_ORDER))
+    r_range: float | None = option(None, "KerZOO's r ~ U(-a, a): a (default 1; kerzoo, "
+                                         "kerzoo+pezo only)", optional(POSITIVE_NUMBER))
+    pool_size: int | None = option(None, "PeZO's pool of random numbers (default 65536; pezo, "
+                                         "kerzoo+pezo only)", optional(POSITIVE_INT))
+    proj_eps: float | None = option(None, "--method dizo only: ε of the γ search (default 0.1)",
+                                    optional(POSITIVE_NUMBER))
+    proj_lr: float | None = option(None, "--method dizo only: lr of the γ search (default 2)",
+                                   optional(NONNEGATIVE_NUMBER))
+    tau: float | None = option(None, "--method dizo only: τ, γ kept within (1 ± τ)·‖Δ‖ "
+                                     "(default 0.2)", optional(TAU))
+    keep_best: bool | None = option(None, "keep the weights of the best dev evaluation (every "
+                                          "--eval-every steps) as the run's weights, and say "
+                                          "which step", optional(BOOL), action="store_true")
+    max_forwards: int | None = option(None, "stop cleanly before a step would take the "
+                                            "training forwards past N (search and n samples "
+                                            "counted)", optional(POSITIVE_INT), metavar="N")
+    max_minutes: float | None = option(None, "stop cleanly after the step that reaches M "
+                                             "minutes of training", optional(POSITIVE_NUMBER),
+                                       metavar="M")
 
     def __post_init__(self):
         self.validate()
@@ -293,6 +250,9 @@ class RunConfig:
             if getattr(self, name) is not None and self.method != "dizo":
                 raise ConfigError("--" + name.replace("_", "-"), getattr(self, name),
                                   "applies to --method dizo only", field=name)
+        from zoengine.run.controls import check_method_flags
+
+        check_method_flags(self)
         return self
 
     def _check_data_dir(self) -> None:

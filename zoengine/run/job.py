@@ -17,11 +17,13 @@ import torch
 from zoengine.journal import tensors_hash
 from zoengine.run.admission import check_fresh_or_resumable, check_output_dir
 from zoengine.run.config import DEFAULT_MODEL, RunConfig
+from zoengine.run.controls import check_controls, finish_best, method_kwargs
 from zoengine.run.kd import check_objective, teacher_for_run
 from zoengine.run.loop import dev_point_of, finish_curve, run_loop
 from zoengine.run.lora import lora_for_run
 from zoengine.run.mask_files import MASKS_FILE, masks_writer
 from zoengine.run.norms import norms_for_run
+from zoengine.run.objectives import check_nondiff
 from zoengine.run.ranks import Ranks
 from zoengine.run.report import curve_files, run_summary_json, summary_lines, weights_writer
 from zoengine.run.resources import auto_threads, load_model
@@ -90,16 +92,23 @@ def make_optimizer(cfg: RunConfig, named_params, masks=None, distributed: str | 
         extra["update"] = cfg.update
     if cfg.momentum is not None:
         extra["momentum"] = cfg.momentum
+    extra.update(method_kwargs(cfg))  # --n-samples, --weight-decay, the method's own flags
     try:
         opt = create(cfg.method, named_params, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, **extra)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
+        for name in method_kwargs(cfg):  # a value the method refuses, named by its flag
+            if f"{name}=" in str(exc) or f"'{name}'" in str(exc):
+                raise TaskError("--" + name.replace("_", "-"), f"{getattr(cfg, name)!r}: "
+                                f"--method {cfg.method} refuses it: {exc}") from None
+        if isinstance(exc, TypeError):
+            raise
         if cfg.method == "dizo" and "matches no trainable" in str(exc):
             raise TaskError("--dizo-projected", f"{exc}; name the tensors to project with "
                                                 "--dizo-projected (a regex of parameter "
                                                 "names, or all)") from None
         if cfg.method == "dizo" and "not a valid regex" in str(exc):
             raise TaskError("--dizo-projected", str(exc)) from None
-        if "fixes update=" in str(exc):
+        if cfg.update is not None and "update=" in str(exc):  # a preset fixes or refuses it
             raise TaskError("--update", f"{exc}; leave --update out, or choose --method zo "
                                         "(or mezo) with --update") from None
         raise
@@ -214,6 +223,8 @@ def resolve(cfg: RunConfig):
     is refused."""
     task = run_task(cfg)
     cfg = cfg.resolved(task)
+    check_nondiff(cfg, task)  # --objective accuracy / f1 fits the task (before any model loads)
+    check_controls(cfg)
     if task.kind == "lm" and cfg.train == "head":
         raise TaskError("--train", "head trains classification options; an LM task needs "
                                    "--train full or --lora")
@@ -253,11 +264,12 @@ def run_train(cfg: RunConfig, *, resume: bool = False) -> dict:
         report["timing"]["eval_before_s"] = time.perf_counter() - t1
         progress = start_journal(cfg, folder, strategy, opt, report, resume, fsync, ranks)
         ck = (Checkpointer(folder, strategy, opt, every=cfg.checkpoint_every,
-                           minutes=cfg.checkpoint_minutes) if ranks.main else None)
-        run_loop(cfg, strategy, opt, report, log=_log, progress=progress, on_step=ck,
-                 data_stream=ranks.data_stream)
+                           minutes=cfg.checkpoint_minutes, after_dev=bool(cfg.keep_best))
+              if ranks.main else None)
+        progress = run_loop(cfg, strategy, opt, report, log=_log, progress=progress,
+                            on_step=ck, data_stream=ranks.data_stream)
         opt.close_journal()
-        finish_report(cfg, task, model, masks, plan, strategy, report)
+        finish_report(cfg, task, model, masks, plan, strategy, report, progress)
         if ranks.world > 1:
             _log(f"rank {ranks.rank}: trained tensors sha256 "
                  f"{tensors_hash(strategy.named_params())}")
@@ -296,12 +308,15 @@ def start_journal(cfg, folder, strategy, opt, report, resume, fsync, ranks):
     return progress
 
 
-def finish_report(cfg, task, model, masks, plan, strategy, report) -> None:
-    """Evaluate after training and add the gain, sparsity and memory sections."""
+def finish_report(cfg, task, model, masks, plan, strategy, report, progress=None) -> None:
+    """Evaluate after training (``--keep-best``: then the best dev step's weights) and add the
+    gain, sparsity and memory sections."""
     t2 = time.perf_counter()
     report["after"] = strategy.evaluate()
     report["timing"]["eval_after_s"] = time.perf_counter() - t2
-    finish_curve(report, cfg.steps)
+    finish_curve(report, report.get("stopped", {}).get("step", cfg.steps))
+    if progress is not None:
+        finish_best(cfg, strategy, report, progress, log=_log)
     if task.kind == "classification":
         report["gain"] = _gain(report)
     if (cfg.prune or cfg.keep_zeros) and cfg.train == "lora" and isinstance(masks, dict):
@@ -334,8 +349,8 @@ def write_outputs(cfg: RunConfig, report: dict, trained, tok, t_start: float,
         if masks and cfg.train == "lora":  # `zoengine merge` rebuilds the pruned base from them
             files[MASKS_FILE] = masks_writer(masks)
         folder.write_final(files, weights=name,
-                           journal_records=cfg.steps if os.path.exists(folder.journal_path)
-                           else None)
+                           journal_records=report.get("stopped", {}).get("step", cfg.steps)
+                           if os.path.exists(folder.journal_path) else None)
     finally:
         folder.release()
     for line in summary_lines(report):

@@ -20,7 +20,7 @@ def kd_weight(cfg) -> float:
 
 
 def check_objective(cfg, task) -> None:
-    if cfg.objective == "lm":
+    if cfg.objective not in ("kd", "kd+lm"):  # accuracy / f1: run/objectives.py
         return
     if task.kind != "lm":
         raise TaskError("--objective", f"{cfg.objective!r} distils next-token distributions: "
@@ -33,8 +33,8 @@ def check_objective(cfg, task) -> None:
 
 def teacher_for_run(cfg, task, model, tok, log=print):
     """The teacher cache of this run (built from ``model`` now, before any pruning, or opened
-    when a resumed run already has it), or None for ``--objective lm``."""
-    if cfg.objective == "lm":
+    when a resumed run already has it), or None for any other ``--objective``."""
+    if cfg.objective not in ("kd", "kd+lm"):
         return None
     from zoengine.tasks import TeacherCache, build_teacher_cache, lm_blocks
 

@@ -17,6 +17,7 @@ import torch
 from zoengine.faults import crashpoint
 from zoengine.optim.batches import batch_rng, search_rng
 from zoengine.optim.functional import NonFiniteUpdateError
+from zoengine.run.controls import Controls
 from zoengine.run.strategies import Strategy
 from zoengine.tasks import TaskError
 
@@ -50,11 +51,16 @@ def search_batches(strategy: Strategy, seed: int):
 
 @dataclass
 class Progress:
-    """Where a loop stands: steps done, the loss per step, the dev points so far."""
+    """Where a loop stands: steps done, the loss per step, the dev points so far, the loss
+    evaluations made (``forwards``) and, with ``--keep-best``, the best dev step (``best``:
+    step, metric, value) and a copy of its tensors."""
 
     step: int = 0
     loss: list = field(default_factory=list)
     dev: list = field(default_factory=list)
+    forwards: int = 0
+    best: dict | None = None
+    best_tensors: dict | None = field(default=None, repr=False)
 
 
 def run_loop(cfg, strategy: Strategy, opt: torch.optim.Optimizer, report: dict, *,
@@ -69,18 +75,20 @@ def run_loop(cfg, strategy: Strategy, opt: torch.optim.Optimizer, report: dict, 
     stream draws the batches (a data-parallel rank's shard; 0 for one process)."""
     # the declared hook: DiZO's search draws from it; a no-op for methods without batches
     # of their own; a source the optimizer already has (its user's) is kept
-    opt.set_batch_source(search_batches(strategy, cfg.seed), replace=False)
     p = progress or Progress(dev=[{"step": 0, **dev_point_of(report["before"])}])
+    ctl = Controls(cfg, opt, strategy, p, log)  # lr schedule, budgets, forwards, best step
+    opt.set_batch_source(ctl.counted_source(search_batches(strategy, cfg.seed)), replace=False)
     t0 = time.perf_counter()
     log(LOOP_STARTED)
     with progress_bar(cfg.steps, cfg.progress, f"zo {strategy.name}") as bar:
         bar.update(p.step)
         avg = None
-        while p.step < cfg.steps:
+        while p.step < cfg.steps and not ctl.stop_before():
             crashpoint("loop-step")
+            ctl.set_lr()
             rng = step_rng(cfg.seed, p.step, data_stream)
             try:
-                loss = float(opt.step(strategy.batch_closure(rng)))
+                loss = float(opt.step(ctl.counted(strategy.batch_closure(rng))))
             except NonFiniteUpdateError as exc:  # never applied: the weights stay finite
                 raise TaskError("--lr", f"{cfg.lr!r} at step {p.step + 1}: {exc}") from None
             p.step += 1
@@ -89,13 +97,17 @@ def run_loop(cfg, strategy: Strategy, opt: torch.optim.Optimizer, report: dict, 
                 avg = loss if avg is None else strategy.ema * avg + (1 - strategy.ema) * loss
             if cfg.eval_every and p.step % cfg.eval_every == 0 and p.step != cfg.steps:
                 p.dev.append({"step": p.step, **strategy.dev_point()})
+                ctl.note_dev()
             if on_step is not None:
                 on_step(p)
             bar.update(1)
             if avg is not None and (p.step % 10 == 0 or p.step == cfg.steps):
                 bar.set_postfix(loss=f"{avg:.4f}", refresh=False)  # the bar redraws itself
+            if ctl.stop_after():
+                break
     report["timing"]["train_s"] = time.perf_counter() - t0
     report["curve"] = {"loss": p.loss, "dev": p.dev}
+    report["stopped"] = ctl.summary()
     summary = opt.projection_summary()  # DiZO: searches done, skipped, still due
     if summary is not None:
         report["dizo"] = summary
@@ -113,5 +125,9 @@ def dev_point_of(metrics: dict) -> dict:
 
 
 def finish_curve(report: dict, steps: int) -> None:
-    """Append the final dev point (from ``report["after"]``) to the curve."""
-    report["curve"]["dev"].append({"step": steps, **dev_point_of(report["after"])})
+    """Append the final dev point (from ``report["after"]``) to the curve (in place of a dev
+    point of the same step: a budget that stopped the loop right after one)."""
+    dev = report["curve"]["dev"]
+    if dev and dev[-1]["step"] == steps:
+        dev.pop()
+    dev.append({"step": steps, **dev_point_of(report["after"])})

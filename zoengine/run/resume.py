@@ -21,6 +21,7 @@ import torch
 
 from zoengine.journal import JournalError, apply_record, read_records, tensors_hash
 from zoengine.run.config import RunConfig
+from zoengine.run.controls import BEST_PREFIX
 from zoengine.run.loop import Progress
 
 
@@ -36,22 +37,27 @@ class Checkpointer:
     """The loop's ``on_step`` hook: a checkpoint every ``every`` steps or ``minutes`` minutes
     (whichever comes first; 0 disables that trigger)."""
 
-    def __init__(self, folder, strategy, opt, *, every: int, minutes: float):
+    def __init__(self, folder, strategy, opt, *, every: int, minutes: float,
+                 after_dev: bool = False):
         self.folder, self.strategy, self.opt = folder, strategy, opt
-        self.every, self.seconds = every, minutes * 60.0
+        self.every, self.seconds, self.after_dev = every, minutes * 60.0, after_dev
         self.last = time.monotonic()
 
     def __call__(self, p: Progress) -> None:
         due = (self.every and p.step % self.every == 0) or (
-            self.seconds and time.monotonic() - self.last >= self.seconds)
+            self.seconds and time.monotonic() - self.last >= self.seconds) or (
+            self.after_dev and p.dev and p.dev[-1]["step"] == p.step)  # --keep-best
         if due:
             self.save(p)
 
     def save(self, p: Progress) -> None:
         self.opt.sync_journal()  # the checkpoint must never be ahead of a durable journal
         tensors = {n: t.detach().clone() for n, t in self.strategy.named_params()}
+        if p.best is not None and p.best["step"] != p.step:  # --keep-best: its tensors too
+            tensors.update({BEST_PREFIX + n: t for n, t in p.best_tensors.items()})
         self.folder.save_checkpoint(p.step, tensors, self.opt.state_dict(),
-                                    {"loss": p.loss, "dev": p.dev}, journal_records=p.step)
+                                    {"loss": p.loss, "dev": p.dev, "forwards": p.forwards,
+                                     "best": p.best}, journal_records=p.step)
         self.last = time.monotonic()
 
 
@@ -64,6 +70,8 @@ def restore(folder, strategy, opt, dev0: dict, *, log=print) -> Progress:
     else:
         step, tensors, opt_state, extra = ck
         named = dict(strategy.named_params())
+        best = {n[len(BEST_PREFIX):]: tensors.pop(n) for n in list(tensors)
+                if n.startswith(BEST_PREFIX)}
         if set(named) != set(tensors):
             raise ResumeError(f"{folder.path}: the checkpoint holds tensors "
                               f"{sorted(tensors)[:3]}..., this run trains {sorted(named)[:3]}...:"
@@ -76,7 +84,10 @@ def restore(folder, strategy, opt, dev0: dict, *, log=print) -> Progress:
         except ValueError as exc:
             raise ResumeError(f"{folder.path}: the optimizer configuration differs: {exc}",
                               "--method") from None
-        p = Progress(step=step, loss=list(extra["loss"]), dev=list(extra["dev"]))
+        p = Progress(step=step, loss=list(extra["loss"]), dev=list(extra["dev"]),
+                     forwards=int(extra.get("forwards", 0)), best=extra.get("best"))
+        if p.best is not None:  # --keep-best: the best step's tensors (this step's if absent)
+            p.best_tensors = best or {n: t.detach().clone() for n, t in named.items()}
     return replay_journal(folder.journal_path, opt, p, log=log)
 
 
@@ -92,6 +103,7 @@ def replay_journal(path, opt, p: Progress, *, log=print) -> Progress:
         for r in todo:
             apply_record(opt, r, path=str(path))
             p.step += 1
+            p.forwards += len(r.values)  # the step's loss evaluations, as the loop counts them
             # as the loop records it: the step's loss as fp32, rounded
             loss = float(torch.tensor(r.step_loss(header["n_samples"]), dtype=torch.float32))
             p.loss.append(round(loss, 6))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from zoengine.run.objectives import minus_accuracy
 from zoengine.tasks import (
     OptionScorer,
     TaskError,
@@ -127,7 +128,7 @@ class HeadStrategy(Strategy):
         self.timing = {"features_s": time.perf_counter() - t0}
         self.ids, self.rows, self.bias = initial_head(model, scorer)
         self.by_class = [np.flatnonzero(self.tr_y.numpy() == c) for c in range(k)]
-        self.batch_size = cfg.batch_size
+        self.batch_size, self.objective = cfg.batch_size, cfg.objective
 
     def _scores(self, f):
         # option logits; the log-normaliser is shared by all options, so these rank and train
@@ -140,6 +141,8 @@ class HeadStrategy(Strategy):
     def batch_closure(self, rng):
         b = torch.as_tensor(balanced_batch(rng, self.by_class, self.batch_size))
         fb, yb = self.f_tr[b], self.tr_y[b]
+        if self.objective == "accuracy":  # MeZO's non-differentiable objective
+            return lambda: minus_accuracy(fb @ self.rows.T + self.bias, yb)
         return lambda: F.cross_entropy(fb @ self.rows.T + self.bias, yb)
 
     def evaluate(self):
@@ -177,6 +180,8 @@ class ClassifierStrategy(Strategy):
         seqs = encode_prompts(self.tok, [self.task.prompt(self.tr_texts[int(i)]) for i in b],
                               self.cfg.max_length)
         yb = torch.as_tensor(self.tr_y[b])
+        if self.cfg.objective == "accuracy":  # MeZO's non-differentiable objective
+            return lambda: minus_accuracy(self.scorer.scores(self.model, seqs), yb)
         return lambda: F.cross_entropy(self.scorer.scores(self.model, seqs), yb)
 
     def _score(self, seqs):

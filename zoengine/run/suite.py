@@ -4,6 +4,7 @@ the task's own metric (accuracy, or F1 for SQuAD and DROP) on the dev and test s
 
 from __future__ import annotations
 
+from zoengine.run.objectives import NONDIFF, suite_closure
 from zoengine.tasks import TaskError
 from zoengine.tasks.suite import measure, predict, training_loss
 
@@ -36,6 +37,8 @@ class SuiteStrategy:
     def batch_closure(self, rng):
         k = min(self.cfg.batch_size, len(self.train))
         batch = [self.train[int(i)] for i in rng.choice(len(self.train), k, replace=False)]
+        if self.cfg.objective in NONDIFF:  # minus the batch's accuracy or F1 (MeZO's)
+            return suite_closure(self.cfg, self.model, self.tok, self.spec, batch)
         return lambda: training_loss(self.model, self.tok, self.spec, batch,
                                      self.cfg.max_length)
 
