@@ -211,8 +211,6 @@ def restore_update_(
             if weight_decay != 0.0:  # masked too: a masked element gets no update at all
                 decay = theta * weight_decay
                 acc = acc + (decay if m is None else decay * m[s:e])
-            if sr:
-                words = _rounding_words(s + o, e + o, key64s[0], key, p.device)
-                x.copy_(stochastic_round(theta - acc * lr, p.dtype, words))
-            else:
-                x.copy_(theta - acc * lr)
+            words = _rounding_words(s + o, e + o, key64s[0], key, p.device) if sr else None
+            x.copy_(theta - acc * lr if words is None else
+                    stochastic_round(theta - acc * lr, p.dtype, words))
