@@ -219,9 +219,16 @@ def cmd_journal(args) -> int:
 
 
 def cmd_methods(_args) -> int:
+    """Each registered name, the class it builds with the options the name fixes, and the
+    first line of the class's docstring (what the method is)."""
     from zoengine.optim import available_methods
+    from zoengine.optim.registry import method_spec
 
-    print("\n".join(available_methods()))
+    for name in available_methods():
+        spec = method_spec(name)
+        fixed = ", ".join(f"{k}={v!r}" for k, v in spec.fixed.items())
+        doc = (spec.cls.__doc__ or "").strip().splitlines()[0] if spec.cls.__doc__ else ""
+        print(f"{name:<13} {spec.cls.__name__}({fixed})  {doc}")
     return 0
 
 
