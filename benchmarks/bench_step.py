@@ -30,6 +30,9 @@ that configuration's own):
   virtual-copy virtual with ZOENGINE_VIRTUAL_LINEAR=copy: every module gets a materialised
                copy θ + c·z (the unfused path; on CPU the two are the same)
   reference    zoengine.MeZO(backend="reference")  (the pure-PyTorch oracle)
+  lowrank      zoengine.ZO(noise="lowrank", rank=--rank, resample_every=--resample-every):
+               LOZO's z = U·Vᵀ/√r on 2-D weights, in place (docs/lowrank.md)
+  lowrank-virtual  the same with attach_virtual(model): a Linear adds c·(x·V)·Uᵀ, no copy
   inference    two plain forward passes (the floor of any two-point ZO step)
   forward1     one plain forward pass
 
@@ -54,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 CONFIGS = ("mezo-ref", "native", "triton", "virtual", "virtual-copy", "reference", "inference",
-           "forward1")
+           "forward1", "lowrank", "lowrank-virtual")
 DEFAULT_CONFIGS = {"cpu": "mezo-ref,native,virtual,reference,inference",
                    "cuda": "triton,virtual,virtual-copy,mezo-ref,inference,forward1"}
 DISTS = ("normal", "uniform", "rademacher")
@@ -190,6 +193,8 @@ def config_backend(config: str, device_type: str, backend: str | None) -> str | 
     """The zoengine backend a configuration uses (None for the ones without an optimizer)."""
     if config in ("native", "triton", "reference"):
         return config
+    if config.startswith("lowrank"):
+        return "reference"  # low-rank noise runs on PyTorch ops
     if config.startswith("virtual"):
         return backend or ("triton" if device_type == "cuda" else "native")
     return None
@@ -224,13 +229,22 @@ def worker(a) -> None:
 
     backend = config_backend(config, device_type, a.backend)
     dist = a.dist if backend is not None else ("normal" if config == "mezo-ref" else "-")
-    virtual = config.startswith("virtual")
+    virtual = config.startswith("virtual") or config == "lowrank-virtual"
     extra: dict = {"backend": backend or ("torch" if config == "mezo-ref" else "-"),
                    "perturbation": ("virtual" if virtual else
                                     "inplace" if backend or config == "mezo-ref" else "-")}
     if config == "mezo-ref":
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         step = lambda: mezo_reference_step(model, closure, params)  # noqa: E731
+    elif config.startswith("lowrank"):
+        opt = zoengine.ZO(model.named_parameters(), lr=LR, eps=EPS, weight_decay=WD, seed=0,
+                          noise="lowrank", rank=a.rank, resample_every=a.resample_every)
+        if virtual:
+            opt.attach_virtual(model)
+        dist = f"lowrank r={a.rank} nu={a.resample_every}"
+        extra.update(rank=a.rank, resample_every=a.resample_every,
+                     numbers_per_step=opt.rng_budget()["numbers_generated_per_step"])
+        step = lambda: opt.step(closure)  # noqa: E731
     elif backend is not None:
         opt = zoengine.MeZO(model.named_parameters(), lr=LR, eps=EPS, weight_decay=WD, seed=0,
                             dist=a.dist, backend=backend)
@@ -315,6 +329,8 @@ def main(argv=None) -> None:
     ap.add_argument("--backend", default=None,
                     help="backend of the virtual configuration (default native on CPU, "
                          "triton on CUDA)")
+    ap.add_argument("--rank", type=int, default=2, help="r of the lowrank configurations")
+    ap.add_argument("--resample-every", type=int, default=50, help="ν of the lowrank ones")
     ap.add_argument("--configs", default=None,
                     help=f"comma separated, from {','.join(CONFIGS)} (default on CPU: "
                          f"{DEFAULT_CONFIGS['cpu']}; on CUDA: {DEFAULT_CONFIGS['cuda']})")
@@ -347,7 +363,8 @@ def main(argv=None) -> None:
         C.run_fresh(me, ["--prepare"])
     common = ["--steps", str(a.steps), "--warmup", str(a.warmup), "--batch", str(a.batch),
               "--seq", str(a.seq), "--threads", str(a.threads), "--device", a.device,
-              "--dtype", a.dtype, "--model", a.model, "--dist", a.dist]
+              "--dtype", a.dtype, "--model", a.model, "--dist", a.dist, "--rank", str(a.rank),
+              "--resample-every", str(a.resample_every)]
     if a.backend:
         common += ["--backend", a.backend]
     rows, failed = [], []

@@ -130,6 +130,18 @@ def _same_start_state(request):
     torch.set_grad_enabled(True)
 
 
+@pytest.fixture
+def no_curve_plot(monkeypatch):
+    """In-process runs write curve.png with placeholder bytes instead of drawing it (~0.5
+    CPU-s a run, most of a tiny run's time). The plot is drawn from the run's loss and dev
+    numbers alone, never from the model or the crash/resume path, and tests/test_cli.py checks
+    it is drawn (classification and LM curves); the files a run commits stay the same. For
+    files with many runs whose plot is not what they test (`pytestmark = usefixtures(...)`)."""
+    from zoengine.run import report
+
+    monkeypatch.setattr(report, "plot_curve", lambda _report: b"\x89PNG placeholder")
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny LLaMA model folder and a tiny tweet-like task file (tests/test_cli.py builds

@@ -148,6 +148,10 @@ CHECKS = {"full": _check_full, "virtual": _check_virtual, "dizo": _check_dizo,
           "journal": _check_journal, "structured": _check_structured}
 
 
+# curve.png is drawn from a run's numbers, never from the model: see conftest.no_curve_plot
+pytestmark = pytest.mark.usefixtures("no_curve_plot")
+
+
 @pytest.fixture(scope="module")
 def task_csv(tmp_path_factory):
     return make_tiny_task(str(tmp_path_factory.mktemp("task") / "t.csv"))

@@ -3,7 +3,9 @@ identical, equal a single-process run, and only scalars are exchanged.
 
 The ranks are this file run as a script (``python test_distributed.py SCENARIO OUT``) by two
 subprocesses with RANK/WORLD_SIZE/MASTER_PORT set; each writes its results to OUT, the test
-compares them with a reference computed here in one process."""
+compares them with a reference computed here in one process. The scenarios that leave the
+process group usable share one launch (``shared``); those that kill a rank or stop on an
+error get their own."""
 
 from __future__ import annotations
 
@@ -172,6 +174,29 @@ def _rank_failures(scenario: str, rank: int) -> dict:
     return {"error": None}
 
 
+# The scenarios that leave the group usable run one after another in one launch (the "shared"
+# scenario: 2 rank processes instead of 2 per scenario, whose interpreter and torch start-up
+# was most of each test's time); each rank saves one result per scenario, or the traceback.
+# "drift" stops both ranks at the same collective, so the group stays usable; "die" does not.
+SHARED = ("losses", "samples", "sharded", "fsdp2", "refusals", "drift", "trainer")
+
+
+def _rank_shared(rank: int, out: str) -> None:
+    import traceback
+
+    import torch.distributed as dist
+
+    for scenario in SHARED:
+        saved = dist.all_reduce, dist.all_gather  # _count_bytes wraps them for one scenario
+        try:
+            result = _rank_scenario(scenario, rank, out)
+        except Exception:  # noqa: BLE001 - the scenario's test fails with this traceback
+            result = {"__error__": traceback.format_exc()}
+        dist.all_reduce, dist.all_gather = saved
+        torch.save(result, os.path.join(out, f"rank{rank}-{scenario}.pt"))
+        dist.barrier()
+
+
 def _rank_main(scenario: str, out: str) -> None:
     import torch.distributed as dist
 
@@ -180,6 +205,20 @@ def _rank_main(scenario: str, out: str) -> None:
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=30))
     rank = dist.get_rank()
+    if scenario == "shared":
+        _rank_shared(rank, out)
+    else:
+        torch.save(_rank_scenario(scenario, rank, out), os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+    # Seen once in 4 full-suite runs under load: the Trainer scenario's process aborted in
+    # interpreter teardown ("terminate called without an active exception", a C++ thread of a
+    # library still joinable) after its result was saved. The result is what is tested; leave
+    # without the teardown.
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def _rank_scenario(scenario: str, rank: int, out: str) -> dict:
     if scenario in ("losses", "samples"):
         result = _rank_data_parallel(scenario, rank, out)
     elif scenario == "sharded":
@@ -192,14 +231,7 @@ def _rank_main(scenario: str, out: str) -> None:
         result = _rank_failures(scenario, rank)
     else:
         result = _rank_refusals(rank)
-    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-    # Seen once in 4 full-suite runs under load: the Trainer scenario's process aborted in
-    # interpreter teardown ("terminate called without an active exception", a C++ thread of a
-    # library still joinable) after its result was saved. The result is what is tested; leave
-    # without the teardown.
-    sys.stdout.flush()
-    os._exit(0)
+    return result
 
 
 # ---- the tests --------------------------------------------------------------------------
@@ -209,7 +241,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(scenario: str, tmp_path: pathlib.Path, codes=(0, 0)) -> list[dict]:
+def _launch(scenario: str, tmp_path: pathlib.Path, codes=(0, 0), timeout=60) -> list[dict]:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
            "WORLD_SIZE": str(WORLD), "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, __file__, scenario, str(tmp_path)],
@@ -217,15 +249,33 @@ def _launch(scenario: str, tmp_path: pathlib.Path, codes=(0, 0)) -> list[dict]:
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for r in range(WORLD)]
     try:
-        outs = [p.communicate(timeout=60)[0].decode() for p in procs]
+        outs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     for p, o, code in zip(procs, outs, codes):
         assert p.returncode == code, o
+    if scenario == "shared":
+        return []
     return [torch.load(tmp_path / f"rank{r}.pt") if code == 0 else None
             for r, code in enumerate(codes)]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> pathlib.Path:
+    """One 2-rank launch running every scenario of SHARED in turn (each test reads its own
+    scenario's results with _results); 6 launches' start-up cost paid once."""
+    out = tmp_path_factory.mktemp("shared")
+    _launch("shared", out, timeout=180)
+    return out
+
+
+def _results(out: pathlib.Path, scenario: str) -> list[dict]:
+    results = [torch.load(out / f"rank{r}-{scenario}.pt") for r in range(WORLD)]
+    for r, res in enumerate(results):
+        assert "__error__" not in res, f"rank {r}, {scenario}:\n{res['__error__']}"
+    return results
 
 
 def _reference(batch_of_sample, n: int) -> torch.nn.Module:
@@ -244,8 +294,9 @@ def _assert_same(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-def test_losses_mode_equals_mean_of_shards(tmp_path):
-    r0, r1 = _launch("losses", tmp_path)
+def test_losses_mode_equals_mean_of_shards(shared):
+    tmp_path = shared  # the journals are in the shared launch's folder
+    r0, r1 = _results(shared, "losses")
     _assert_same(r0["weights"], r1["weights"])
     assert r0["agree"] and r1["agree"] and r0["losses"] == r1["losses"]
     # bit for bit: the mean of the two shards' losses, taken in float64 as the all-reduce does
@@ -270,8 +321,8 @@ def test_losses_mode_equals_mean_of_shards(tmp_path):
     _assert_same(r0["weights"], single.state_dict())
 
 
-def test_samples_mode_equals_n_spsa_with_rank_batches(tmp_path):
-    r0, r1 = _launch("samples", tmp_path)
+def test_samples_mode_equals_n_spsa_with_rank_batches(shared):
+    r0, r1 = _results(shared, "samples")
     _assert_same(r0["weights"], r1["weights"])
     assert r0["agree"] and r0["losses"] == r1["losses"]
     ref = _reference(lambda m, t, k: _loss(m, _batch(t, k % WORLD)), 4)
@@ -281,8 +332,8 @@ def test_samples_mode_equals_n_spsa_with_rank_batches(tmp_path):
     assert not torch.equal(other.state_dict()["0.weight"], r0["weights"]["0.weight"])
 
 
-def test_row_sharded_equals_full_tensor(tmp_path):
-    r0, r1 = _launch("sharded", tmp_path)
+def test_row_sharded_equals_full_tensor(shared):
+    r0, r1 = _results(shared, "sharded")
     full = torch.nn.Parameter(_model()[0].weight.detach().clone())
     opt = zoengine.MeZO([{"params": [full], "param_names": ["w"]}], **HYPER)
     x, y = _batch(0, 0)
@@ -294,9 +345,9 @@ def test_row_sharded_equals_full_tensor(tmp_path):
     assert r0["offset"] == 0 and r1["offset"] == 16  # rows 4..7 of an 8 x 4 weight
 
 
-def test_fsdp2_data_parallel_equals_mean_of_shards(tmp_path):
+def test_fsdp2_data_parallel_equals_mean_of_shards(shared):
     pytest.importorskip("torch.distributed.fsdp")
-    r0, r1 = _launch("fsdp2", tmp_path)
+    r0, r1 = _results(shared, "fsdp2")
     ref = _reference(lambda m, t, k: (float(_loss(m, _batch(t, 0)))
                                       + float(_loss(m, _batch(t, 1)))) / 2, 1)
     _assert_same(r0["weights"], dict(ref.named_parameters()))
@@ -305,9 +356,9 @@ def test_fsdp2_data_parallel_equals_mean_of_shards(tmp_path):
     assert r0["offsets"] == [0, 0, 0, 0] and r1["offsets"] == [16, 4, 8, 1]
 
 
-def test_trainer_under_two_ranks_reduces_and_agrees(tmp_path):
+def test_trainer_under_two_ranks_reduces_and_agrees(shared):
     pytest.importorskip("transformers")
-    r0, r1 = _launch("trainer", tmp_path)
+    r0, r1 = _results(shared, "trainer")
     assert r0["mode"] == r1["mode"] == "losses"  # the default optimizer got set_distributed(True)
     assert r0["agree"] and r1["agree"] and r0["changed"]
 
@@ -320,8 +371,8 @@ def test_a_killed_rank_makes_the_others_stop_with_a_clear_error(tmp_path):
     assert "another rank has died" in r0["message"].lower() and "--resume" in r0["message"]
 
 
-def test_drift_guard_stops_every_rank(tmp_path):
-    r0, r1 = _launch("drift", tmp_path)
+def test_drift_guard_stops_every_rank(shared):
+    r0, r1 = _results(shared, "drift")
     for r in (r0, r1):
         assert r["error"] == "ReplicaDivergenceError" and r["step"] == 1  # checked after step 2
         assert "odd ones out" in r["message"]
@@ -341,8 +392,8 @@ def test_weights_checksum_sees_one_ulp():
     assert weights_checksum([t.clone() for t in ts]) == base
 
 
-def test_refuses_mismatched_ranks(tmp_path):
-    for r in _launch("refusals", tmp_path):
+def test_refuses_mismatched_ranks(shared):
+    for r in _results(shared, "refusals"):
         assert "disagree on seed" in r["seed"]
         assert "multiple of the world size" in r["n_samples"]
 
@@ -403,7 +454,24 @@ if __name__ == "__main__":
     _rank_main(sys.argv[1], sys.argv[2])
 
 
-def test_cli_under_torchrun_trains_data_parallel_and_rank0_writes(tiny, tmp_path):
+def _torchrun_args(tiny, out):
+    from test_cli import tiny_args
+
+    return tiny_args(tiny, out, "--train", "head", "--steps", "12", "--batch-size", "4",
+                     "--checkpoint-every", "5", "--journal-fsync", "step")
+
+
+@pytest.fixture(scope="module")
+def torchrun_full(tiny, tmp_path_factory):
+    """`torchrun --nproc_per_node 2 -m zoengine train`, 12 steps, uninterrupted: the run both
+    torchrun tests check (one launch for the two; --journal-fsync step is the resume test's
+    setting and changes no number)."""
+    out = tmp_path_factory.mktemp("torchrun") / "run"
+    return out, _torchrun(_torchrun_args(tiny, out))
+
+
+def test_cli_under_torchrun_trains_data_parallel_and_rank0_writes(tiny, torchrun_full,
+                                                                  tmp_path):
     """`torchrun --nproc_per_node 2 -m zoengine train`: both ranks end with the same weights,
     rank 0 alone writes the folder, and its journal (the all-reduced losses) rebuilds the
     weights in one process."""
@@ -412,13 +480,7 @@ def test_cli_under_torchrun_trains_data_parallel_and_rank0_writes(tiny, tmp_path
 
     from zoengine.cli import main
 
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), "-m", "zoengine",
-           *tiny_args(tiny, out, "--train", "head", "--steps", "12", "--batch-size", "4",
-                      "--checkpoint-every", "5")]
-    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out, r = torchrun_full
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     # both ranks print to one pipe, so their lines may interleave: match anywhere
     hashes = re.findall(r"trained tensors sha256 ([0-9a-f]{64})", r.stdout)
@@ -490,26 +552,21 @@ def _torchrun(args: list, env_extra: dict | None = None, world: int = 2):
     return r
 
 
-def test_torchrun_resume_with_the_same_or_another_world_size(tiny, tmp_path):
+def test_torchrun_resume_with_the_same_or_another_world_size(tiny, torchrun_full, tmp_path):
     """A 2-rank run killed (SIGKILL) during step 8 resumes under torchrun to the weights of an
     uninterrupted 2-rank run; resumed by one process instead, its journal keeps the 8 steps
     the two ranks took (their all-reduced losses) and the run completes with 1 rank."""
     import shutil
 
     from safetensors.torch import load_file
-    from test_cli import tiny_args
 
     from zoengine.cli import main
     from zoengine.journal import read_records
 
-    def args(out):
-        return tiny_args(tiny, out, "--train", "head", "--steps", "12", "--batch-size", "4",
-                         "--checkpoint-every", "5", "--journal-fsync", "step")
-
-    full, crashed = tmp_path / "full", tmp_path / "crashed"
-    r = _torchrun(args(full))
+    (full, r), crashed = torchrun_full, tmp_path / "crashed"
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    r = _torchrun(args(crashed), {"ZOENGINE_CRASH_AT": "mid-step:18"})  # 2 evaluations a step
+    # killed during step 8 (2 evaluations a step)
+    r = _torchrun(_torchrun_args(tiny, crashed), {"ZOENGINE_CRASH_AT": "mid-step:18"})
     assert r.returncode != 0 and not (crashed / "metrics.json").exists()
     one_rank = tmp_path / "one-rank"
     shutil.copytree(crashed, one_rank)

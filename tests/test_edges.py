@@ -30,6 +30,8 @@ from zoengine.storage.manifest import MANIFEST, file_entry, write_manifest
 HEAD = ["--train", "head", "--steps", "12", "--batch-size", "4", "--checkpoint-every", "4"]
 # the run the resume tests continue: not the defaults, so a flag "set back" to one is seen
 KILLED = [*HEAD, "--method", "kerzoo", "--seed", "1", "--threads", "2"]
+# the in-process runs write curve.png without drawing it (conftest.no_curve_plot)
+pytestmark = pytest.mark.usefixtures("no_curve_plot")
 
 
 def _kill(tiny, out, extra, point):

@@ -80,7 +80,7 @@ def test_formula_equals_the_optimizers_accounting_at_7b(noise):
 
 def test_run_pricing_smollm2_mezo_vs_pezo():
     rows = {r.name: r for r in compare_methods("smollm2-135m", "fpga-xc7", steps=20_000)}
-    assert list(rows) == ["MeZO", "PeZO pool", "PeZO rotate"]
+    assert list(rows) == ["MeZO", "PeZO pool", "PeZO rotate", "MeZO low-rank"]
     d = 134_515_008
     for r in rows.values():
         assert r.budget.n_use == 3 * d  # 4n - 1 = 3 passes
@@ -117,7 +117,7 @@ def test_cli_compare_7b(capsys):
     assert "6,738,415,616" in out and "PeZO rotate" in out and "| provenance |" in out
     assert main(["estimate", "--model", "smollm2-135m", "--compare", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["name"] for r in rows] == ["MeZO", "PeZO pool", "PeZO rotate"]
+    assert [r["name"] for r in rows] == ["MeZO", "PeZO pool", "PeZO rotate", "MeZO low-rank"]
     assert all(r["steps"] == 20_000 for r in rows)
 
 

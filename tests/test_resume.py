@@ -21,6 +21,8 @@ FULL = ["--train", "full", "--steps", "9", "--batch-size", "4", "--checkpoint-ev
 
 
 args = tiny_args  # the tiny model's `zoengine train` command line
+# the in-process runs write curve.png without drawing it (conftest.no_curve_plot)
+pytestmark = pytest.mark.usefixtures("no_curve_plot")
 
 
 def _weights(out) -> dict:

@@ -57,7 +57,10 @@ def test_torchrun_dash_m_zoengine_from_the_root(real_kernels):
 
 
 def test_pytest_collects_from_the_root(real_kernels):
-    r = _from_root("-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider")
+    # -n 0: the collection in this one `python -m pytest` process (root first on sys.path),
+    # instead of addopts' two xdist workers each importing every test module (twice the time;
+    # a worker, started with `python -c` in the root, has the same sys.path[0])
+    r = _from_root("-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-n", "0")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert " error" not in r.stdout.lower()
     assert "tests collected" in r.stdout or "tests/" in r.stdout

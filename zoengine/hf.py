@@ -40,6 +40,7 @@ except ImportError:  # transformers' Trainer needs accelerate: zoengine's `hf` e
     raise
 
 from zoengine.run.hf_args import ZOTrainingArguments, zo_factory_kwargs  # noqa: E402,F401
+from zoengine.run.hf_budget import add_forwards, attach, blocks_step, counted  # noqa: E402
 
 
 def _closure_only(opt):
@@ -180,7 +181,7 @@ class SearchBatches:
         def closure():
             with trainer.compute_loss_context_manager():
                 return trainer.compute_loss(model, dict(inputs))
-        return closure
+        return counted(trainer, self.opt, closure)  # a budget counts the search's forwards
 
 
 def accumulate(trainer, inputs) -> list | None:
@@ -217,6 +218,7 @@ def journal_or_replay(trainer, opt) -> torch.Tensor | None:
         return None
     record = trainer._zo_queue.pop(0)
     apply_record(opt, record, path="zo_journal.zoj")
+    add_forwards(trainer, opt, len(record.values))  # as the run counted them (a budget)
     return torch.tensor(record.step_loss(opt.n_samples)).to(trainer.args.device)
 
 
@@ -302,6 +304,7 @@ class ZOTrainer(Trainer):
                             f"{type(self.optimizer).__name__}")
         elif self.optimizer is not None:
             _closure_only(self.optimizer)
+        attach(self)  # zo_max_forwards / zo_max_minutes: a callback (zoengine.run.hf_budget)
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """One ZO step on this batch: loss at θ+εz and θ−εz, in-place update, no backward.
@@ -317,6 +320,8 @@ class ZOTrainer(Trainer):
         opt = _unwrap_optimizer(self.optimizer)
         check_distributed(opt)
         check_resumed_state(opt, self.state.global_step)
+        if blocks_step(self, opt):  # a spent zo_max_forwards: no forward pass
+            return torch.zeros((), device=self.args.device)
         grad_log, mark = ProjectedGradLog.of(self), ProjectedGradLog.mark(opt)
         if getattr(self.args, "zo_journal", False):
             replayed = journal_or_replay(self, opt)
@@ -342,7 +347,7 @@ class ZOTrainer(Trainer):
             return total if summed else total / len(losses)
 
         try:
-            loss = opt.step(closure)
+            loss = opt.step(counted(self, opt, closure))
         finally:
             model.train(was_training)
         grad_log.note(opt, mark)

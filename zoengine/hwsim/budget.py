@@ -16,12 +16,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["CHUNK", "MODELS", "WINDOW", "llama_numels", "model_numels", "pool_stride",
-           "rng_budget"]
+__all__ = ["CHUNK", "MODELS", "WINDOW", "llama_numels", "llama_shapes", "model_numels",
+           "model_shapes", "pool_stride", "rng_budget"]
 
 CHUNK = 1 << 16  # elements per request of the reuse ops (zoengine/kernels/reuse.py CHUNK_ELEMENTS)
 WINDOW = 1 << 14  # adaptive-scaling window of the rotate source (RotateSource.window)
-NOISES = ("normal", "uniform", "rademacher", "pool", "rotate")
+NOISES = ("normal", "uniform", "rademacher", "pool", "rotate", "lowrank")
 
 # Llama-architecture configs (HF config.json fields); parameter order of LlamaForCausalLM.
 MODELS = {
@@ -35,22 +35,34 @@ MODELS = {
 }
 
 
-def llama_numels(vocab: int, hidden: int, intermediate: int, layers: int, heads: int,
-                 kv_heads: int, tie: bool, **_) -> list[int]:
-    """Tensor sizes of a LlamaForCausalLM in ``parameters()`` order: embedding; per layer
-    q, k, v, o, gate, up, down, input and post-attention norms; final norm; lm_head if untied."""
+def llama_shapes(vocab: int, hidden: int, intermediate: int, layers: int, heads: int,
+                 kv_heads: int, tie: bool, **_) -> list[tuple[int, ...]]:
+    """Tensor shapes of a LlamaForCausalLM in ``parameters()`` order: embedding; per layer
+    q, k, v, o, gate, up, down (out × in), input and post-attention norms; final norm;
+    lm_head if untied."""
     kv = hidden // heads * kv_heads
-    layer = [hidden * hidden, hidden * kv, hidden * kv, hidden * hidden,
-             hidden * intermediate, hidden * intermediate, intermediate * hidden, hidden, hidden]
-    out = [vocab * hidden] + layer * layers + [hidden]
-    return out if tie else out + [vocab * hidden]
+    layer = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden),
+             (intermediate, hidden), (intermediate, hidden), (hidden, intermediate),
+             (hidden,), (hidden,)]
+    out = [(vocab, hidden)] + layer * layers + [(hidden,)]
+    return out if tie else out + [(vocab, hidden)]
+
+
+def llama_numels(**config) -> list[int]:
+    """Tensor sizes of a LlamaForCausalLM in ``parameters()`` order (``llama_shapes``)."""
+    return [math.prod(s) for s in llama_shapes(**config)]
+
+
+def model_shapes(name: str) -> list[tuple[int, ...]]:
+    """Tensor shapes of a named model (``MODELS``)."""
+    if name not in MODELS:
+        raise ValueError(f"model={name!r}: must be one of {tuple(MODELS)}")
+    return llama_shapes(**MODELS[name])
 
 
 def model_numels(name: str) -> list[int]:
     """Tensor sizes of a named model (``MODELS``)."""
-    if name not in MODELS:
-        raise ValueError(f"model={name!r}: must be one of {tuple(MODELS)}")
-    return llama_numels(**MODELS[name])
+    return [math.prod(s) for s in model_shapes(name)]
 
 
 def pool_stride(d: int, pool_size: int) -> int:
@@ -83,9 +95,12 @@ def rng_budget(numels: Sequence[int], *, noise: str = "normal", n_samples: int =
                lanes: int = 64, scaling: str = "adaptive", pool_size: int = 1 << 16,
                estimator: str = "spsa", kernel_order: int | None = 3,
                half_numels: Sequence[int] = (), stochastic_rounding: bool = False,
-               method: str = "ZO") -> dict:
+               method: str = "ZO", rank: int = 1, resample_every: int = 100,
+               shapes: Sequence[tuple] | None = None) -> dict:
     """The keys of ``ZO.rng_budget()`` for tensors of ``numels`` (optimizer order) and ZO's
-    options (PeZO's ``reuse="pool"|"rotate"`` is ``noise="pool"|"rotate"``)."""
+    options (PeZO's ``reuse="pool"|"rotate"`` is ``noise="pool"|"rotate"``); ``"lowrank"``
+    needs the tensors' ``shapes`` (U: m·r per sample and step, V: n·r per ``resample_every``
+    steps, per 2-D tensor; docs/lowrank.md)."""
     if noise not in NOISES:
         raise ValueError(f"noise={noise!r}: must be one of {NOISES}")
     if scaling not in ("adaptive", "static"):
@@ -103,17 +118,39 @@ def rng_budget(numels: Sequence[int], *, noise: str = "normal", n_samples: int =
     rounding = sum(_philox_blocks(m) for m in half_numels) if stochastic_rounding else 0
     kernel = estimator == "kernel" and kernel_order is not None
     uses, generated = d * passes, numbers * passes
-    return {"method": method, "noise": noise, "estimator": estimator, "d": d,
-            "n_samples": n, "stream_passes_per_step": passes, "numbers_used_per_step": uses,
-            "numbers_generated_per_step": generated,
-            "numbers_reused_per_step": max(0, uses - generated),
-            "philox_blocks_per_step": blocks * passes + rounding + (n if kernel else 0),
-            "rounding_numbers_per_step": 4 * rounding,
-            "pool_size": pool_size if pool else None,
-            "numbers_generated_once": pool_size if pool else 0,
-            "philox_blocks_once": pool_size if pool else 0,
-            "pool_stride": pool_stride(d, pool_size) if pool else None,
-            "pool_period": pool_size if pool else None,
-            "lanes": lanes if noise == "rotate" else None,
-            "window": WINDOW if noise == "rotate" and scaling == "adaptive" else None,
-            "scalars_per_step": n * (2 if estimator == "kernel" else 1)}
+    out = {"method": method, "noise": noise, "estimator": estimator, "d": d,
+           "n_samples": n, "stream_passes_per_step": passes, "numbers_used_per_step": uses,
+           "numbers_generated_per_step": generated,
+           "numbers_reused_per_step": max(0, uses - generated),
+           "philox_blocks_per_step": blocks * passes + rounding + (n if kernel else 0),
+           "rounding_numbers_per_step": 4 * rounding,
+           "pool_size": pool_size if pool else None,
+           "numbers_generated_once": pool_size if pool else 0,
+           "philox_blocks_once": pool_size if pool else 0,
+           "pool_stride": pool_stride(d, pool_size) if pool else None,
+           "pool_period": pool_size if pool else None,
+           "lanes": lanes if noise == "rotate" else None,
+           "window": WINDOW if noise == "rotate" and scaling == "adaptive" else None,
+           "scalars_per_step": n * (2 if estimator == "kernel" else 1)}
+    if noise == "lowrank":
+        if shapes is None or [math.prod(s) for s in shapes] != [int(m) for m in numels]:
+            raise ValueError("noise='lowrank': shapes=[(m, n), ...] must give the shape of "
+                             "each tensor of numels (the count depends on rows and columns)")
+        out.update(_lowrank(shapes, n, passes, rounding + (n if kernel else 0), rank,
+                            resample_every))
+        out["numbers_reused_per_step"] = max(0, uses - out["numbers_generated_per_step"])
+    return out
+
+
+def _lowrank(shapes, n, passes, extra_blocks, r, every) -> dict:
+    """U (m·r) per sample per step, V (n·r) per block of ``every`` steps for each 2-D tensor,
+    whole Philox blocks; the other tensors' full-rank streams every pass."""
+    bu = sum(_philox_blocks(s[0] * r) for s in shapes if len(s) == 2 and math.prod(s))
+    bv = sum(_philox_blocks(s[1] * r) for s in shapes if len(s) == 2 and math.prod(s))
+    bf = sum(_philox_blocks(math.prod(s)) for s in shapes if len(s) != 2 or not math.prod(s))
+    prod = sum(math.prod(s) for s in shapes if len(s) == 2)
+    return {"numbers_generated_per_step": 4 * (bf * passes + n * bu) + 4 * bv / every,
+            "philox_blocks_per_step": bf * passes + n * bu + bv / every + extra_blocks,
+            "rank": r, "resample_every": every, "lowrank_u_numbers_per_step": 4 * n * bu,
+            "lowrank_v_numbers_per_block": 4 * bv, "full_rank_numbers_per_step": 4 * bf * passes,
+            "lowrank_products_per_step": prod * passes}

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="zoengine hwsim", description="Hardware RNG cost of a ZO workload.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     e = sub.add_parser("estimate", help="price a workload (the default command)")
-    e.add_argument("--method", dest="preset", default=None, help=f"preset: {' | '.join(PRESETS)} (default mezo)")
+    e.add_argument("--method", dest="preset", default=None, help=f"preset: {' | '.join(PRESETS)} (default mezo), or mezo-lowrank with --model")
     e.add_argument("--platform", default="fpga-xc7", help=" | ".join(PLATFORMS))
     e.add_argument("--from-config", default=None,
                    help="JSON file: a training config with 'params' (or 'd'), optional "
@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help="price a real run from the optimizer's "
                    "rng_budget(): smollm2-135m | llama-7b (tensor sizes, no weights loaded)")
     e.add_argument("--noise", default="normal", help="with --model: the optimizer's noise, "
-                   "normal | uniform | rademacher | pool | rotate")
+                   "normal | uniform | rademacher | pool | rotate | lowrank")
+    e.add_argument("--rank", type=int, default=2, help="r of low-rank noise (default 2)")
+    e.add_argument("--resample-every", type=int, default=50, help="ν of low-rank noise: V redrawn every ν steps (default 50)")
     e.add_argument("--budget", default=None, help="JSON file holding an optimizer's "
                    "rng_budget() dict: price that run")
     e.add_argument("--compare", action="store_true", help="with --model: MeZO vs PeZO pool vs "
@@ -199,7 +201,7 @@ def cmd_estimate(args) -> int:
 
     if args.platform not in PLATFORMS:
         raise UsageError("--platform", f"{args.platform!r}: must be one of {tuple(PLATFORMS)}")
-    if args.model or args.budget:
+    if args.model or args.budget or args.preset == "mezo-lowrank":
         return cmd_run(args)
     w = _workload(args)
     try:
@@ -228,7 +230,7 @@ def cmd_estimate(args) -> int:
 
 
 def _run_budget(args) -> dict:
-    from zoengine.hwsim.budget import model_numels, rng_budget  # noqa: PLC0415
+    from zoengine.hwsim.budget import model_numels, model_shapes, rng_budget  # noqa: PLC0415
 
     if args.budget:
         try:
@@ -241,10 +243,15 @@ def _run_budget(args) -> dict:
             raise UsageError("--budget", f"{args.budget}: not an rng_budget() dict (missing "
                              f"{', '.join(missing)})")
         return raw
+    noise = "lowrank" if args.preset == "mezo-lowrank" else args.noise
+    if noise == "lowrank" and not args.model:
+        raise UsageError("--model", "needed by low-rank noise (--method mezo-lowrank): its numbers depend on each matrix's shape; e.g. --model smollm2-135m")
     try:
         numels = model_numels(args.model)
-        extra = {"lanes": args.lanes or 256} if args.noise == "rotate" else {}
-        return rng_budget(numels, noise=args.noise, n_samples=args.q or 1, **extra)
+        extra = {"lanes": args.lanes or 256} if noise == "rotate" else {}
+        if noise == "lowrank":
+            extra.update(shapes=model_shapes(args.model), rank=args.rank, resample_every=args.resample_every, method="mezo-lowrank")
+        return rng_budget(numels, noise=noise, n_samples=args.q or 1, **extra)
     except ValueError as exc:
         raise UsageError("--model" if "model=" in str(exc) else "--noise", str(exc)) from None
 

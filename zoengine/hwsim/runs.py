@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from zoengine.hwsim.budget import MODELS, model_numels, rng_budget
+from zoengine.hwsim.budget import MODELS, model_numels, model_shapes, rng_budget
 from zoengine.hwsim.estimate import Budget, estimate
 from zoengine.hwsim.workload import Workload
 
@@ -26,6 +26,7 @@ METHODS = {
     "MeZO": dict(noise="normal"),
     "PeZO pool": dict(noise="pool", pool_size=1 << 16, scaling="adaptive"),
     "PeZO rotate": dict(noise="rotate", scaling="adaptive"),
+    "MeZO low-rank": dict(noise="lowrank", rank=2, resample_every=50),
 }
 _TAG_ORDER = "MPSE?"
 
@@ -70,12 +71,14 @@ def price_run(name: str, rng: dict, platform: str = "fpga-xc7", steps: int = 20_
 def compare_methods(model: str, platform: str = "fpga-xc7", *, steps: int = 20_000,
                     lanes: int = 256, bits: int = 8, clock_hz: float = 200e6,
                     n_samples: int = 1) -> list[RunCost]:
-    """MeZO vs PeZO pool vs PeZO rotate on ``model`` (a name of ``hwsim.budget.MODELS``), every
+    """MeZO vs PeZO pool vs PeZO rotate vs low-rank MeZO (LOZO, r = 2, ν = 50) on ``model`` (a name of ``hwsim.budget.MODELS``), every
     design streaming ``lanes`` numbers a clock (the rotate optimizer gets ``lanes`` lanes)."""
     numels = model_numels(model)
     out = []
     for name, opts in METHODS.items():
         extra = {"lanes": lanes} if opts["noise"] == "rotate" else {}
+        if opts["noise"] == "lowrank":
+            extra["shapes"] = model_shapes(model)
         rng = rng_budget(numels, n_samples=n_samples, method=name, **opts, **extra)
         kw = dict(bits=bits, clock_hz=clock_hz)
         if opts["noise"] != "rotate":

@@ -297,6 +297,8 @@ class Workload:
                         label=f"{budget.get('method', 'ZO')} {noise}")
         if noise in DISTS:
             kw["dist"] = noise
+        elif noise == "lowrank":  # normal factors U, V (and full-rank normals on 1-D tensors)
+            kw["dist"] = "normal"
         elif noise == "pool":
             kw.update(dist="uniform", reuse="pool", pool_size=int(budget["pool_size"]),
                       pool_reads="any")
@@ -308,7 +310,7 @@ class Workload:
             kw["n_gen_per_step"] = None  # the spec's reuse decides N_gen
         else:
             raise ValueError(f"budget['noise']={noise!r}: must be one of {DISTS}, 'pool', "
-                             f"'rotate' or 'hw:<spec>'")
+                             f"'rotate', 'lowrank' or 'hw:<spec>'")
         kw.update(overrides)
         return cls(d=d, **kw)
 

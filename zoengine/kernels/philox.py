@@ -39,6 +39,8 @@ STREAM_WORDS = {
     "kerzoo_r": 2,  # KerZOO's per-sample scalar radius r
     "pezo_lanes": 3,  # PeZO's rotating lane generators (and its pool, on lane POOL_LANE)
     "dizo_zeta": 4,  # DiZO's per-tensor projection perturbation ζ
+    "lowrank_u": 5,  # low-rank noise: U of a 2-D tensor, per (step, sample)
+    "lowrank_v": 6,  # low-rank noise: V of a 2-D tensor, per block of resample_every steps
 }
 STREAM_Z = STREAM_WORDS["z"]
 STREAM_ROUNDING = STREAM_WORDS["rounding"]

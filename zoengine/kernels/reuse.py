@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from zoengine.kernels.keys import stream_key
-from zoengine.kernels.philox import MASK32, STREAM_PEZO_LANES, philox4x32
+from zoengine.kernels.philox import MASK32, POOL_LANE, STREAM_PEZO_LANES, philox4x32
 from zoengine.kernels.reference import compute_dtype, restore_index
 
 CHUNK_ELEMENTS = 1 << 16
@@ -43,6 +43,16 @@ def lane_uniform(index: torch.Tensor, lane: torch.Tensor | int, key64: int) -> t
                                    key64 & MASK32, key64 >> 32), dim=1)
     w = words.gather(1, (index & 3).unsqueeze(1)).squeeze(1)
     return ((w >> 8) * 2 + 1 - (1 << 24)).to(torch.float32) * 2.0**-24
+
+
+def make_pool(seed: int, pool_size: int, scaling: str) -> dict:
+    """PeZO's pool: N numbers of U(-1, 1) from the noise contract (lane ``POOL_LANE``), drawn
+    once for the whole run; scale 1/RMS (``"adaptive"``) or √3 (``"static"``)."""
+    idx = torch.arange(pool_size, dtype=torch.int64)
+    q = lane_uniform(idx, POOL_LANE, stream_key(seed, 0, 0))
+    scale = (1.0 / math.sqrt(float(q.double().pow(2).mean())) if scaling == "adaptive"
+             else math.sqrt(3.0))
+    return {"pool": q, "pool_scale": scale, "pool_pointer": 0}
 
 
 def pool_stride(d: int, pool_size: int) -> int:

@@ -120,3 +120,24 @@ def check_saved_pool(saved: dict, pool_size: int) -> None:
                          f"optimizer's pool_size={pool_size})")
     check_int(f"{where}['pool_pointer']", saved.get("pool_pointer"), low=0, high=pool_size)
     check_float(f"{where}['pool_scale']", saved.get("pool_scale"), low=0.0, strict=True)
+
+
+def check_perturbation_fits(groups, reach_z: float) -> None:
+    """Refuse, before touching the weights, an ε whose ±ε·r·z cannot be undone in the
+    parameter dtype (``reach_z``: 2·max|r z| of the step's noise). Scans max|θ| only when
+    2ε·max|r z| is within 2^-10 of the dtype's largest value (never for sane ε)."""
+    for g in groups:
+        check_eps_floor(f"param_groups[{g.index}]['eps']", g.eps, g.params)
+    for g in groups:
+        reach = g.eps * reach_z
+        for p in g.params:
+            big = torch.finfo(p.dtype).max
+            if reach < big * 2.0**-10 or p.numel() == 0:
+                continue
+            top = float(p.detach().abs().max())
+            if math.isfinite(top) and not top + reach < big:
+                raise ValueError(
+                    f"param_groups[{g.index}]['eps']={g.eps!r}: θ ± ε·z reaches "
+                    f"{top + reach:.3g}, beyond the largest {p.dtype} ({big:.3g}), so the "
+                    "perturbation could not be undone; the weights were not changed. "
+                    "Must keep max|θ| + 2ε·max|z| below it")

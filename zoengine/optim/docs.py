@@ -26,7 +26,14 @@ weight_decay (float): L2 term λ added to the update, as in MeZO's code (default
 noise (str): ``"normal"``, ``"uniform"``, ``"rademacher"`` (fresh numbers from the noise
     contract), ``"pool"`` (PeZO pre-generated pool), ``"rotate"`` (PeZO lanes) or
     ``"hw:<spec>"`` (a bit-accurate hardware generator from ``zoengine.hwsim``, e.g.
-    ``"hw:lfsr32-uniform"``: training and hardware cost on the same numbers).""",
+    ``"hw:lfsr32-uniform"``: training and hardware cost on the same numbers) or
+    ``"lowrank"`` (LOZO: z = U·Vᵀ/√r on every 2-D tensor, normal full-rank z on the others;
+    docs/lowrank.md).""",
+    "rank": """
+rank (int): r of ``noise="lowrank"``, >= 1 (default 1, LOZO's script).""",
+    "resample_every": """
+resample_every (int): ν of ``noise="lowrank"``: V is redrawn every ν steps, U every step
+    (default 100, LOZO's script), >= 1.""",
     "estimator": """
 estimator (str): ``"spsa"`` (MeZO) or ``"kernel"`` (KerZOO).""",
     "kernel_order": """

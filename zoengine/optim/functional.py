@@ -102,6 +102,8 @@ def z_bound(ops, dist: str) -> float:
     inner = getattr(ops, "inner", None)
     if inner is not None:  # VirtualOps: the displacement follows the wrapped backend's z
         return z_bound(inner, dist)
+    if getattr(ops, "z_max", None) is not None:  # a source that states its bound (low rank)
+        return float(ops.z_max)
     source = getattr(ops, "source", None)
     if source is None:  # a kernels backend (a module) draws the contract's numbers
         return _CONTRACT_Z.get(dist, _LOOSE_Z) if isinstance(ops, ModuleType) else _LOOSE_Z

@@ -75,3 +75,5 @@ class MeZO(ZO):
 
 
 register_method("mezo", MeZO)
+# LOZO: MeZO with low-rank noise U·Vᵀ/√r on every 2-D weight (docs/lowrank.md)
+register_method("mezo-lowrank", ZO, noise="lowrank")

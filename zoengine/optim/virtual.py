@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from zoengine.optim.lowrank_noise import lowrank_forward, lowrank_reads
+
 PERTURBATIONS = ("inplace", "virtual")
 _TRITON_OPS = "zoengine.kernels.triton_ops"
 
@@ -249,8 +251,9 @@ class VirtualModel:
 
     def _linear_forward(self, module: nn.Linear, original, x):
         plan = self._fusable(module)
-        if plan is None:
-            return original(x)
+        if plan is None:  # low-rank noise: x·Wᵀ + c·(x·V)·Uᵀ, else the pre-hook's copy
+            out = lowrank_forward(self, module, original, x)
+            return original(x) if out is None else out
         from zoengine.kernels.triton_noisy_linear import noisy_linear
 
         k, c, d, db = plan
@@ -274,9 +277,10 @@ class VirtualModel:
             return
         if isinstance(module, nn.Linear) and self._fusable(module) is not None:
             return  # _linear_forward computes it fused
+        keep = lowrank_reads(self, module)  # the forward adds these as a rank-r term
         for owner, a in pairs:
             p = owner._parameters[a]
-            if id(p) in self.displaced:
+            if id(p) in self.displaced and id(p) not in keep:
                 self._swapped.setdefault(id(module), []).append((owner, a, p))
                 owner._parameters[a] = self._perturbed(p)
 

@@ -114,12 +114,13 @@ class RawReads(TorchFunctionMode):
 
 def embedding_rows(v, p: torch.Tensor, a: dict) -> torch.Tensor:
     """``F.embedding`` with arguments ``a`` (weight ``p``) read from θ + c·z: only the
-    looked-up rows get noise (z of those elements from the contract); a non-contract noise
-    source (PeZO's pool/lanes, hardware models) defines z through its ops only, so the
-    perturbed table is built whole."""
+    looked-up rows get noise (z of those elements from the contract, or the low-rank ops'
+    rows U[ids]·Vᵀ); another non-contract source (PeZO's pool/lanes, hardware models)
+    defines z through its ops only, so the perturbed table is built whole."""
     d = v.displaced[id(p)]
     ops, seed, step, dist = v.context
-    if not isinstance(ops, types.ModuleType):
+    rows = getattr(ops, "embedding_rows", None)  # low-rank noise: U[ids]·Vᵀ, those rows only
+    if not isinstance(ops, types.ModuleType) and rows is None:
         return F.embedding(**{**a, "weight": v._perturbed(p)})
     v.consumed.add(id(p))
     ids = a["input"]
@@ -130,8 +131,9 @@ def embedding_rows(v, p: torch.Tensor, a: dict) -> torch.Tensor:
     ct = compute_dtype(p.dtype)
     out = out.to(ct)
     for k, c in d.scales.items():
-        z = noise_at(index, key64=stream_key(seed, step, k), tensor_key=d.key,
-                     dist=dist).to(device=out.device, dtype=ct)
+        z = (noise_at(index, key64=stream_key(seed, step, k), tensor_key=d.key, dist=dist)
+             if rows is None else rows(ids, p, d.key, seed=seed, step=step, sample=k))
+        z = z.to(device=out.device, dtype=ct)
         if mask is not None:
             z = z * mask
         out = (out + z * c).to(p.dtype).to(ct)  # rounded per sample, as perturb_ chains

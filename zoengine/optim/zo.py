@@ -16,38 +16,49 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from zoengine.kernels.keys import stream_key
-from zoengine.kernels.philox import DISTRIBUTIONS, POOL_LANE, SQRT3_F32
+from zoengine.kernels.philox import DISTRIBUTIONS, SQRT3_F32
 from zoengine.kernels.reuse import (
     HardwareSource,
     PoolSource,
     ReuseOps,
     RotateSource,
-    lane_uniform,
+    make_pool,
     pool_stride,
 )
 from zoengine.optim.accounting import rng_count
-from zoengine.optim.arguments import check_eps_floor, check_journal, check_saved_pool
+from zoengine.optim.arguments import (
+    check_eps_floor,
+    check_journal,
+    check_perturbation_fits,
+    check_saved_pool,
+)
 from zoengine.optim.base import ZOOptimizer, check_choice, check_float, check_int
 from zoengine.optim.deprecations import engine_keywords
 from zoengine.optim.docs import shared_docs
 from zoengine.optim.estimators import KERNELS, clip_value, kernel_weight, scalar_uniform
 from zoengine.optim.exchange import RecordedExchange
 from zoengine.optim.functional import StepResult, ZOGroup, zo_step
+from zoengine.optim.lowrank_noise import (
+    CONTRACT_NOISES,
+    LOWRANK_DEFAULTS,
+    check_lowrank,
+    lowrank_ops,
+    lowrank_z_bound,
+)
 from zoengine.optim.update_api import UpdateRules, check_update_options
 from zoengine.optim.updates import update_bytes
 from zoengine.optim.virtual import VirtualModel, check_perturbation
 from zoengine.optim.virtual_api import VirtualPerturbation
 from zoengine.optim.virtual_ops import VirtualOps
 
-NOISES = DISTRIBUTIONS + ("pool", "rotate")
+NOISES = DISTRIBUTIONS + ("pool", "rotate", "lowrank")
 ESTIMATORS = ("spsa", "kernel")
 SCALINGS = ("adaptive", "static")
 # ZO's options that decide z, the estimator and the accounting (``ZO.zo_options``).
 ZO_DEFAULTS = dict(noise="normal", estimator="spsa", kernel_order=3, r_range=1.0, clip=None,
                    pool_size=1 << 16, lanes=64, scaling="adaptive", n_samples=1,
                    stochastic_rounding=False, update="sgd", momentum=0.9, betas=(0.9, 0.999),
-                   adam_eps=1e-8)
+                   adam_eps=1e-8, **LOWRANK_DEFAULTS)
 # ZO's own keywords beyond the base's (presets translate them: MeZO's ``dist`` is ``noise``)
 UPDATE_OWN = ("update", "momentum", "betas", "adam_eps")
 ZO_OWN = ("noise", "estimator", "kernel_order", "r_range", "clip", "pool_size", "lanes",
@@ -74,7 +85,7 @@ class ZO(UpdateRules, VirtualPerturbation, ZOOptimizer):
     Args:
         {args: params lr eps weight_decay noise estimator kernel_order r_range clip}
         {args: pool_size lanes scaling seed n_samples backend nonfinite masks}
-        {args: stochastic_rounding update momentum betas adam_eps}
+        {args: stochastic_rounding update momentum betas adam_eps rank resample_every}
 
     {engine}
 
@@ -96,8 +107,11 @@ class ZO(UpdateRules, VirtualPerturbation, ZOOptimizer):
                  lanes: int = 64, scaling: str = "adaptive", seed: int = 0, n_samples: int = 1,
                  backend: str | None = None, nonfinite: str = "raise", masks=None,
                  stochastic_rounding: bool = False, update: str = "sgd", momentum: float = 0.9,
-                 betas=(0.9, 0.999), adam_eps: float = 1e-8, **deprecated):
+                 betas=(0.9, 0.999), adam_eps: float = 1e-8, rank: int = 1,
+                 resample_every: int = 100, **deprecated):
         engine = engine_keywords(type(self).__name__, deprecated)
+        check_lowrank(noise, rank, resample_every, backend)
+        self.rank, self.resample_every = rank, resample_every
         self.update = check_update_options(update, momentum, betas, adam_eps,
                                            stochastic_rounding=stochastic_rounding,
                                            weight_decay=weight_decay)
@@ -111,7 +125,7 @@ class ZO(UpdateRules, VirtualPerturbation, ZOOptimizer):
                         eps=check_float("eps", eps, low=0.0, strict=True),
                         weight_decay=check_float("weight_decay", weight_decay, low=0.0,
                                                  strict=False))
-        dist = noise if noise in DISTRIBUTIONS else "uniform"
+        dist = "normal" if noise == "lowrank" else noise if noise in DISTRIBUTIONS else "uniform"
         if noise not in DISTRIBUTIONS and backend not in (None, "auto", "reference"):
             raise ValueError(f"backend={backend!r} with noise={noise!r}: reused numbers (PeZO's "
                              "pool and lanes, hardware models) run on the reference kernels "
@@ -122,7 +136,7 @@ class ZO(UpdateRules, VirtualPerturbation, ZOOptimizer):
         self.kernel_order, self.r_range, self.clip = kernel_order, r_range, clip
         self.pool_size, self.lanes, self.scaling = pool_size, lanes, scaling
         if noise == "pool":
-            self.state["zo"].update(self._make_pool(seed))
+            self.state["zo"].update(make_pool(seed, pool_size, scaling))
         self.state["zo"]["update_steps"] = 0  # updates applied (Adam's bias correction)
         for i, g in enumerate(self.param_groups):  # an ε that never moves them: refused
             check_eps_floor("eps" if g["eps"] == eps else f"param_groups[{i}]['eps']", g["eps"],
@@ -152,7 +166,7 @@ class ZO(UpdateRules, VirtualPerturbation, ZOOptimizer):
         """Validate ZO's own options; returns the hardware source of ``noise="hw:..."``."""
         if not isinstance(stochastic_rounding, bool):
             raise ValueError(f"stochastic_rounding={stochastic_rounding!r}: must be True or False")
-        if stochastic_rounding and noise not in DISTRIBUTIONS:
+        if stochastic_rounding and noise not in CONTRACT_NOISES:
             raise ValueError(f"stochastic_rounding=True with noise={noise!r}: only the noise "
                              f"contract's streams {DISTRIBUTIONS} support it")
         hw = None
@@ -188,7 +202,8 @@ class ZO(UpdateRules, VirtualPerturbation, ZOOptimizer):
                 "pool_size": self.pool_size, "lanes": self.lanes, "scaling": self.scaling,
                 "stochastic_rounding": self.stochastic_rounding, "update": self.update.name,
                 "momentum": self.update.momentum, "betas": list(self.update.betas),
-                "adam_eps": self.update.adam_eps}
+                "adam_eps": self.update.adam_eps, **({"rank": self.rank, "resample_every":
+                self.resample_every} if self.noise == "lowrank" else {})}
 
     def _run_config(self) -> dict:
         cfg = {**super()._run_config(), "noise": self.noise, "estimator": self.estimator,
@@ -203,6 +218,8 @@ class ZO(UpdateRules, VirtualPerturbation, ZOOptimizer):
             cfg.update(pool_size=self.pool_size, scaling=self.scaling)
         elif self.noise == "rotate":
             cfg.update(lanes=self.lanes, scaling=self.scaling)
+        elif self.noise == "lowrank":
+            cfg.update(rank=self.rank, resample_every=self.resample_every)
         return cfg
 
     def _check_saved(self, saved: dict) -> None:
@@ -211,14 +228,6 @@ class ZO(UpdateRules, VirtualPerturbation, ZOOptimizer):
             check_saved_pool(saved, self.pool_size)
 
     # ---- noise sources ----------------------------------------------------------------
-    def _make_pool(self, seed: int) -> dict:
-        """N numbers of U(-1, 1) from the noise contract, drawn once for the whole run."""
-        idx = torch.arange(self.pool_size, dtype=torch.int64)
-        q = lane_uniform(idx, POOL_LANE, stream_key(seed, 0, 0))
-        scale = (1.0 / math.sqrt(float(q.double().pow(2).mean())) if self.scaling == "adaptive"
-                 else math.sqrt(3.0))
-        return {"pool": q, "pool_scale": scale, "pool_pointer": 0}
-
     def trainable_numel(self, groups=None) -> int:
         groups = self.zo_groups() if groups is None else groups
         return sum(p.numel() for g in groups for p in g.params)
@@ -228,6 +237,8 @@ class ZO(UpdateRules, VirtualPerturbation, ZOOptimizer):
         return ops if self._virtual is None else VirtualOps(ops, self._virtual)
 
     def _source_ops(self, groups):
+        if self.noise == "lowrank":
+            return lowrank_ops(self, groups)
         if self.noise in DISTRIBUTIONS:
             return self.ops_for(groups)
         if any(g.offsets for g in groups):
@@ -250,6 +261,8 @@ class ZO(UpdateRules, VirtualPerturbation, ZOOptimizer):
         return ReuseOps(source, offsets)
 
     def _z_bound(self) -> float:
+        if self.noise == "lowrank":
+            return lowrank_z_bound(self.rank)
         if self.noise == "pool":
             return float(self.state["zo"]["pool_scale"])
         if self.noise == "rotate":
@@ -258,25 +271,9 @@ class ZO(UpdateRules, VirtualPerturbation, ZOOptimizer):
         return _Z_BOUND.get(self.noise, _Z_BOUND["hw"])
 
     def _check_perturbation_fits(self, groups: list[ZOGroup]) -> None:
-        """Refuse, before touching the weights, an ε whose ±ε·r·z cannot be undone in the
-        parameter dtype. Scans max|θ| only when 2ε·max|r z| is within 2^-10 of the dtype's
-        largest value (never for sane ε)."""
-        for g in groups:
-            check_eps_floor(f"param_groups[{g.index}]['eps']", g.eps, g.params)
-        reach_z = 2.0 * self._z_bound() * (self.r_range if self.estimator == "kernel" else 1.0)
-        for g in groups:
-            reach = g.eps * reach_z
-            for p in g.params:
-                big = torch.finfo(p.dtype).max
-                if reach < big * 2.0**-10 or p.numel() == 0:
-                    continue
-                top = float(p.detach().abs().max())
-                if math.isfinite(top) and not top + reach < big:
-                    raise ValueError(
-                        f"param_groups[{g.index}]['eps']={g.eps!r}: θ ± ε·z reaches "
-                        f"{top + reach:.3g}, beyond the largest {p.dtype} ({big:.3g}), so the "
-                        "perturbation could not be undone; the weights were not changed. "
-                        "Must keep max|θ| + 2ε·max|z| below it")
+        """Refuse, before touching the weights, an ε whose ±ε·r·z cannot be undone."""
+        check_perturbation_fits(groups, 2.0 * self._z_bound()
+                                * (self.r_range if self.estimator == "kernel" else 1.0))
 
     # ---- estimator --------------------------------------------------------------------
     def _estimator_hooks(self, seed: int, step: int) -> tuple[Callable, Callable]:
@@ -393,7 +390,8 @@ class ZO(UpdateRules, VirtualPerturbation, ZOOptimizer):
         groups = self.zo_groups()
         numels = [p.numel() for g in groups for p in g.params]
         half = [p.numel() for g in groups for p in g.params if p.dtype in _HALF]
-        opts = {**ZO_DEFAULTS, **self._run_config(), "lanes": self.lanes,
+        opts = {**ZO_DEFAULTS, **self._run_config(), "lanes": self.lanes, "shapes":
+                [tuple(p.shape) for g in groups for p in g.params],
                 "pool_size": self.pool_size, "scaling": self.scaling,
                 "kernel_order": self.kernel_order}
         return rng_count(numels, half, opts, method=type(self).__name__)

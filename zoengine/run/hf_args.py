@@ -16,11 +16,14 @@ CONTROLS = {"zo_n_samples": "n_samples", "zo_kernel_order": "kernel_order",
             "zo_dizo_interval": "dizo_interval", "zo_proj_eps": "proj_eps",
             "zo_proj_lr": "proj_lr", "zo_tau": "tau"}
 _KWARG = {"zo_dizo_interval": "interval"}  # the method's keyword, where it differs
+# zo_* budget -> RunConfig field (the same check; ZOTrainer's callback, zoengine.run.hf_budget)
+BUDGETS = {"zo_max_forwards": "max_forwards", "zo_max_minutes": "max_minutes"}
 
 
 def check_zo_controls(args) -> None:
     """Each ``zo_*`` control with ``RunConfig``'s check and method rule, named by its field:
-    ``zo_kernel_order=3`` with ``zo_method="mezo"`` is refused as ``--kernel-order`` is."""
+    ``zo_kernel_order=3`` with ``zo_method="mezo"`` is refused as ``--kernel-order`` is; the
+    budgets ``zo_max_forwards`` / ``zo_max_minutes`` with ``--max-forwards``'s / ``--max-minutes``'s."""
     from dataclasses import fields as dc_fields
 
     from zoengine.checks import ConfigError
@@ -38,6 +41,8 @@ def check_zo_controls(args) -> None:
         if not takes:
             raise ConfigError(name, value, f"does not apply to zo_method={args.zo_method!r}",
                               field=name)
+    for name, run_name in BUDGETS.items():
+        by_name[run_name].metadata["check"](name, getattr(args, name), field=name)
 
 
 def zo_factory_kwargs(args) -> dict:
@@ -92,6 +97,11 @@ class ZOTrainingArguments(TrainingArguments):
         "help": "DiZO: lr of the γ search (dizo only)"})
     zo_tau: float | None = field(default=None, metadata={
         "help": "DiZO: τ, γ within (1 ± τ)·‖Δ‖ (dizo only)"})
+    zo_max_forwards: int | None = field(default=None, metadata={
+        "help": "stop cleanly before a step would take the training forwards past N (every "
+                "loss-closure call counted: n samples, update rule, DiZO's search)"})
+    zo_max_minutes: float | None = field(default=None, metadata={
+        "help": "stop cleanly after the step that reaches M minutes of training"})
 
     def __post_init__(self):
         super().__post_init__()

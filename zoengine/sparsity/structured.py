@@ -1,5 +1,6 @@
-"""Structured pruning of LLaMA-layout decoders: remove whole KV groups or MLP channels and shrink
-the tensors and the config, so the result is a smaller *dense* model that plain transformers
+"""Structured pruning of decoders: remove whole KV groups or MLP channels and shrink
+the tensors and the config (which architectures, and where their units are:
+``structured_layouts``), so the result is a smaller *dense* model that plain transformers
 loads (``AutoModelForCausalLM.from_pretrained``) and the ZO optimizers train like any other.
 
 Scores are Wanda's |W_ij|·‖X_j‖₂ summed over the weights a structure feeds into the residual
@@ -14,53 +15,88 @@ from fractions import Fraction
 
 import torch
 
+from zoengine.architectures import LAYOUTS, Layout
+from zoengine.sparsity import structured_layouts as L
 from zoengine.sparsity.pruners import input_norms
+from zoengine.sparsity.structured_calib import _run_block, block_inputs
 
 STRUCTURES = ("heads", "channels")
 SPARSITY_TOL = 0.01  # a heads sparsity may be this far from an achievable k/G
-_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
 _CONFIG_KEYS = ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
 
 
 # ---- architecture ------------------------------------------------------------------------------
 
-def _refuse(model, why: str) -> ValueError:
-    return ValueError(
-        f"model of class {type(model).__name__}: structured pruning supports LLaMA-layout decoders "
-        "(LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, ...: model.layers[i].self_attn."
-        "{q,k,v,o}_proj and mlp.{gate,up,down}_proj as nn.Linear); " + why)
+def _parts(layer, spec: L.Spec, lay, structure: str):
+    """(container, input projection names, output projection name) of one block's unit."""
+    if structure == "heads":
+        names = (lay.fused_qkv,) if lay.fused else (lay.q, lay.k, lay.v)
+        return getattr(layer, spec.attn, None), names, lay.attn_out
+    return (getattr(layer, spec.mlp, None) if spec.mlp else layer), lay.mlp_in, lay.mlp_out
 
 
-def decoder_layers(model) -> list[torch.nn.Module]:
-    """The decoder blocks of a LLaMA-layout model; ValueError naming the class otherwise."""
-    cfg = getattr(model, "config", None)
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if cfg is None or not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
-        raise _refuse(model, "it has no model.layers")
-    missing = [k for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size",
-                           "hidden_size") if not isinstance(getattr(cfg, k, None), int)]
+def _config_ints(model, cfg, spec: L.Spec, structure: str) -> None:
+    keys = ("num_attention_heads", "num_key_value_heads", "hidden_size") if structure == "heads" \
+        else ("hidden_size",)
+    missing = [k for k in keys if not isinstance(getattr(cfg, k, None), int)]
+    if structure == "channels" and L.width(cfg, spec) is None:
+        missing.append(spec.width)
     if missing:
-        raise _refuse(model, f"its config has no integer {', '.join(missing)}")
-    d = _head_dim(cfg)
+        raise L.refusal(model, structure, f"its config has no integer {', '.join(missing)}")
+
+
+def _expected(cfg, spec: L.Spec, lay, structure: str) -> tuple[list[int], int]:
+    """(output features of each input projection, input features of the output one)."""
+    if structure == "channels":
+        w = L.width(cfg, spec)
+        return [w * (2 if spec.halves else 1)] * len(lay.mlp_in), w
+    d, h, kv = _head_dim(cfg), cfg.num_attention_heads, cfg.num_key_value_heads
+    return ([(h + 2 * kv) * d] if lay.fused else [h * d, kv * d, kv * d]), h * d
+
+
+def _check_block(model, i: int, layer, spec: L.Spec, lay, structure: str) -> None:
+    cfg = model.config
+    mod, names, out = _parts(layer, spec, lay, structure)
+    where = f"layers[{i}].{(spec.attn if structure == 'heads' else spec.mlp) or '(block)'}"
+    if mod is None or not all(L.is_proj(getattr(mod, n, None)) for n in (*names, out)):
+        raise L.refusal(model, structure, f"{where} lacks one of {(*names, out)} as nn.Linear "
+                                          "or Conv1D")
+    if mod is not layer:
+        for pname, p in mod.named_parameters():
+            # per-head norms (Qwen3's q_norm/k_norm, shape (head_dim,)) survive head removal
+            if pname.split(".")[0] not in (*names, out) and (
+                    structure == "channels" or tuple(p.shape) != (_head_dim(cfg),)):
+                raise L.refusal(model, structure, f"{where}.{pname} {tuple(p.shape)} would not "
+                                                  "shrink with the projections")
+    rows, cols = _expected(cfg, spec, lay, structure)
+    if [L.out_features(getattr(mod, n)) for n in names] != rows or L.in_features(getattr(mod, out)) != cols:
+        raise L.refusal(model, structure, f"{where} does not match the config's "
+                        f"{'head' if structure == 'heads' else 'MLP'} sizes")
+
+
+def checked_layers(model, structure: str):
+    """(decoder blocks, spec, layout) of ``model`` for ``structure``; ValueError naming the
+    class, the structure and why otherwise."""
+    spec, lay = L.spec_of(model)
+    why = spec.no_heads if structure == "heads" else spec.no_channels
+    if why is not None:
+        raise L.refusal(model, structure, why)
+    if structure == "heads" and lay.fused and lay.qkv_split != "blocks":
+        raise L.refusal(model, structure, f"its fused {lay.fused_qkv} is split per head "
+                                          f"({lay.qkv_split!r}), which is not implemented")
+    layers = L.blocks(model, spec, structure)
+    _config_ints(model, model.config, spec, structure)
     for i, layer in enumerate(layers):
-        for part, names in (("self_attn", _ATTN), ("mlp", _MLP)):
-            mod = getattr(layer, part, None)
-            if mod is None or not all(isinstance(getattr(mod, n, None), torch.nn.Linear)
-                                      for n in names):
-                raise _refuse(model, f"layers[{i}].{part} lacks one of {names}")
-            for pname, p in mod.named_parameters():
-                # per-head norms (Qwen3's q_norm/k_norm, shape (head_dim,)) survive head removal
-                if pname.split(".")[0] not in names and tuple(p.shape) != (d,):
-                    raise _refuse(model, f"layers[{i}].{part}.{pname} {tuple(p.shape)} would "
-                                  "not shrink with the projections")
-        attn, mlp = layer.self_attn, layer.mlp
-        if (attn.q_proj.out_features != cfg.num_attention_heads * d
-                or attn.k_proj.out_features != cfg.num_key_value_heads * d
-                or mlp.down_proj.in_features != cfg.intermediate_size):
-            raise _refuse(model, f"layers[{i}] does not match the config's head and MLP sizes")
-    return list(layers)
+        _check_block(model, i, layer, spec, lay, structure)
+    return layers, spec, lay
+
+
+def decoder_layers(model, structure: str | None = None) -> list[torch.nn.Module]:
+    """The decoder blocks of a supported model, checked for ``structure`` (both when None);
+    ValueError naming the class otherwise."""
+    for s in ((structure,) if structure else STRUCTURES):
+        layers = checked_layers(model, s)[0]
+    return layers
 
 
 def _head_dim(cfg) -> int:
@@ -122,9 +158,10 @@ def heads_to_remove(cfg, sparsity: float) -> int:
         f"groups, heads sparsity must round (within {SPARSITY_TOL}) to 0 or one of: {values}")
 
 
-def channels_to_remove(cfg, sparsity: float) -> int:
-    """round(sparsity · intermediate_size) channels per layer; at least one is kept."""
-    n = cfg.intermediate_size
+def channels_to_remove(cfg, sparsity: float, n: int | None = None) -> int:
+    """round(sparsity · n) channels per layer, n = the MLP width (``intermediate_size`` unless
+    given); at least one is kept."""
+    n = cfg.intermediate_size if n is None else n
     k = int(round(sparsity * n))
     if k >= n:
         raise ValueError(f"sparsity={sparsity!r} with structure='channels' would remove all "
@@ -134,21 +171,18 @@ def channels_to_remove(cfg, sparsity: float) -> int:
 
 # ---- scores ------------------------------------------------------------------------------------
 
-def _column_mass(lin: torch.nn.Linear) -> torch.Tensor:
-    """Σ_i |W[i, j]| for every input column j (float64, CPU)."""
-    return lin.weight.detach().abs().sum(0, dtype=torch.float64).cpu()
-
-
-def channel_scores(mlp, x_norm: torch.Tensor | None) -> torch.Tensor:
-    """score_j = ‖X_down[:, j]‖₂ · Σ_i |W_down[i, j]| (Σ_i |W_down[i, j]| without calibration)."""
-    s = _column_mass(mlp.down_proj)
+def channel_scores(mlp, x_norm: torch.Tensor | None, out: str = "down_proj") -> torch.Tensor:
+    """score_j = ‖X_out[:, j]‖₂ · Σ_i |W_out[i, j]| (Σ_i |W_out[i, j]| without calibration),
+    ``out`` being the MLP's output projection (down_proj, fc2, c_proj, dense_4h_to_h)."""
+    s = L.column_mass(getattr(mlp, out))
     return s if x_norm is None else s * x_norm.to(torch.float64)
 
 
-def group_scores(attn, x_norm: torch.Tensor | None, groups: int, head_dim: int) -> torch.Tensor:
+def group_scores(attn, x_norm: torch.Tensor | None, groups: int, head_dim: int,
+                 out: str = "o_proj") -> torch.Tensor:
     """score_g = Σ_{c in C_g} ‖X_o[:, c]‖₂ · Σ_i |W_o[i, c]|, C_g = the o_proj input columns of
     query heads g·r … g·r + r − 1 (r = heads per KV head); without calibration ‖X_o‖ ≡ 1."""
-    s = _column_mass(attn.o_proj)
+    s = L.column_mass(getattr(attn, out))
     if x_norm is not None:
         s = s * x_norm.to(torch.float64)
     return s.view(groups, -1).sum(1)  # columns are head-major: group g is one contiguous run
@@ -164,108 +198,52 @@ def _keep(scores: torch.Tensor, remove: int) -> torch.Tensor:
 
 # ---- shrinking ---------------------------------------------------------------------------------
 
-def _shrink(lin: torch.nn.Linear, idx: torch.Tensor, dim: int) -> None:
-    """Keep rows (dim 0: outputs, and the bias) or columns (dim 1: inputs) ``idx`` of ``lin``."""
-    w = lin.weight
-    idx = idx.to(w.device)
-    lin.weight = torch.nn.Parameter(w.detach().index_select(dim, idx).clone(),
-                                    requires_grad=w.requires_grad)
-    if dim == 0:
-        lin.out_features = len(idx)
-        if lin.bias is not None:
-            b = lin.bias
-            lin.bias = torch.nn.Parameter(b.detach().index_select(0, idx).clone(),
-                                          requires_grad=b.requires_grad)
-    else:
-        lin.in_features = len(idx)
+def _set_ints(mod, **values) -> None:
+    """Update the head or channel counts a module keeps as attributes (Phi-3's attention reads
+    its own ``num_key_value_heads``), where it has them."""
+    for key, value in values.items():
+        if isinstance(getattr(mod, key, None), int) and not isinstance(getattr(mod, key), bool):
+            setattr(mod, key, value)
 
 
-def shrink_heads(attn, keep_groups: torch.Tensor, ratio: int, head_dim: int) -> None:
+def shrink_heads(attn, keep_groups: torch.Tensor, ratio: int, head_dim: int,
+                 layout: Layout | None = None) -> None:
     """Keep KV heads ``keep_groups`` and, for each, its ``ratio`` query heads (g·r … g·r + r − 1),
-    in order, so query head j of the result still maps to KV head j // r."""
+    in order, so query head j of the result still maps to KV head j // r. A fused ``blocks``
+    q/k/v projection keeps the same rows of its q, k and v blocks."""
+    lay = layout or LAYOUTS["llama"]
     kv = (keep_groups[:, None] * head_dim + torch.arange(head_dim)).flatten()
     q_heads = (keep_groups[:, None] * ratio + torch.arange(ratio)).flatten()
     q = (q_heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
-    for name, idx in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
-        _shrink(getattr(attn, name), idx, 0)
-    _shrink(attn.o_proj, q, 1)
+    out = getattr(attn, lay.attn_out)
+    heads = L.in_features(out) // head_dim
+    if lay.fused:
+        L.shrink(getattr(attn, lay.fused_qkv), L.fused_rows(q, kv, heads, heads // ratio,
+                                                            head_dim), True)
+    else:
+        for name, idx in ((lay.q, q), (lay.k, kv), (lay.v, kv)):
+            L.shrink(getattr(attn, name), idx, True)
+    L.shrink(out, q, False)
+    _set_ints(attn, num_heads=len(q_heads), num_attention_heads=len(q_heads),
+              num_key_value_heads=len(keep_groups))
 
 
-def shrink_channels(mlp, keep: torch.Tensor) -> None:
-    """Keep intermediate channels ``keep``: rows of gate/up_proj, columns of down_proj."""
-    _shrink(mlp.gate_proj, keep, 0)
-    _shrink(mlp.up_proj, keep, 0)
-    _shrink(mlp.down_proj, keep, 1)
-    if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = len(keep)
+def shrink_channels(mlp, keep: torch.Tensor, layout: Layout | None = None,
+                    halves: bool = False) -> None:
+    """Keep intermediate channels ``keep``: output features of the input projections (rows of
+    gate/up_proj; both halves of a [gate | up] one), input features of the output one."""
+    lay = layout or LAYOUTS["llama"]
+    for name in lay.mlp_in:
+        mod = getattr(mlp, name)
+        L.shrink(mod, L.gate_up_rows(keep, L.out_features(mod) // 2) if halves else keep, True)
+    L.shrink(getattr(mlp, lay.mlp_out), keep, False)
+    _set_ints(mlp, intermediate_size=len(keep))
 
 
 # ---- the pruner --------------------------------------------------------------------------------
 
 def _n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-class _StopForward(Exception):
-    pass
-
-
-def _call_model(model, item) -> None:
-    """One calibration item through ``model`` without a KV cache (see ``input_norms``)."""
-    if isinstance(item, torch.Tensor):
-        model(input_ids=item, use_cache=False)
-    elif isinstance(item, dict):
-        model(**{**item, "use_cache": False})
-    elif callable(item):
-        item(model)
-    else:
-        raise ValueError(f"calib item of type {type(item).__name__}: give token-id tensors, "
-                         "dicts of model inputs, callables model -> None, or a list of those")
-
-
-def block_inputs(model, layers, calib) -> tuple[list, list]:
-    """One pass over the model, stopped after the last block: block 0's input hidden states and
-    every block's other arguments (masks, position embeddings: they may differ per block, e.g.
-    sliding-window layers), one entry per calibration item. No KV cache is kept."""
-    hidden, extra = [], [[] for _ in layers]
-
-    def make(i):
-        def hook(_mod, args, kwargs):
-            kwargs = dict(kwargs)
-            h = args[0] if args else kwargs.pop("hidden_states")
-            if i == 0:
-                hidden.append(h.detach())
-            for key, off in (("past_key_values", None), ("past_key_value", None),
-                             ("use_cache", False)):
-                if key in kwargs:
-                    kwargs[key] = off
-            extra[i].append((tuple(args[1:]), kwargs))
-        return hook
-
-    def stop(*_a):
-        raise _StopForward
-
-    hooks = [layer.register_forward_pre_hook(make(i), with_kwargs=True)
-             for i, layer in enumerate(layers)]
-    hooks.append(layers[-1].register_forward_hook(stop))
-    try:
-        for item in (calib if isinstance(calib, (list, tuple)) else [calib]):
-            try:
-                _call_model(model, item)
-            except _StopForward:
-                pass
-    finally:
-        for h in hooks:
-            h.remove()
-    return hidden, extra
-
-
-def _run_block(layer, hidden: list, extra: list) -> list:
-    outs = []
-    for h, (args, kwargs) in zip(hidden, extra):
-        out = layer(h, *args, **kwargs)
-        outs.append(out[0] if isinstance(out, (tuple, list)) else out)
-    return outs
 
 
 @torch.no_grad()
@@ -292,26 +270,29 @@ def prune_structured(model: torch.nn.Module, structure: str, sparsity: float, ca
     see ``input_norms``). ``None`` uses the weights alone (‖X‖ ≡ 1; the report says
     ``"score": "magnitude"``). ``sequential=True`` takes block i's activations with blocks
     < i already pruned (one captured pass, then block by block: ~3 forwards in all); ``False``:
-    one pass over the dense model. sparsity=0 leaves the model untouched. Embeddings, norms and
+    one pass over the dense model. sparsity=0 leaves the model untouched. Other layouts use their
+    own names (fc1/fc2, Conv1D c_fc/c_proj, a fused [gate | up] or [q | k | v] projection) and
+    width field (``structured_layouts.SPECS``); unsupported ones raise ValueError first. Embeddings, norms and
     ``lm_head`` (tied or not) are never changed.
     """
     sparsity = _check_args(structure, sparsity)
-    layers = decoder_layers(model)
+    layers, spec, lay = checked_layers(model, structure)
     cfg = model.config
-    head_dim, groups = _head_dim(cfg), cfg.num_key_value_heads
-    ratio = cfg.num_attention_heads // groups
     if structure == "heads":
-        total, remove = groups, heads_to_remove(cfg, sparsity)
+        total, remove = cfg.num_key_value_heads, heads_to_remove(cfg, sparsity)
     else:
-        total, remove = cfg.intermediate_size, channels_to_remove(cfg, sparsity)
+        total = L.width(cfg, spec)
+        remove = channels_to_remove(cfg, sparsity, total)
     before = _n_params(model)
     kept = [list(range(total)) for _ in layers] if remove == 0 else \
-        _prune_layers(model, layers, structure, remove, calib, sequential)
+        _prune_layers(model, (layers, spec, lay), structure, remove, calib, sequential)
     if structure == "heads":
-        cfg.num_attention_heads, cfg.num_key_value_heads = (groups - remove) * ratio, groups - remove
+        ratio, head_dim = cfg.num_attention_heads // total, _head_dim(cfg)
+        cfg.num_attention_heads, cfg.num_key_value_heads = (total - remove) * ratio, total - remove
         cfg.head_dim = head_dim
     else:
-        cfg.intermediate_size = total - remove
+        setattr(cfg, spec.width, total - remove)
+    keys = _CONFIG_KEYS if structure == "heads" else (*_CONFIG_KEYS, spec.width)
     return {
         "structure": structure,
         "unit": "kv_group" if structure == "heads" else "mlp_channel",
@@ -321,25 +302,38 @@ def prune_structured(model: torch.nn.Module, structure: str, sparsity: float, ca
         "sequential": bool(sequential and calib is not None),
         "params_before": before, "params_after": _n_params(model),
         "kept": kept,
-        "config": {k: getattr(cfg, k) for k in _CONFIG_KEYS if hasattr(cfg, k)},
+        "config": {k: getattr(cfg, k) for k in dict.fromkeys(keys) if hasattr(cfg, k)},
     }
 
 
-def _prune_layers(model, layers, structure: str, remove: int, calib, sequential: bool):
+def _own_config(mod, cfg, heads: int, kv_heads: int) -> bool:
+    """A pruned attention that reads the shared config in its forward (Phi-3 splits its fused
+    q/k/v at config.num_attention_heads · head_dim) gets a copy with its own head counts while
+    the blocks after it still run unpruned; ``_prune_layers`` gives the shared one back."""
+    if getattr(mod, "config", None) is cfg:
+        own = copy.copy(cfg)
+        own.num_attention_heads, own.num_key_value_heads = heads, kv_heads
+        own.head_dim = _head_dim(cfg)
+        mod.config = own
+        return True
+    return False
+
+
+def _prune_layers(model, found, structure: str, remove: int, calib, sequential: bool):
     """Score and shrink every block in order; the kept indices per block. Sequential: block i's
     inputs are block i−1's outputs *after* its pruning (Wanda's procedure), run block by block
     from one captured pass, so calibration costs about three forwards in all."""
+    layers, spec, lay = found
     cfg = model.config
-    head_dim, groups = _head_dim(cfg), cfg.num_key_value_heads
-    ratio = cfg.num_attention_heads // groups
-    part, name = ("self_attn", "o_proj") if structure == "heads" else ("mlp", "down_proj")
-    lins = [(str(i), getattr(getattr(layer, part), name)) for i, layer in enumerate(layers)]
+    mods = [_parts(layer, spec, lay, structure)[0] for layer in layers]
+    out = lay.attn_out if structure == "heads" else lay.mlp_out
+    lins = [(str(i), getattr(mod, out)) for i, mod in enumerate(mods)]
     norms, hidden, extra = {}, [], []
     if calib is not None and sequential:
         hidden, extra = block_inputs(model, layers, calib)
     elif calib is not None:
         norms = input_norms(model, lins, calib)
-    kept = []
+    kept, swapped = [], []
     for i, layer in enumerate(layers):
         if hidden:
             feed = [(lambda _m, h=h, e=e, b=layer: _run_block(b, [h], [e])) for h, e in
@@ -347,14 +341,20 @@ def _prune_layers(model, layers, structure: str, remove: int, calib, sequential:
             norms = input_norms(layer, [lins[i]], feed)
         x = norms.get(str(i))
         if structure == "heads":
-            keep = _keep(group_scores(layer.self_attn, x, groups, head_dim), remove)
-            shrink_heads(layer.self_attn, keep, ratio, head_dim)
+            head_dim, groups = _head_dim(cfg), cfg.num_key_value_heads
+            keep = _keep(group_scores(mods[i], x, groups, head_dim, out), remove)
+            ratio = cfg.num_attention_heads // groups
+            shrink_heads(mods[i], keep, ratio, head_dim, lay)
+            if _own_config(mods[i], cfg, (groups - remove) * ratio, groups - remove):
+                swapped.append(mods[i])
         else:
-            keep = _keep(channel_scores(layer.mlp, x), remove)
-            shrink_channels(layer.mlp, keep)
+            keep = _keep(channel_scores(mods[i], x, out), remove)
+            shrink_channels(mods[i], keep, lay, spec.halves)
         kept.append(keep.tolist())
         if hidden and i + 1 < len(layers):
             hidden = _run_block(layer, hidden, extra[i])
+    for mod in swapped:  # the shared config again, which prune_structured updates
+        mod.config = cfg
     return kept
 
 
