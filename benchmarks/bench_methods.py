@@ -52,9 +52,10 @@ METHODS = {
 DIZO_PROJECTED = {"tiny": "code", "smollm2": r"^head_(neg|pos)$"}
 # lr grids per setup and method family: sgd-like steps scale with |g|·|z|, sign/Adam steps are
 # lr per coordinate, so their grids sit lower; each grid spans 10x around a pilot's best.
-# A best lr at a grid's edge extended the grid (smollm2: first run 3e-5..3e-4 for sgd-like).
-_SGD = {"tiny": [1e-4, 3e-4, 1e-3], "smollm2": [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]}
-_PER_COORD = {"tiny": [1e-4, 3e-4, 1e-3], "smollm2": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]}
+# A best lr at a grid's top edge extended the grid (smollm2: first 3e-5..3e-4 for sgd-like;
+# tiny: first 1e-4..1e-3, where Adam, sign, conservative, FZOO and Sparse-MeZO chose 1e-3).
+_SGD = {"tiny": [1e-4, 3e-4, 1e-3, 3e-3], "smollm2": [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]}
+_PER_COORD = {"tiny": [1e-4, 3e-4, 1e-3, 3e-3], "smollm2": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]}
 GRIDS = {m: _SGD for m in METHODS}
 GRIDS.update({"ZO-SGD-Sign": _PER_COORD, "ZO-Adam": _PER_COORD, "FZOO": _PER_COORD,
               "ZO-SGD-MMT": {"tiny": [1e-5, 3e-5, 1e-4], "smollm2": [3e-6, 1e-5, 3e-5, 1e-4]},

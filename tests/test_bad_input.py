@@ -66,6 +66,7 @@ ALLOWED = {
     ("train", "--eval-every", "0"): "0: the per-mode default",
     ("train", "--checkpoint-every", "0"): "0: never checkpoint",
     ("train", "--replica-check-every", "0"): "0: never compare the ranks' weights",
+    ("train", "--warmup-steps", "0"): "0: no warm-up (the default)",
 }
 
 # commands whose work must never be reached by a bad value
