@@ -59,7 +59,9 @@ _PER_COORD = {"tiny": [1e-4, 3e-4, 1e-3, 3e-3], "smollm2": [1e-4, 3e-4, 1e-3, 3e
 GRIDS = {m: _SGD for m in METHODS}
 GRIDS.update({"ZO-SGD-Sign": _PER_COORD, "ZO-Adam": _PER_COORD, "FZOO": _PER_COORD,
               "ZO-SGD-MMT": {"tiny": [1e-5, 3e-5, 1e-4], "smollm2": [3e-6, 1e-5, 3e-5, 1e-4]},
-              "KerZOO": {"tiny": [3e-5, 1e-4, 3e-4], "smollm2": [1e-5, 3e-5, 1e-4, 3e-4]}})
+              "KerZOO": {"tiny": [3e-5, 1e-4, 3e-4], "smollm2": [1e-5, 3e-5, 1e-4, 3e-4]},
+              "Sparse-MeZO": {"tiny": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "smollm2": _SGD["smollm2"]}})
+GRIDS["FZOO"] = {"tiny": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "smollm2": _PER_COORD["smollm2"]}
 BUDGET = {"tiny": 1500, "smollm2": 4000}  # tiny: ~15 ms a forward on this CPU, 99 runs
 
 
