@@ -176,6 +176,21 @@ def _identity(k: int, g: float) -> float:
     return g
 
 
+def evaluate_into(walk, where: str) -> float:
+    """One loss evaluation of a step: ``walk.closure()`` as a float (``loss_value``), averaged
+    over ranks by ``walk.exchange`` (mode "losses") before any use, appended to
+    ``walk.losses``; the first float tensor's dtype and device kept in ``walk.like``."""
+    crashpoint("mid-step")  # the weights may be perturbed in memory now: a kill must not matter
+    out = walk.closure()
+    value = loss_value(out, where)
+    if walk.exchange is not None:
+        value = walk.exchange.reduce_loss(value)
+    if walk.like is None and isinstance(out, torch.Tensor) and out.is_floating_point():
+        walk.like = (out.dtype, out.device)
+    walk.losses.append(value)
+    return value
+
+
 class _NonFinite(Exception):
     pass
 
@@ -201,15 +216,7 @@ class _Walk:
         self.applied = (k, now) if now != 0.0 else None
 
     def evaluate(self, where: str) -> float:
-        crashpoint("mid-step")  # the weights are perturbed in memory now: a kill must not matter
-        out = self.closure()
-        value = loss_value(out, where)
-        if self.exchange is not None:  # mode "losses": the mean over ranks, before any use
-            value = self.exchange.reduce_loss(value)
-        if self.like is None and isinstance(out, torch.Tensor) and out.is_floating_point():
-            self.like = (out.dtype, out.device)
-        self.losses.append(value)
-        return value
+        return evaluate_into(self, where)
 
     def sample(self, k: int, rk: float, *, last: bool, check: bool = True):
         """Evaluate ℓ± of sample k; return (ℓ₊, ℓ₋). Leaves θ − εr z_k in place if last."""

@@ -13,9 +13,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from zoengine.faults import crashpoint
 from zoengine.kernels.reference import philox_blocks
-from zoengine.optim.functional import StepResult, ZOGroup, loss_value
+from zoengine.optim.functional import StepResult, ZOGroup, evaluate_into
 
 
 class NonFiniteLoss(Exception):
@@ -48,14 +47,7 @@ class LossProbe:
         self.like: tuple | None = None
 
     def evaluate(self, where: str, *, check: bool = True) -> float:
-        crashpoint("mid-step")  # the weights may be perturbed now: a kill must not matter
-        out = self.closure()
-        value = loss_value(out, where)
-        if self.exchange is not None:  # mode "losses": the mean over ranks, before any use
-            value = self.exchange.reduce_loss(value)
-        if self.like is None and isinstance(out, torch.Tensor) and out.is_floating_point():
-            self.like = (out.dtype, out.device)
-        self.losses.append(value)
+        value = evaluate_into(self, where)
         if check and not math.isfinite(value):
             raise NonFiniteLoss(f"closure returned a non-finite loss ({value}) at {where}")
         return value
