@@ -12,38 +12,16 @@ import torch
 pytest.importorskip("accelerate")
 torch.set_num_threads(1)
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from test_hf import lm_dataset, tiny_model, zo_args  # noqa: E402
 
-from zoengine.hf import ZOTrainer, ZOTrainingArguments  # noqa: E402
-
-
-def tiny_model(seed: int = 0):
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
-
-
-def lm_dataset(n: int = 16, length: int = 12):
-    from datasets import Dataset
-
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 64, (n, length), generator=g).tolist()
-    return Dataset.from_dict({"input_ids": ids, "labels": ids})
-
-
-def zo_args(out, **kw):
-    base = dict(output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-3,
-                zo_eps=1e-3, max_steps=6, use_cpu=True, report_to=[], disable_tqdm=True,
-                logging_steps=2, save_strategy="no", seed=0, dataloader_num_workers=0)
-    return ZOTrainingArguments(**{**base, **kw})
+from zoengine.hf import ZOTrainer  # noqa: E402
 
 
 def _train(out, model=None, resume=None, **kw):
     model = model or tiny_model()
     calls = []
     model.register_forward_hook(lambda *a: calls.append(1))  # every model forward
-    tr = ZOTrainer(model=model, args=zo_args(out, **kw), train_dataset=lm_dataset())
+    tr = ZOTrainer(model=model, args=zo_args(out, **kw), train_dataset=lm_dataset(16))
     tr.train(resume_from_checkpoint=resume)
     return tr, len(calls)
 
@@ -77,7 +55,7 @@ def test_stop_saves_and_evaluates_as_at_max_steps(tmp_path):
     tr = ZOTrainer(model=model, args=zo_args(tmp_path, zo_max_forwards=6, save_strategy="steps",
                                              save_steps=100, eval_strategy="steps",
                                              eval_steps=100),
-                   train_dataset=lm_dataset(), eval_dataset=lm_dataset(4))
+                   train_dataset=lm_dataset(16), eval_dataset=lm_dataset(4))
     tr.train()
     assert tr.state.global_step == 3 and (tmp_path / "checkpoint-3" / "optimizer.pt").exists()
     assert any("eval_loss" in e and e["step"] == 3 for e in tr.state.log_history)
