@@ -148,7 +148,8 @@ class LowRankOps:
         ms = None if masks is None else [masks[i] for i in idx]
         return [params[i] for i in idx], [keys[i] for i in idx], ms
 
-    def _uv(self, p, key, *, seed, step, sample):
+    def uv(self, p, key, *, seed, step, sample):
+        """(U, V_s) of ``p`` for (step, sample): U (m × r), V·fp32(1/√r) (n × r), fp32."""
         f = self.factors
         return (f.u(key, p.shape[0], seed=seed, step=step, sample=sample, device=p.device),
                 f.v(key, p.shape[1], seed=seed, step=step, device=p.device))
@@ -166,7 +167,7 @@ class LowRankOps:
         for i in low:
             p = params[i]
             m = _mask(masks, i, p)
-            u, vs = self._uv(p, keys[i], seed=seed, step=step, sample=sample)
+            u, vs = self.uv(p, keys[i], seed=seed, step=step, sample=sample)
             ct = compute_dtype(p.dtype)
             u, vs = u.to(ct) * scale, vs.to(ct)  # the scale folded into U: m·r products
             for r0, r1 in _row_chunks(*p.shape):
@@ -198,9 +199,9 @@ class LowRankOps:
 
     def _restore_update_2d(self, p, key, m, *, seed, step, eps, lr, grads, r, wd, sr):
         ct = compute_dtype(p.dtype)
-        us = [self._uv(p, key, seed=seed, step=step, sample=k)[0].to(ct)
+        us = [self.uv(p, key, seed=seed, step=step, sample=k)[0].to(ct)
               for k in range(len(grads))]
-        vs = self._uv(p, key, seed=seed, step=step, sample=r)[1].to(ct)
+        vs = self.uv(p, key, seed=seed, step=step, sample=r)[1].to(ct)
         g = None
         for k, uk in enumerate(us):  # G = Σ_k g_k U_k, in k order, then ·lr
             term = uk * float(grads[k])
@@ -238,14 +239,14 @@ class LowRankOps:
                     sample: int, scale: float) -> torch.Tensor:
         """scale·x·zᵀ for z of ``w`` (m × n): scale·(x·V_s)·Uᵀ, in x's dtype. Temporaries: the
         (…, r) product and the (…, m) output; no m × n tensor."""
-        u, vs = self._uv(w, key, seed=seed, step=step, sample=sample)
+        u, vs = self.uv(w, key, seed=seed, step=step, sample=sample)
         t = (x @ vs.to(x.dtype)) * scale
         return t @ u.to(x.dtype).T
 
     def embedding_rows(self, ids: torch.Tensor, w: torch.Tensor, key: int, *, seed: int,
                        step: int, sample: int) -> torch.Tensor:
         """Rows ``ids`` of z (…, n) in fp32: U[ids]·V_sᵀ, only the looked-up rows."""
-        u, vs = self._uv(w, key, seed=seed, step=step, sample=sample)
+        u, vs = self.uv(w, key, seed=seed, step=step, sample=sample)
         rows = u[ids.reshape(-1).to(torch.int64)]
         return lowrank_rows(rows, vs, 0, rows.shape[0]).view(*ids.shape, w.shape[1])
 

@@ -97,7 +97,7 @@ def lowrank_forward(virtual, module, original, x):
     out = original(x)
     virtual.consumed.add(id(w))
     with virtual.inside():
-        for k, c in d.scales.items():
+        for k, c in virtual.scales_of(id(w)).items():
             out = out + ops.linear_term(x, w, d.key, seed=seed, step=step, sample=k,
                                         scale=c).to(out.dtype)
     return out

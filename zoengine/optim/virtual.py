@@ -71,8 +71,10 @@ class VirtualModel:
         self.owned: dict[int, str] = {}
         self.reasons: dict[str, str] = {}  # name -> why it is perturbed in place
         self.handles: list = []
+        self.hooked: list = []  # (module, its (owner, attr) pairs) swapped around forwards
         self.displaced: dict[int, _Displacement] = {}
         self.context: tuple | None = None  # (inner ops, seed, step, dist) of the running step
+        self.population = None  # a step_batched evaluation's groups (optim/population.py)
         self.consumed: set[int] = set()
         self.replay = model is VIRTUAL_REPLAY
         self.probed = self.replay
@@ -142,6 +144,7 @@ class VirtualModel:
             return
         for owner, a in pairs:
             self._claim(module, owner._parameters[a])
+        self.hooked.append((module, tuple(pairs)))
         pre = functools.partial(self._swap_in, tuple(pairs))
         self.handles.append(module.register_forward_pre_hook(pre, prepend=True))  # first: every
         # hook of the call sees θ + c·z too
@@ -175,6 +178,7 @@ class VirtualModel:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        self.hooked.clear()
         self.owned.clear()
 
     # ---- what the read-tracking modes ask ----------------------------------------------
@@ -219,12 +223,19 @@ class VirtualModel:
         numbers in-place perturbation would have written first)."""
         return self._perturbed(p)
 
+    def scales_of(self, i: int) -> dict[int, float]:
+        """{sample: c} displacing tensor ``id`` i now: the step's, or the current group's of a
+        batched evaluation (a read that no group owns is refused there)."""
+        if self.population is not None:
+            return self.population.scales_now(i)
+        return self.displaced[i].scales
+
     def _perturbed(self, p: torch.Tensor) -> torch.Tensor:
         d = self.displaced[id(p)]
         ops, seed, step, dist = self.context
         with self.inside():
             w = p.detach().clone()
-            for k, c in d.scales.items():
+            for k, c in self.scales_of(id(p)).items():
                 extra = {"offsets": [d.offset]} if d.offset else {}
                 ops.perturb_([w], [d.key], seed=seed, step=step, sample=k, scale=c, dist=dist,
                              masks=None if d.mask is None else [d.mask()], **extra)
@@ -235,7 +246,7 @@ class VirtualModel:
         """(sample, scale, weight's, bias's displacement) when ``module`` (an nn.Linear) can
         run the fused noisy-linear kernel now, else None: the step's ops are Triton's, one
         sample is displaced, and the bias (if displaced) moves with the weight."""
-        if not self.displaced or self.internal \
+        if not self.displaced or self.internal or self.population is not None \
                 or getattr(self.context[0], "__name__", "") != _TRITON_OPS \
                 or os.environ.get("ZOENGINE_VIRTUAL_LINEAR", "fused") != "fused":
             return None
@@ -250,6 +261,10 @@ class VirtualModel:
         return k, c, d, db
 
     def _linear_forward(self, module: nn.Linear, original, x):
+        if self.population is not None and self.population.active is None:
+            from zoengine.optim.population import grouped_linear
+
+            return grouped_linear(self, module, original, x)
         plan = self._fusable(module)
         if plan is None:  # low-rank noise: x·Wᵀ + c·(x·V)·Uᵀ, else the pre-hook's copy
             out = lowrank_forward(self, module, original, x)
@@ -273,8 +288,9 @@ class VirtualModel:
             return
         if self._probe is not None:
             self._probe.enter(module, [owner._parameters[a] for owner, a in pairs])
-        if not self.displaced:
-            return
+        if not self.displaced or (self.population is not None
+                                  and self.population.active is None):
+            return  # nothing displaced, or a batched forward's override swaps per group
         if isinstance(module, nn.Linear) and self._fusable(module) is not None:
             return  # _linear_forward computes it fused
         keep = lowrank_reads(self, module)  # the forward adds these as a rank-r term
@@ -355,20 +371,6 @@ def attach(opt, model) -> VirtualModel:
     ``opt.attach_virtual(model)`` (``ZO.attach_virtual`` has the details). Returns the hooks'
     owner (``remove()`` takes them off)."""
     return opt.attach_virtual(model)
-
-
-def build_virtual(opt, model) -> VirtualModel:
-    """The hooks of ``perturbation="virtual"`` for ``opt``'s trainable tensors in ``model``."""
-    if any(g.get("shard_offsets") for g in opt.param_groups):
-        raise ValueError("virtual perturbation with shard_offsets: not supported (a sharded "
-                         "module's forward reads all-gathered copies, not the shards); perturb "
-                         "in place (do not call attach_virtual)")
-    names = {}
-    for i, g in enumerate(opt.param_groups):
-        for j, p in enumerate(g["params"]):
-            if p.requires_grad:
-                names[id(p)] = g["param_names"][j] if "param_names" in g else f"#{i}.{j}"
-    return VirtualModel(model, names)
 
 
 class _ForwardOverride:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from zoengine.optim.virtual import VirtualModel, build_virtual, check_perturbation
+from zoengine.optim.virtual import VirtualModel, check_perturbation
 from zoengine.optim.virtual_probe import probe_first_step
 
 
@@ -69,3 +69,17 @@ class VirtualPerturbation:
         """The first step's probe forward (``virtual_probe``), once per attached model."""
         if self._virtual is not None and not self._virtual.probed:
             probe_first_step(self, closure)
+
+
+def build_virtual(opt, model) -> VirtualModel:
+    """The hooks of ``perturbation="virtual"`` for ``opt``'s trainable tensors in ``model``."""
+    if any(g.get("shard_offsets") for g in opt.param_groups):
+        raise ValueError("virtual perturbation with shard_offsets: not supported (a sharded "
+                         "module's forward reads all-gathered copies, not the shards); perturb "
+                         "in place (do not call attach_virtual)")
+    names = {}
+    for i, g in enumerate(opt.param_groups):
+        for j, p in enumerate(g["params"]):
+            if p.requires_grad:
+                names[id(p)] = g["param_names"][j] if "param_names" in g else f"#{i}.{j}"
+    return VirtualModel(model, names)

@@ -86,6 +86,10 @@ class EmbeddingReads(TorchFunctionMode):
                 bound = _EMBEDDING.bind(*args, **kwargs)
                 a = bound.arguments
                 if a.get("weight") is p and a.get("max_norm") is None:
+                    if v.population is not None and v.population.active is None:
+                        from zoengine.optim.population import grouped_embedding
+
+                        return grouped_embedding(v, p, a, lambda b: embedding_rows(v, p, b))
                     return embedding_rows(v, p, a)
             # any other read (or max_norm, which renormalises the table in place): the whole
             # perturbed table for this call
@@ -130,7 +134,7 @@ def embedding_rows(v, p: torch.Tensor, a: dict) -> torch.Tensor:
     mask = None if d.mask is None else d.mask().reshape(p.shape)[ids]
     ct = compute_dtype(p.dtype)
     out = out.to(ct)
-    for k, c in d.scales.items():
+    for k, c in v.scales_of(id(p)).items():
         z = (noise_at(index, key64=stream_key(seed, step, k), tensor_key=d.key, dist=dist)
              if rows is None else rows(ids, p, d.key, seed=seed, step=step, sample=k))
         z = z.to(device=out.device, dtype=ct)

@@ -26,13 +26,10 @@ from zoengine.kernels.reuse import (
     pool_stride,
 )
 from zoengine.optim.accounting import rng_count
-from zoengine.optim.arguments import (
-    check_eps_floor,
-    check_journal,
-    check_perturbation_fits,
-    check_saved_pool,
-)
+from zoengine.optim.arguments import check_eps_floor, check_journal, check_perturbation_fits
+from zoengine.optim.arguments import check_saved_pool
 from zoengine.optim.base import ZOOptimizer, check_choice, check_float, check_int
+from zoengine.optim.batched import BatchedSteps
 from zoengine.optim.deprecations import engine_keywords
 from zoengine.optim.docs import shared_docs
 from zoengine.optim.estimators import KERNELS, clip_value, kernel_weight, scalar_uniform
@@ -71,7 +68,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 @shared_docs
-class ZO(UpdateRules, VirtualPerturbation, ZOOptimizer):
+class ZO(BatchedSteps, UpdateRules, VirtualPerturbation, ZOOptimizer):
     r"""Two-point zeroth-order optimizer with a pluggable noise source and estimator.
 
     .. math::
@@ -308,13 +305,15 @@ class ZO(UpdateRules, VirtualPerturbation, ZOOptimizer):
                 return self._zo_step(closure, RecordedExchange(self._exchange, self._tap.values))
             return self._zo_step(self.tap(closure))
 
-    def _zo_step(self, closure: Callable, exchange=None) -> torch.Tensor:
+    def _zo_step(self, closure: Callable, exchange=None, batched=None) -> torch.Tensor:
         zo = self.state["zo"]
         groups = self.zo_groups()
         if not groups:
             raise ValueError("no trainable parameters: every tensor has requires_grad=False")
         self._check_perturbation_fits(groups)
         radius, project = self._estimator_hooks(zo["seed"], zo["step"])
+        if batched is not None:  # step_batched: the 2n losses come from one forward
+            batched.bind(groups, radius)
         result = zo_step(groups, closure, self._ops(groups), seed=zo["seed"], step=zo["step"],
                          n_samples=self.n_samples, dist=self.dist, nonfinite=self.nonfinite,
                          radius=radius, project=project,
