@@ -5,7 +5,7 @@ loads (``AutoModelForCausalLM.from_pretrained``) and the ZO optimizers train lik
 
 Scores are Wanda's |W_ij|·‖X_j‖₂ summed over the weights a structure feeds into the residual
 stream (down_proj's columns of a channel, o_proj's columns of a group's query heads); without
-calibration data only the |W| part is used.
+calibration data only the |W| part is used. Mixture-of-experts channels: ``structured_moe``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import torch
 
 from zoengine.architectures import LAYOUTS, Layout
 from zoengine.sparsity import structured_layouts as L
+from zoengine.sparsity import structured_moe as M
 from zoengine.sparsity.pruners import input_norms
 from zoengine.sparsity.structured_calib import _run_block, block_inputs
+from zoengine.sparsity.structured_layouts import channels_to_remove
 
 STRUCTURES = ("heads", "channels")
 SPARSITY_TOL = 0.01  # a heads sparsity may be this far from an achievable k/G
@@ -85,6 +87,9 @@ def checked_layers(model, structure: str):
         raise L.refusal(model, structure, f"its fused {lay.fused_qkv} is split per head "
                                           f"({lay.qkv_split!r}), which is not implemented")
     layers = L.blocks(model, spec, structure)
+    if structure == "channels" and spec.experts_width is not None:
+        M.moe_units(model, layers, spec)  # sparse blocks, their shared experts, dense layers
+        return layers, spec, lay
     _config_ints(model, model.config, spec, structure)
     for i, layer in enumerate(layers):
         _check_block(model, i, layer, spec, lay, structure)
@@ -158,17 +163,6 @@ def heads_to_remove(cfg, sparsity: float) -> int:
         f"groups, heads sparsity must round (within {SPARSITY_TOL}) to 0 or one of: {values}")
 
 
-def channels_to_remove(cfg, sparsity: float, n: int | None = None) -> int:
-    """round(sparsity · n) channels per layer, n = the MLP width (``intermediate_size`` unless
-    given); at least one is kept."""
-    n = cfg.intermediate_size if n is None else n
-    k = int(round(sparsity * n))
-    if k >= n:
-        raise ValueError(f"sparsity={sparsity!r} with structure='channels' would remove all "
-                         f"{n} MLP channels: must be below {(n - 0.5) / n:.6g}")
-    return k
-
-
 # ---- scores ------------------------------------------------------------------------------------
 
 def channel_scores(mlp, x_norm: torch.Tensor | None, out: str = "down_proj") -> torch.Tensor:
@@ -188,23 +182,10 @@ def group_scores(attn, x_norm: torch.Tensor | None, groups: int, head_dim: int,
     return s.view(groups, -1).sum(1)  # columns are head-major: group g is one contiguous run
 
 
-def _keep(scores: torch.Tensor, remove: int) -> torch.Tensor:
-    """Indices kept, ascending: all but the ``remove`` lowest scores (ties: lower index goes)."""
-    drop = scores.argsort(stable=True)[:remove]
-    keep = torch.ones(len(scores), dtype=torch.bool)
-    keep[drop] = False
-    return keep.nonzero().flatten()
+_keep = L.keep_indices  # shared with structured_moe, which cannot import this module back
 
 
 # ---- shrinking ---------------------------------------------------------------------------------
-
-def _set_ints(mod, **values) -> None:
-    """Update the head or channel counts a module keeps as attributes (Phi-3's attention reads
-    its own ``num_key_value_heads``), where it has them."""
-    for key, value in values.items():
-        if isinstance(getattr(mod, key, None), int) and not isinstance(getattr(mod, key), bool):
-            setattr(mod, key, value)
-
 
 def shrink_heads(attn, keep_groups: torch.Tensor, ratio: int, head_dim: int,
                  layout: Layout | None = None) -> None:
@@ -224,8 +205,8 @@ def shrink_heads(attn, keep_groups: torch.Tensor, ratio: int, head_dim: int,
         for name, idx in ((lay.q, q), (lay.k, kv), (lay.v, kv)):
             L.shrink(getattr(attn, name), idx, True)
     L.shrink(out, q, False)
-    _set_ints(attn, num_heads=len(q_heads), num_attention_heads=len(q_heads),
-              num_key_value_heads=len(keep_groups))
+    L.set_ints(attn, num_heads=len(q_heads), num_attention_heads=len(q_heads),
+               num_key_value_heads=len(keep_groups))
 
 
 def shrink_channels(mlp, keep: torch.Tensor, layout: Layout | None = None,
@@ -237,7 +218,7 @@ def shrink_channels(mlp, keep: torch.Tensor, layout: Layout | None = None,
         mod = getattr(mlp, name)
         L.shrink(mod, L.gate_up_rows(keep, L.out_features(mod) // 2) if halves else keep, True)
     L.shrink(getattr(mlp, lay.mlp_out), keep, False)
-    _set_ints(mlp, intermediate_size=len(keep))
+    L.set_ints(mlp, intermediate_size=len(keep))
 
 
 # ---- the pruner --------------------------------------------------------------------------------
@@ -272,11 +253,14 @@ def prune_structured(model: torch.nn.Module, structure: str, sparsity: float, ca
     < i already pruned (one captured pass, then block by block: ~3 forwards in all); ``False``:
     one pass over the dense model. sparsity=0 leaves the model untouched. Other layouts use their
     own names (fc1/fc2, Conv1D c_fc/c_proj, a fused [gate | up] or [q | k | v] projection) and
-    width field (``structured_layouts.SPECS``); unsupported ones raise ValueError first. Embeddings, norms and
-    ``lm_head`` (tied or not) are never changed.
+    width field (``structured_layouts.SPECS``); unsupported ones raise ValueError first. MoE
+    ``"channels"``: per expert, each by its own scores (``structured_moe.prune_moe_channels``).
+    Embeddings, norms, routers and ``lm_head`` (tied or not) are never changed.
     """
     sparsity = _check_args(structure, sparsity)
     layers, spec, lay = checked_layers(model, structure)
+    if structure == "channels" and spec.experts_width is not None:
+        return M.prune_moe_channels(model, layers, spec, sparsity, calib, sequential)
     cfg = model.config
     if structure == "heads":
         total, remove = cfg.num_key_value_heads, heads_to_remove(cfg, sparsity)

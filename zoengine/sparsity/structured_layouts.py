@@ -1,6 +1,7 @@
 """Per-architecture layout of structured pruning: where the decoder blocks are, which config field
-counts the MLP channels, whether an MLP input projection holds [gate | up] halves, and why an
-architecture's heads or channels are refused. The projections' names come from the architecture
+counts the MLP channels (and, for mixture-of-experts types, each expert's and the shared
+expert's: ``structured_moe``), whether an MLP input projection holds [gate | up] halves, and why
+an architecture's heads or channels are refused. The projections' names come from the architecture
 table (zoengine.architectures); the shrinking primitives here handle ``nn.Linear`` (weight
 (out, in), subclasses such as Falcon's included) and transformers' ``Conv1D`` (weight (in, out)).
 
@@ -20,8 +21,6 @@ from zoengine.sparsity.weights import is_conv1d
 
 _DERIVED = ("its attention computes head_dim as hidden_size // num_attention_heads and sizes "
             "q/k/v from hidden_size, so no config can describe fewer heads of the same size")
-_EXPERTS = ("its MLP channels live in 3-D expert tensors, whose per-expert channel removal "
-            "is not implemented")
 
 
 @dataclass(frozen=True)
@@ -34,6 +33,9 @@ class Spec:
     width: str = "intermediate_size"  # config field counting the MLP channels
     width_default: int | None = None  # the field may be None: then this × hidden_size
     halves: bool = False  # the one MLP input projection holds [gate | up] (chunk(2))
+    experts_width: str | None = None  # MoE: config field of every expert's width
+    shared: str | None = None  # MoE: attribute of the sparse block holding a dense shared expert
+    shared_width: str | None = None  # MoE: config field of the shared expert's width
     no_heads: str | None = None  # why structure='heads' is refused
     no_channels: str | None = None  # why structure='channels' is refused
 
@@ -42,8 +44,14 @@ _LLAMA = Spec()
 SPECS: dict[str, Spec] = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
                      "phi"), _LLAMA),
-    **dict.fromkeys(("mixtral", "qwen2_moe", "qwen3_moe", "llama4_text"),
-                    Spec(no_channels=_EXPERTS)),
+    # MoE (structured_moe): ``width`` counts the channels of the dense MLP layers, if any
+    "mixtral": Spec(experts_width="intermediate_size"),
+    "qwen2_moe": Spec(experts_width="moe_intermediate_size", shared="shared_expert",
+                      shared_width="shared_expert_intermediate_size"),
+    "qwen3_moe": Spec(experts_width="moe_intermediate_size"),
+    "llama4_text": Spec(mlp="feed_forward", width="intermediate_size_mlp",
+                        experts_width="intermediate_size", shared="shared_expert",
+                        shared_width="intermediate_size"),
     "phi3": Spec(halves=True),
     "opt": Spec("model.decoder.layers", mlp="", width="ffn_dim", no_heads=_DERIVED),
     "gpt2": Spec("transformer.h", width="n_inner", width_default=4, no_heads=_DERIVED),
@@ -73,7 +81,8 @@ def refusal(model, structure: str, why: str) -> ValueError:
     return ValueError(
         f"model of class {type(model).__name__} (model_type {t!r}): structure={structure!r} "
         f"is refused: {why}. Structured pruning supports LLaMA-layout decoders (separate or "
-        f"block-fused q/k/v and gated or plain MLPs as nn.Linear or Conv1D); structure="
+        f"block-fused q/k/v, gated or plain MLPs as nn.Linear or Conv1D, and the gated 3-D "
+        f"expert tensors of mixtral, qwen2_moe, qwen3_moe and llama4_text); structure="
         f"{structure!r} works for model types {', '.join(supported(structure))}")
 
 
@@ -94,6 +103,33 @@ def width(cfg, spec: Spec) -> int | None:
     if w is None and spec.width_default is not None:
         w = spec.width_default * cfg.hidden_size
     return w if isinstance(w, int) else None
+
+
+def channels_to_remove(cfg, sparsity: float, n: int | None = None) -> int:
+    """round(sparsity · n) channels per layer, n = the MLP width (``intermediate_size`` unless
+    given); at least one is kept."""
+    n = cfg.intermediate_size if n is None else n
+    k = int(round(sparsity * n))
+    if k >= n:
+        raise ValueError(f"sparsity={sparsity!r} with structure='channels' would remove all "
+                         f"{n} MLP channels: must be below {(n - 0.5) / n:.6g}")
+    return k
+
+
+def keep_indices(scores: torch.Tensor, remove: int) -> torch.Tensor:
+    """Indices kept, ascending: all but the ``remove`` lowest scores (ties: lower index goes)."""
+    drop = scores.argsort(stable=True)[:remove]
+    keep = torch.ones(len(scores), dtype=torch.bool)
+    keep[drop] = False
+    return keep.nonzero().flatten()
+
+
+def set_ints(mod, **values) -> None:
+    """Update the head or channel counts a module keeps as attributes (Phi-3's attention reads
+    its own ``num_key_value_heads``), where it has them."""
+    for key, value in values.items():
+        if isinstance(getattr(mod, key, None), int) and not isinstance(getattr(mod, key), bool):
+            setattr(mod, key, value)
 
 
 # ---- tensors -----------------------------------------------------------------------------------
@@ -144,5 +180,6 @@ def fused_rows(q: torch.Tensor, kv: torch.Tensor, heads: int, kv_heads: int, d: 
     return torch.cat([q, heads * d + kv, (heads + kv_heads) * d + kv])
 
 
-__all__ = ["SPECS", "Spec", "blocks", "column_mass", "fused_rows", "gate_up_rows", "in_features",
-           "is_proj", "out_features", "refusal", "shrink", "spec_of", "supported", "width"]
+__all__ = ["SPECS", "Spec", "blocks", "channels_to_remove", "column_mass", "fused_rows",
+           "gate_up_rows", "in_features", "is_proj", "keep_indices", "out_features", "refusal",
+           "set_ints", "shrink", "spec_of", "supported", "width"]
