@@ -111,6 +111,15 @@ def _fmt(xs) -> str:
     return "[" + ", ".join(f"{x:.4g}" for x in xs) + "]"
 
 
+def batched_refusal(cls) -> str | None:
+    """Why optimizer class ``cls`` has no ``step_batched``, or None: a subclass replacing
+    ``step`` or ``_zo_step`` runs evaluations other than the two-point loop's 2n (DiZO's γ
+    search, FZOO's one-sided batch, HiZOO's three points, Sparse-MeZO's masks per step)."""
+    if any(getattr(cls, a).__qualname__ != f"ZO.{a}" for a in ("step", "_zo_step")):
+        return f"{cls.__name__} has a step of its own (not the two-point loop's 2n evaluations)"
+    return None
+
+
 class BatchedSteps:
     """``step_batched`` for ``optim.zo.ZO`` (a mixin; needs its ``_zo_step``, journal tap,
     virtual model and exchange)."""
@@ -150,12 +159,9 @@ class BatchedSteps:
             return self._zo_step(self.tap(evaluations), batched=evaluations)
 
     def _check_batched(self, closure, check) -> None:
-        name = type(self).__name__
-        # a subclass replacing either runs evaluations other than the two-point loop's 2n
-        # (DiZO's γ search, FZOO's one-sided batch, HiZOO's three points)
-        if any(getattr(type(self), a).__qualname__ != f"ZO.{a}" for a in ("step", "_zo_step")):
-            raise ValueError(f"step_batched: {name} has a step of its own (its evaluations "
-                             "are not the two-point loop's 2n); use opt.step(closure)")
+        refused = batched_refusal(type(self))
+        if refused:
+            raise ValueError(f"step_batched: {refused}; use opt.step(closure)")
         if not callable(closure):
             raise ValueError(f"step_batched(closure={closure!r}): must be a callable "
                              "closure(groups) returning one loss per group")

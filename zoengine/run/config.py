@@ -215,6 +215,16 @@ class RunConfig:
                                          "kerzoo+pezo only)", optional(POSITIVE_NUMBER))
     pool_size: int | None = option(None, "PeZO's pool of random numbers (default 65536; pezo, "
                                          "kerzoo+pezo only)", optional(POSITIVE_INT))
+    rank: int | None = option(None, "rank r of low-rank noise z = U·Vᵀ/√r (default 1; "
+                                    "mezo-lowrank only)", optional(POSITIVE_INT))
+    resample_every: int | None = option(None, "low-rank noise: steps between fresh V factors "
+                                              "(default 100; mezo-lowrank only)",
+                                        optional(POSITIVE_INT))
+    batched_samples: bool | None = option(None, "evaluate a step's 2n perturbations as one "
+                                                "forward of the batch repeated 2n times "
+                                                "(step_batched; needs --perturbation virtual; "
+                                                "pays with low-rank noise)", optional(BOOL),
+                                          action="store_true")
     proj_eps: float | None = option(None, "--method dizo only: ε of the γ search (default 0.1)",
                                     optional(POSITIVE_NUMBER))
     proj_lr: float | None = option(None, "--method dizo only: lr of the γ search (default 2)",
@@ -250,6 +260,10 @@ class RunConfig:
             if getattr(self, name) is not None and self.method != "dizo":
                 raise ConfigError("--" + name.replace("_", "-"), getattr(self, name),
                                   "applies to --method dizo only", field=name)
+        if self.batched_samples and self.perturbation != "virtual":
+            raise ConfigError("--batched-samples", True, "rows of one forward see different "
+                              "weights, so none may be written: add --perturbation virtual",
+                              field="batched_samples")
         from zoengine.run.controls import check_method_flags
 
         check_method_flags(self)

@@ -19,7 +19,8 @@ from zoengine.checks import ConfigError
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 # flags that only some methods take: field -> the method's keyword argument
-METHOD_FLAGS = ("kernel_order", "r_range", "pool_size", "proj_eps", "proj_lr", "tau")
+METHOD_FLAGS = ("kernel_order", "r_range", "pool_size", "proj_eps", "proj_lr", "tau", "rank",
+                "resample_every")
 BEST_PREFIX = "best::"  # the best step's tensors inside a checkpoint's weights file
 
 
@@ -53,6 +54,8 @@ def _takes(method: str, name: str) -> bool:
     cls, fixed = spec.cls, spec.fixed
     if name in ("kernel_order", "r_range"):
         return issubclass(cls, KerZOO) or fixed.get("estimator") == "kernel"
+    if name in ("rank", "resample_every"):
+        return fixed.get("noise") == "lowrank"
     if name == "pool_size":
         return ((issubclass(cls, PeZO) and fixed.get("reuse", "pool") == "pool")
                 or fixed.get("noise") == "pool")
@@ -66,6 +69,14 @@ def check_method_flags(cfg) -> None:
 
     if cfg.method not in available_methods():
         return  # --method itself is refused first
+    if cfg.batched_samples:
+        from zoengine.optim.batched import batched_refusal
+        from zoengine.optim.registry import method_spec
+
+        refused = batched_refusal(method_spec(cfg.method).cls)
+        if refused:
+            raise ConfigError("--batched-samples", True, f"--method {cfg.method}: {refused}",
+                              field="batched_samples")
     for name in METHOD_FLAGS:
         value = getattr(cfg, name)
         if value is not None and not _takes(cfg.method, name):
@@ -142,6 +153,17 @@ class Controls:
         def run():
             p.forwards += 1
             return closure()
+
+        return run
+
+    def counted_groups(self, closure):
+        """A batched closure (``step_batched``), counting ``groups`` forwards a call: the
+        repeated batch costs what that many one-group forwards cost in rows."""
+        p = self.p
+
+        def run(groups):
+            p.forwards += groups
+            return closure(groups)
 
         return run
 

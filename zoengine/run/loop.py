@@ -88,7 +88,9 @@ def run_loop(cfg, strategy: Strategy, opt: torch.optim.Optimizer, report: dict, 
             ctl.set_lr()
             rng = step_rng(cfg.seed, p.step, data_stream)
             try:
-                loss = float(opt.step(ctl.counted(strategy.batch_closure(rng))))
+                loss = float(opt.step_batched(ctl.counted_groups(strategy.batched_closure(rng)))
+                             if cfg.batched_samples else
+                             opt.step(ctl.counted(strategy.batch_closure(rng))))
             except NonFiniteUpdateError as exc:  # never applied: the weights stay finite
                 raise TaskError("--lr", f"{cfg.lr!r} at step {p.step + 1}: {exc}") from None
             p.step += 1

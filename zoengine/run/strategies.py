@@ -78,6 +78,12 @@ class Strategy:
     def batch_closure(self, rng: np.random.RandomState) -> Callable[[], torch.Tensor]:
         raise NotImplementedError
 
+    def batched_closure(self, rng: np.random.RandomState) -> Callable[[int], torch.Tensor]:
+        """``batch_closure``'s batch as ``step_batched`` takes it: closure(groups) evaluates
+        the batch repeated ``groups`` times and returns one loss per group."""
+        raise TaskError("--batched-samples", f"is not available for this training kind "
+                                             f"({self.name}); leave it out")
+
     def evaluate(self) -> dict:
         raise NotImplementedError
 
@@ -184,6 +190,19 @@ class ClassifierStrategy(Strategy):
             return lambda: minus_accuracy(self.scorer.scores(self.model, seqs), yb)
         return lambda: F.cross_entropy(self.scorer.scores(self.model, seqs), yb)
 
+    def batched_closure(self, rng):
+        b = balanced_batch(rng, self.by_class, self.cfg.batch_size)
+        seqs = encode_prompts(self.tok, [self.task.prompt(self.tr_texts[int(i)]) for i in b],
+                              self.cfg.max_length)
+        yb = torch.as_tensor(self.tr_y[b])
+
+        def closure(groups):  # rows group-major: the prompts repeated, scored per group
+            scores = self.scorer.scores(self.model, seqs * groups).view(groups, len(seqs), -1)
+            if self.cfg.objective == "accuracy":
+                return -(scores.argmax(-1) == yb).float().mean(1)
+            return torch.stack([F.cross_entropy(s, yb) for s in scores])
+        return closure
+
     def _score(self, seqs):
         return self.scorer.score_all(self.model, seqs, self.cfg.eval_batch_size)
 
@@ -226,6 +245,19 @@ class LMStrategy(Strategy):
         train = self.blocks["train"]
         b = train[torch.as_tensor(rng.randint(0, len(train), self.cfg.batch_size))]
         return lambda: lm_loss(self.model, b)
+
+    def batched_closure(self, rng):
+        if self.teacher is not None:
+            return super().batched_closure(rng)
+        from zoengine.optim import group_losses, tile_batch
+
+        train = self.blocks["train"]
+        b = train[torch.as_tensor(rng.randint(0, len(train), self.cfg.batch_size))]
+
+        def closure(groups):
+            t = tile_batch(b, groups)
+            return group_losses(self.model(input_ids=t).logits, t, groups)
+        return closure
 
     def evaluate(self):
         return {s: lm_eval(self.model, self.blocks[s], self.cfg.eval_batch_size)
