@@ -74,3 +74,49 @@ def test_bad_combinations_exit_2_naming_the_flag(tiny, tmp_path, capsys, extra, 
     assert main(tiny_args(tiny, tmp_path / "out", *extra)) == 2
     err = capsys.readouterr().err
     assert flag in err and words in err and "Traceback" not in err
+
+
+# ---- ZOTrainer: zo_batched_samples, zo_rank, zo_resample_every -----------------------------------
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_trainer_batched_steps_equal_the_one_group_steps(tmp_path, accumulate):
+    pytest.importorskip("accelerate")
+    from test_hf import StepGrads, lm_dataset, tiny_model, zo_args
+
+    from zoengine.hf import ZOTrainer
+
+    grads, losses = {}, {}
+    for batched in (False, True):
+        steps = StepGrads()
+        args = zo_args(tmp_path / str(batched), zo_method="mezo-lowrank", zo_rank=2,
+                       zo_resample_every=2, zo_n_samples=2, zo_perturbation="virtual",
+                       zo_eps=1e-2, max_steps=3, per_device_train_batch_size=4 // accumulate,
+                       gradient_accumulation_steps=accumulate, zo_batched_samples=batched)
+        tr = ZOTrainer(model=tiny_model(), args=args, train_dataset=lm_dataset(),
+                       callbacks=[steps])
+        losses[batched] = tr.train().training_loss
+        grads[batched] = steps.grads
+        zo = tr.optimizer.optimizer
+        assert zo.hyperparameters()["rank"] == 2
+        assert getattr(zo._virtual, "batched_checked", False) is batched  # step_batched ran
+    # the same weights evaluated in another order: ≤ 4·64·u·|L| per loss (test_batched.py's
+    # bound), so g within that over ε
+    tol = 4 * 64 * 2.0**-24 * max(abs(v) for v in losses.values()) / 1e-2
+    assert len(grads[True]) == 3
+    for ga, gb in zip(grads[True], grads[False]):
+        assert ga == pytest.approx(gb, rel=0, abs=tol)
+    assert max(abs(v) for g in grads[False] for v in g) >= 50 * tol
+
+
+def test_trainer_refuses_batched_samples_it_cannot_split(tmp_path):
+    from zoengine.hf import ZOTrainingArguments
+
+    for bad, words in ((dict(), "zo_perturbation='virtual'"),
+                       (dict(zo_perturbation="virtual", zo_method="fzoo"),
+                        "FZOO has a step of its own"),
+                       (dict(zo_perturbation="virtual", zo_batched_samples=1), "zo_batched")):
+        with pytest.raises(ValueError, match=words):
+            ZOTrainingArguments(str(tmp_path / "o"), use_cpu=True,
+                                **{"zo_batched_samples": True, **bad})
+    with pytest.raises(ValueError, match="zo_rank"):
+        ZOTrainingArguments(str(tmp_path / "o"), use_cpu=True, zo_rank=2)  # mezo: no rank

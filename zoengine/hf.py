@@ -40,6 +40,7 @@ except ImportError:  # transformers' Trainer needs accelerate: zoengine's `hf` e
     raise
 
 from zoengine.run.hf_args import ZOTrainingArguments, zo_factory_kwargs  # noqa: E402,F401
+from zoengine.run.hf_batched import batched_closure  # noqa: E402
 from zoengine.run.hf_budget import add_forwards, attach, blocks_step, counted  # noqa: E402
 
 
@@ -347,7 +348,10 @@ class ZOTrainer(Trainer):
             return total if summed else total / len(losses)
 
         try:
-            loss = opt.step(counted(self, opt, closure))
+            loss = (opt.step_batched(batched_closure(self, opt, model, micro,
+                                                     num_items_in_batch, summed))
+                    if getattr(self.args, "zo_batched_samples", False)
+                    else opt.step(counted(self, opt, closure)))
         finally:
             model.train(was_training)
         grad_log.note(opt, mark)

@@ -191,10 +191,14 @@ def tile_batch(batch, groups: int):
 
 
 def group_losses(logits: torch.Tensor, labels: torch.Tensor, groups: int, *,
-                 ignore_index: int = -100) -> torch.Tensor:
+                 ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
     """Per group, the mean next-token cross-entropy of a causal LM over its rows (what
     transformers' ``model(**batch).loss`` is for that group's rows alone; labels are shifted
-    here, as there), in fp32 (float64 logits stay float64): a tensor of ``groups`` losses."""
+    here, as there), in fp32 (float64 logits stay float64): a tensor of ``groups`` losses.
+    ``reduction="sum"``: the sums instead (transformers divides them by ``num_items_in_batch``
+    under gradient accumulation)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"group_losses(reduction={reduction!r}): must be 'mean' or 'sum'")
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"group_losses: logits {tuple(logits.shape)} and labels "
                          f"{tuple(labels.shape)}: expected (N, T, vocab) and (N, T)")
@@ -204,5 +208,7 @@ def group_losses(logits: torch.Tensor, labels: torch.Tensor, groups: int, *,
     wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
     tokens = F.cross_entropy(wide.flatten(0, 1), target.flatten(),
                              ignore_index=ignore_index, reduction="none").view(groups, -1)
+    if reduction == "sum":
+        return tokens.sum(1)
     counted = (target != ignore_index).view(groups, -1)
     return tokens.sum(1) / counted.sum(1).clamp(min=1)

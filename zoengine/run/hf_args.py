@@ -14,7 +14,8 @@ from transformers import TrainingArguments
 CONTROLS = {"zo_n_samples": "n_samples", "zo_kernel_order": "kernel_order",
             "zo_r_range": "r_range", "zo_pool_size": "pool_size",
             "zo_dizo_interval": "dizo_interval", "zo_proj_eps": "proj_eps",
-            "zo_proj_lr": "proj_lr", "zo_tau": "tau"}
+            "zo_proj_lr": "proj_lr", "zo_tau": "tau", "zo_rank": "rank",
+            "zo_resample_every": "resample_every"}
 _KWARG = {"zo_dizo_interval": "interval"}  # the method's keyword, where it differs
 # zo_* budget -> RunConfig field (the same check; ZOTrainer's callback, zoengine.run.hf_budget)
 BUDGETS = {"zo_max_forwards": "max_forwards", "zo_max_minutes": "max_minutes"}
@@ -43,6 +44,25 @@ def check_zo_controls(args) -> None:
                               field=name)
     for name, run_name in BUDGETS.items():
         by_name[run_name].metadata["check"](name, getattr(args, name), field=name)
+
+
+def check_batched_args(args) -> None:
+    """``zo_batched_samples=True`` needs virtual perturbation and a method on the two-point
+    loop, as ``--batched-samples`` does."""
+    from zoengine.checks import ConfigError
+    from zoengine.optim.batched import batched_refusal
+    from zoengine.optim.registry import method_spec
+
+    if not args.zo_batched_samples:
+        return
+    if args.zo_perturbation != "virtual":
+        raise ConfigError("zo_batched_samples", True, "rows of one forward see different "
+                          "weights, so none may be written: set zo_perturbation='virtual'",
+                          field="zo_batched_samples")
+    refused = batched_refusal(method_spec(args.zo_method).cls)
+    if refused:
+        raise ConfigError("zo_batched_samples", True, f"zo_method={args.zo_method!r}: "
+                          f"{refused}", field="zo_batched_samples")
 
 
 def zo_factory_kwargs(args) -> dict:
@@ -97,6 +117,13 @@ class ZOTrainingArguments(TrainingArguments):
         "help": "DiZO: lr of the γ search (dizo only)"})
     zo_tau: float | None = field(default=None, metadata={
         "help": "DiZO: τ, γ within (1 ± τ)·‖Δ‖ (dizo only)"})
+    zo_rank: int | None = field(default=None, metadata={
+        "help": "rank r of low-rank noise (mezo-lowrank only; docs/lowrank.md)"})
+    zo_resample_every: int | None = field(default=None, metadata={
+        "help": "low-rank noise: steps between fresh V factors (mezo-lowrank only)"})
+    zo_batched_samples: bool = field(default=False, metadata={
+        "help": "evaluate a step's 2n perturbations as one forward of the batch repeated 2n "
+                "times (step_batched; needs zo_perturbation='virtual' and a causal LM)"})
     zo_max_forwards: int | None = field(default=None, metadata={
         "help": "stop cleanly before a step would take the training forwards past N (every "
                 "loss-closure call counted: n samples, update rule, DiZO's search)"})
@@ -116,4 +143,6 @@ class ZOTrainingArguments(TrainingArguments):
         POSITIVE_NUMBER("zo_eps", self.zo_eps)
         optional(NONNEGATIVE_INT)("zo_seed", self.zo_seed)
         BOOL("zo_journal", self.zo_journal)
+        BOOL("zo_batched_samples", self.zo_batched_samples)
         check_zo_controls(self)
+        check_batched_args(self)
