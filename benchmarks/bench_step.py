@@ -33,6 +33,8 @@ that configuration's own):
   lowrank      zoengine.ZO(noise="lowrank", rank=--rank, resample_every=--resample-every):
                LOZO's z = U·Vᵀ/√r on 2-D weights, in place (docs/lowrank.md)
   lowrank-virtual  the same with attach_virtual(model): a Linear adds c·(x·V)·Uᵀ, no copy
+  lowrank-batched  lowrank-virtual with opt.step_batched: the 2n evaluations as one forward of
+               the batch repeated 2n times (``--n-samples``; docs/lowrank.md)
   inference    two plain forward passes (the floor of any two-point ZO step)
   forward1     one plain forward pass
 
@@ -57,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 CONFIGS = ("mezo-ref", "native", "triton", "virtual", "virtual-copy", "reference", "inference",
-           "forward1", "lowrank", "lowrank-virtual")
+           "forward1", "lowrank", "lowrank-virtual", "lowrank-batched")
 DEFAULT_CONFIGS = {"cpu": "mezo-ref,native,virtual,reference,inference",
                    "cuda": "triton,virtual,virtual-copy,mezo-ref,inference,forward1"}
 DISTS = ("normal", "uniform", "rademacher")
@@ -229,7 +231,7 @@ def worker(a) -> None:
 
     backend = config_backend(config, device_type, a.backend)
     dist = a.dist if backend is not None else ("normal" if config == "mezo-ref" else "-")
-    virtual = config.startswith("virtual") or config == "lowrank-virtual"
+    virtual = config.startswith("virtual") or config in ("lowrank-virtual", "lowrank-batched")
     extra: dict = {"backend": backend or ("torch" if config == "mezo-ref" else "-"),
                    "perturbation": ("virtual" if virtual else
                                     "inplace" if backend or config == "mezo-ref" else "-")}
@@ -238,16 +240,25 @@ def worker(a) -> None:
         step = lambda: mezo_reference_step(model, closure, params)  # noqa: E731
     elif config.startswith("lowrank"):
         opt = zoengine.ZO(model.named_parameters(), lr=LR, eps=EPS, weight_decay=WD, seed=0,
-                          noise="lowrank", rank=a.rank, resample_every=a.resample_every)
+                          noise="lowrank", rank=a.rank, resample_every=a.resample_every,
+                          n_samples=a.n_samples)
         if virtual:
             opt.attach_virtual(model)
         dist = f"lowrank r={a.rank} nu={a.resample_every}"
         extra.update(rank=a.rank, resample_every=a.resample_every,
                      numbers_per_step=opt.rng_budget()["numbers_generated_per_step"])
         step = lambda: opt.step(closure)  # noqa: E731
+        if config == "lowrank-batched":
+            from zoengine.optim import group_losses, tile_batch
+
+            def grouped(groups):
+                t = tile_batch(ids, groups)
+                with torch.inference_mode():
+                    return group_losses(model(input_ids=t).logits, t, groups)
+            step = lambda: opt.step_batched(grouped)  # noqa: E731
     elif backend is not None:
         opt = zoengine.MeZO(model.named_parameters(), lr=LR, eps=EPS, weight_decay=WD, seed=0,
-                            dist=a.dist, backend=backend)
+                            dist=a.dist, backend=backend, n_samples=a.n_samples)
         if virtual:
             opt.attach_virtual(model)
         if virtual:
@@ -283,7 +294,8 @@ def worker(a) -> None:
               "warmup_s": times[0], "cpu_s": C.median(cpu[a.warmup:]),
               "all_step_s": [round(t, 4) for t in times[a.warmup:]],
               "rss_loaded_mb": rss_loaded, "last_loss": float(last),
-              "n_params": sum(p.numel() for p in model.parameters()), **extra}
+              "n_params": sum(p.numel() for p in model.parameters()),
+              "n_samples": a.n_samples, **extra}
     if os.environ.get("TRITON_INTERPRET") == "1" and backend == "triton":
         result["status"] = "triton interpreter on CPU (smoke run: times are not kernel times)"
     if cuda:
@@ -312,7 +324,7 @@ def _ratios(rows: list[dict]) -> None:
             r["cpu_vs_forward1"] = r["cpu_s"] / by["forward1"]["cpu_s"]
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> list[dict] | None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up steps")
     ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (default 1)")
@@ -331,6 +343,8 @@ def main(argv=None) -> None:
                          "triton on CUDA)")
     ap.add_argument("--rank", type=int, default=2, help="r of the lowrank configurations")
     ap.add_argument("--resample-every", type=int, default=50, help="ν of the lowrank ones")
+    ap.add_argument("--n-samples", type=int, default=1,
+                    help="n of the ZO configurations (2n evaluations a step)")
     ap.add_argument("--configs", default=None,
                     help=f"comma separated, from {','.join(CONFIGS)} (default on CPU: "
                          f"{DEFAULT_CONFIGS['cpu']}; on CUDA: {DEFAULT_CONFIGS['cuda']})")
@@ -364,7 +378,7 @@ def main(argv=None) -> None:
     common = ["--steps", str(a.steps), "--warmup", str(a.warmup), "--batch", str(a.batch),
               "--seq", str(a.seq), "--threads", str(a.threads), "--device", a.device,
               "--dtype", a.dtype, "--model", a.model, "--dist", a.dist, "--rank", str(a.rank),
-              "--resample-every", str(a.resample_every)]
+              "--resample-every", str(a.resample_every), "--n-samples", str(a.n_samples)]
     if a.backend:
         common += ["--backend", a.backend]
     rows, failed = [], []
@@ -419,6 +433,7 @@ def main(argv=None) -> None:
     if failed:
         raise SystemExit(f"configuration(s) failed: {', '.join(failed)} (the others' rows "
                          "were written)")
+    return rows
 
 
 if __name__ == "__main__":

@@ -225,3 +225,23 @@ def test_group_losses_equal_the_models_own_loss_per_group():
         tile_batch(ids, 0)
     with pytest.raises(ValueError, match="are not 2 equal groups"):
         group_losses(torch.zeros(3, 4, 5), torch.zeros(3, 4, dtype=torch.long), 2)
+
+
+def test_distributed_losses_mode_on_a_one_rank_group(tmp_path):
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        a, ca = lm("llama", torch.float64)
+        b, cb = lm("llama", torch.float64)
+        oa, ob = make(a), make(b)
+        ob.set_distributed("losses")  # each of the 2n losses all-reduced, as step's
+        for _ in range(2):
+            oa.step_batched(ca)
+            ob.step_batched(cb)
+        assert same_bits(a, b)
+        ob.set_distributed("samples")
+        with pytest.raises(ValueError, match="use set_distributed\\('losses'\\)"):
+            ob.step_batched(cb)
+    finally:
+        dist.destroy_process_group()

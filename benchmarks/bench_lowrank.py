@@ -1,0 +1,88 @@
+"""Low-rank noise and batched samples: step time against plain forwards, random numbers, memory.
+
+    python benchmarks/bench_lowrank.py                      # SmolLM2-135M, fp32, 1 thread
+    python benchmarks/bench_lowrank.py --model tiny-llama --steps 1   # smoke run (seconds)
+
+Two sweeps of ``benchmarks/bench_step.py`` configurations, each in a fresh subprocess:
+
+- ranks: at n = 1, r in {1, 2, 4, 8}: full-rank MeZO in place (native kernels) and virtual,
+  low-rank in place, virtual, and batched (``step_batched``);
+- samples: at r = 2, n in {1, 4, 16}: full-rank native in place, low-rank virtual one group at
+  a time (``step``) and batched (``step_batched``: one forward of the batch repeated 2n times).
+
+Each row's CPU time per step is divided by that of 2n plain forwards of the batch measured in
+the same run (``inference`` = two forwards, so the baseline is n × inference): the cost of the
+step beyond evaluating its 2n points. Appends rows to benchmarks/results/bench_lowrank.csv
+(device, versions, git sha in every row) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+import bench_step  # noqa: E402
+
+RANKS = (1, 2, 4, 8)
+SAMPLES = (1, 4, 16)
+
+
+def sweep(common: list[str], csv: Path) -> list[dict]:
+    """Every point of both sweeps, with the ratio to 2n forwards of the same run."""
+    rows = []
+    base = bench_step.main([*common, "--configs", "inference", "--csv", str(csv)])
+    forward2 = base[0]["cpu_s"]
+    rows += [dict(base[0], sweep="baseline", rank="-")]
+    for r in RANKS:
+        configs = "lowrank,lowrank-virtual,lowrank-batched" + (",native,virtual" if r == 1
+                                                                else "")
+        for row in bench_step.main([*common, "--configs", configs, "--rank", str(r),
+                                    "--n-samples", "1", "--csv", str(csv)]):
+            rows.append(dict(row, sweep="ranks"))
+    for n in SAMPLES:
+        configs = "native,lowrank-virtual,lowrank-batched"
+        for row in bench_step.main([*common, "--configs", configs, "--rank", "2",
+                                    "--n-samples", str(n), "--csv", str(csv)]):
+            rows.append(dict(row, sweep="samples"))
+    for row in rows:
+        n = int(row.get("n_samples", 1) or 1)
+        row["cpu_vs_2n_forwards"] = row["cpu_s"] / (n * forward2)
+        row["rss_vs_inference"] = row["peak_rss_mb"] / base[0]["peak_rss_mb"]
+        row.setdefault("rank", "-")
+        row.setdefault("numbers_per_step", "-")
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2", choices=bench_step.MODELS)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--resample-every", type=int, default=50)
+    ap.add_argument("--csv", type=Path, default=C.RESULTS / "bench_lowrank.csv")
+    a = ap.parse_args(argv)
+    common = ["--model", a.model, "--steps", str(a.steps), "--batch", str(a.batch), "--seq",
+              str(a.seq), "--threads", str(a.threads), "--resample-every",
+              str(a.resample_every)]
+    steps_csv = a.csv.with_name(a.csv.stem + "_steps.csv")  # bench_step's own rows
+    rows = sweep(common, steps_csv)
+    C.append_csv(a.csv, rows)
+    print()
+    print(f"{bench_step.MODEL_TITLES[a.model]}, fp32, CPU, batch {a.batch}x{a.seq}, "
+          f"{a.threads} thread(s), ν = {a.resample_every}, median of {a.steps} steps; "
+          f"{rows[0]['device']}, torch {rows[0]['torch']}, git {rows[0]['git_sha']}")
+    print()
+    print(C.markdown_table(rows, [
+        ("sweep", "sweep"), ("config", "configuration"), ("rank", "r"), ("n_samples", "n"),
+        ("cpu_s", "CPU s/step"), ("cpu_vs_2n_forwards", "CPU / 2n forwards"),
+        ("numbers_per_step", "random numbers / step"), ("peak_rss_mb", "peak RSS (MB)"),
+        ("rss_vs_inference", "RSS / inference")]))
+
+
+if __name__ == "__main__":
+    main()
