@@ -127,15 +127,16 @@ def test_masked_weights_stay_exact_and_are_grouped_by_copies():
     assert torch.equal(w[~keep], w0[~keep]) and not torch.equal(w[keep], w0[keep])
 
 
-def test_lowrank_linears_are_rank_r_terms_not_copies(monkeypatch):
+@pytest.mark.parametrize("name", ["llama", "gpt2"])  # nn.Linear; Conv1D
+def test_lowrank_linears_are_rank_r_terms_not_copies(monkeypatch, name):
     copied = []
     real = VirtualModel._perturbed
     monkeypatch.setattr(VirtualModel, "_perturbed",
                         lambda self, p: copied.append(p.dim()) or real(self, p))
-    model, closure = lm("llama", torch.float32)
+    model, closure = lm(name, torch.float32)
     opt = make(model, n_samples=4)
     opt.step_batched(closure, check=False)
-    assert copied and set(copied) == {1}  # norms only: no 2-D weight materialised
+    assert copied and set(copied) == {1}  # norms, biases: no 2-D weight materialised
 
 
 def test_lr0_leaves_theta_bit_identical_and_replay_is_bit_exact(tmp_path):

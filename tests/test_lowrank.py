@@ -236,21 +236,24 @@ def test_resume_from_state_dict_is_bit_exact():
         lowrank(c.named_parameters(), rank=3, resample_every=3).load_state_dict(sd)
 
 
-def test_virtual_matches_in_place_and_reads_linears_as_rank_r_terms(monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # nn.Linear; GPT-2's Conv1D (in × out)
+def test_virtual_matches_in_place_and_reads_linears_as_rank_r_terms(monkeypatch, arch):
+    import archs
     from test_hf import drift_tolerance
 
     copied = []
     real = VirtualModel._perturbed
     monkeypatch.setattr(VirtualModel, "_perturbed",
                         lambda self, p: copied.append(p.dim()) or real(self, p))
-    a, ids, lr, eps = tiny_llama(), batch(), 1e-3, 1e-3
+    a, ids, lr, eps = tiny_llama() if arch == "llama" else archs.build(arch), batch(), 1e-3, 1e-3
     b = copy.deepcopy(a)
     va = lowrank(a.named_parameters(), lr=lr, eps=eps, seed=5)
     va.attach_virtual(a)
     vb = lowrank(b.named_parameters(), lr=lr, eps=eps, seed=5)
     # the tolerance of tests/test_virtual.py::test_every_preset_matches_inplace: the two modes
-    # evaluate weights that differ by rounding only, n·u·|L|/ε on g with n = 64 the longest dot
-    n, tol_g, grads = a.config.intermediate_size, 0.0, []
+    # evaluate weights that differ by rounding only, n·u·|L|/ε on g with n the longest dot
+    # (the MLP's width: 64 in tiny LLaMA, 4·32 in GPT-2)
+    n, tol_g, grads = getattr(a.config, "intermediate_size", None) or 128, 0.0, []
     for _ in range(3):
         la, lb = float(va.step(lm_closure(a, ids))), float(vb.step(lm_closure(b, ids)))
         assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)

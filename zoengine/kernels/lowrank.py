@@ -243,6 +243,14 @@ class LowRankOps:
         t = (x @ vs.to(x.dtype)) * scale
         return t @ u.to(x.dtype).T
 
+    def conv1d_term(self, x: torch.Tensor, w: torch.Tensor, key: int, *, seed: int, step: int,
+                    sample: int, scale: float) -> torch.Tensor:
+        """scale·x·z for z of a Conv1D weight ``w`` stored (in × out) = (m × n):
+        scale·(x·U)·V_sᵀ, in x's dtype; no m × n tensor."""
+        u, vs = self.uv(w, key, seed=seed, step=step, sample=sample)
+        t = (x @ u.to(x.dtype)) * scale
+        return t @ vs.to(x.dtype).T
+
     def embedding_rows(self, ids: torch.Tensor, w: torch.Tensor, key: int, *, seed: int,
                        step: int, sample: int) -> torch.Tensor:
         """Rows ``ids`` of z (…, n) in fp32: U[ids]·V_sᵀ, only the looked-up rows."""

@@ -68,10 +68,22 @@ def lowrank_rng(shapes: Sequence[tuple], passes: int, rounding: int, opts: dict)
 
 
 # ---- virtual perturbation: x·(W + c·U·Vᵀ/√r)ᵀ = x·Wᵀ + c·(x·V_s)·Uᵀ -------------------------
+def is_conv1d(module) -> bool:
+    """transformers' ``Conv1D`` itself (GPT-2's projections: weight stored in × out, forward
+    x·W + b); a subclass may compute something else."""
+    t = type(module)
+    return t.__name__ == "Conv1D" and t.__module__ == "transformers.pytorch_utils"
+
+
+def term(ops, module, x, w, key, **kw):
+    """c·x·zᵀ of an ``nn.Linear`` weight, or c·x·z of a Conv1D one (stored transposed)."""
+    return (ops.conv1d_term if is_conv1d(module) else ops.linear_term)(x, w, key, **kw)
+
+
 def lowrank_reads(virtual, module) -> frozenset:
     """The ids of ``module``'s displaced weight when its forward adds the perturbation as a
-    rank-r term instead of reading a perturbed copy: an exact ``nn.Linear`` (the forward
-    zoengine overrides), low-rank ops, an unmasked, unsharded weight, and
+    rank-r term instead of reading a perturbed copy: an exact ``nn.Linear`` or ``Conv1D``
+    (the forward zoengine overrides), low-rank ops, an unmasked, unsharded weight, and
     ``ZOENGINE_VIRTUAL_LINEAR`` left at ``"fused"`` (``"copy"`` materialises, for benchmarks)."""
     if not virtual.displaced or virtual.internal or virtual.context is None \
             or not isinstance(virtual.context[0], LowRankOps) \
@@ -98,6 +110,6 @@ def lowrank_forward(virtual, module, original, x):
     virtual.consumed.add(id(w))
     with virtual.inside():
         for k, c in virtual.scales_of(id(w)).items():
-            out = out + ops.linear_term(x, w, d.key, seed=seed, step=step, sample=k,
-                                        scale=c).to(out.dtype)
+            out = out + term(ops, module, x, w, d.key, seed=seed, step=step, sample=k,
+                             scale=c).to(out.dtype)
     return out

@@ -7,7 +7,7 @@ forward of a model attached virtually (optim/virtual.py):
 
 - an exact ``nn.Linear`` with low-rank noise computes x·Wᵀ once for all rows and adds each
   group's rank-r term c_j·(x_j·V_s)·U_{k_j}ᵀ to its rows (V is shared by the step's samples,
-  so x·V_s is one product for every group);
+  so x·V_s is one product for every group); GPT-2's ``Conv1D`` likewise, with c_j·(x_j·U)·V_sᵀ;
 - an embedding looks up each group's rows of its own θ + c_j·z;
 - every other module that owns a displaced tensor (norms, biases of other modules, Conv1D,
   ``nn.Linear`` subclasses, expert tensors, full-rank noise) runs once per group on that
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from zoengine.optim.lowrank_noise import lowrank_reads
+from zoengine.optim.lowrank_noise import is_conv1d, lowrank_reads, term
 
 
 class BatchedEvaluationError(ValueError):
@@ -185,10 +185,11 @@ def grouped_forward(virtual, module, pairs, forward, *args, **kwargs):
 
 
 def grouped_linear(virtual, module, original, x):
-    """An exact ``nn.Linear`` in a batched forward. Low-rank noise on an unmasked weight:
-    x·Wᵀ (+ b) for all rows in one product, then each group's rank-r term added to its rows
-    (each row's arithmetic is the one-group forward's: (x·V_s)·c, then ·Uᵀ; a displaced bias
-    is added per group after the product instead of inside it). Otherwise per group."""
+    """An exact ``nn.Linear`` or ``Conv1D`` in a batched forward. Low-rank noise on an
+    unmasked weight: the product with W (+ b) for all rows at once, then each group's rank-r
+    term added to its rows (each row's arithmetic is the one-group forward's; a Linear's x·V_s
+    is one product for every group, V being the step's; a displaced bias is added per group
+    after the product instead of inside it). Otherwise per group."""
     pop = virtual.population
     w, b = module._parameters["weight"], module._parameters.get("bias")
     pairs = tuple((module, a) for a in ("weight", "bias")
@@ -200,15 +201,21 @@ def grouped_linear(virtual, module, original, x):
     ops, seed, step, _ = virtual.context
     key = virtual.displaced[id(w)].key
     bias_moves = b is not None and id(b) in pop.scales
-    out = F.linear(x, w) if bias_moves else original(x)
-    xv = x @ ops.uv(w, key, seed=seed, step=step, sample=0)[1].to(x.dtype)  # V: every sample's
+    conv = is_conv1d(module)
+    out = original(x) if not bias_moves else (x @ w if conv else F.linear(x, w))
+    xv = None if conv else x @ ops.uv(w, key, seed=seed, step=step, sample=0)[1].to(x.dtype)
     virtual.consumed.add(id(w))
     with virtual.inside():
         for j in range(pop.groups):
             rows = slice(j * size, (j + 1) * size)
             for k, c in pop.scales[id(w)][j].items():
-                u = ops.uv(w, key, seed=seed, step=step, sample=k)[0]
-                out[rows] += ((xv[rows] * c) @ u.to(x.dtype).T).to(out.dtype)
+                if conv:  # x·U differs per sample: the one-group term on these rows
+                    t = term(ops, module, x[rows], w, key, seed=seed, step=step, sample=k,
+                             scale=c)
+                else:
+                    u = ops.uv(w, key, seed=seed, step=step, sample=k)[0]
+                    t = (xv[rows] * c) @ u.to(x.dtype).T
+                out[rows] += t.to(out.dtype)
             if bias_moves:
                 pop.active = j
                 try:

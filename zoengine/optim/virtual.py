@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from zoengine.optim.lowrank_noise import lowrank_forward, lowrank_reads
+from zoengine.optim.lowrank_noise import is_conv1d, lowrank_forward, lowrank_reads
 
 PERTURBATIONS = ("inplace", "virtual")
 _TRITON_OPS = "zoengine.kernels.triton_ops"
@@ -126,8 +126,10 @@ class VirtualModel:
             return mine
         # the fused path re-implements nn.Linear's forward: exact class only (a subclass may
         # compute something else, e.g. Llama4's router returns a tuple)
-        if type(module) is nn.Linear and "weight" in mine and "forward" not in vars(module):
-            # the Triton backend computes x @ (W + c·z)ᵀ without materialising W + c·z
+        if (type(module) is nn.Linear or is_conv1d(module)) and "weight" in mine \
+                and "forward" not in vars(module):
+            # Triton (Linear): x @ (W + c·z)ᵀ fused; low-rank noise: a rank-r term, either way
+            # without materialising W + c·z
             module.forward = functools.partial(self._linear_forward, module, module.forward)
             self.handles.append(_ForwardOverride(module))
         self._hook_pairs(module, [(module, a) for a in mine])
@@ -247,6 +249,7 @@ class VirtualModel:
         run the fused noisy-linear kernel now, else None: the step's ops are Triton's, one
         sample is displaced, and the bias (if displaced) moves with the weight."""
         if not self.displaced or self.internal or self.population is not None \
+                or type(module) is not nn.Linear \
                 or getattr(self.context[0], "__name__", "") != _TRITON_OPS \
                 or os.environ.get("ZOENGINE_VIRTUAL_LINEAR", "fused") != "fused":
             return None
