@@ -48,6 +48,9 @@ METHODS = {
     "FZOO": ("fzoo", {}),
     "HiZOO": ("hizoo", {}),
     "Sparse-MeZO": ("sparse-mezo", {}),
+    # LOZO's z = U·Vᵀ/√r (docs/lowrank.md) at its script's defaults r = 1, ν = 100; unit
+    # variance per element, so MeZO's lr grid applies
+    "MeZO-LowRank": ("mezo-lowrank", {"rank": 1, "resample_every": 100}),
 }
 DIZO_PROJECTED = {"tiny": "code", "smollm2": r"^head_(neg|pos)$"}
 # lr grids per setup and method family: sgd-like steps scale with |g|·|z|, sign/Adam steps are
