@@ -83,7 +83,17 @@ def refusal(model, structure: str, why: str) -> ValueError:
         f"is refused: {why}. Structured pruning supports LLaMA-layout decoders (separate or "
         f"block-fused q/k/v, gated or plain MLPs as nn.Linear or Conv1D, and the gated 3-D "
         f"expert tensors of mixtral, qwen2_moe, qwen3_moe and llama4_text); structure="
-        f"{structure!r} works for model types {', '.join(supported(structure))}")
+        f"{structure!r} works for model types {', '.join(supported(structure))}. For this "
+        f"model pass {_instead(t, structure)}")
+
+
+def _instead(t: str, structure: str) -> str:
+    """What to pass instead of a refused structure for model type ``t``."""
+    other = "channels" if structure == "heads" else "heads"
+    if t in supported(other):
+        return f"structure={other!r} (zoengine prune --structure {other}), or unstructured pruning"
+    return ("unstructured pruning (zoengine prune --method wanda or magnitude, optionally "
+            "N:M), which keeps the shapes")
 
 
 def blocks(model, spec: Spec, structure: str) -> list[torch.nn.Module]:
