@@ -253,7 +253,8 @@ if [[ "$DRY" == 1 ]]; then
 else
     # baselines first: if time runs short, the configurations left out are the last ones
     run_phase step 170 "$PY" benchmarks/bench_step.py --device cuda --dtype bf16 \
-        --model llama-1b --configs forward1,inference,triton,virtual,virtual-copy,mezo-ref \
+        --model llama-1b \
+        --configs forward1,inference,triton,virtual,virtual-copy,mezo-ref,lowrank-virtual,lowrank-batched \
         --batch 16 --seq 256 --steps 5 --warmup 2 --timeout 90 \
         --total-timeout $(( $(phase_limit 170) - 15 )) \
         --csv "$RES/bench_step.csv"
