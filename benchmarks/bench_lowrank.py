@@ -10,9 +10,10 @@ Two sweeps of ``benchmarks/bench_step.py`` configurations, each in a fresh subpr
 - samples: at r = 2, n in {1, 4, 16}: full-rank native in place, low-rank virtual one group at
   a time (``step``) and batched (``step_batched``: one forward of the batch repeated 2n times).
 
-Each row's CPU time per step is divided by that of 2n plain forwards of the batch measured in
-the same run (``inference`` = two forwards, so the baseline is n × inference): the cost of the
-step beyond evaluating its 2n points. Appends rows to benchmarks/results/bench_lowrank.csv
+Each row's CPU time per step is divided by that of 2n plain forwards of the same batch timed
+right after each step in the same process (``bench_step.py --paired``): the cost of the step
+beyond evaluating its 2n points, paired so that a shared machine's changing load cancels. n = 16
+times one step after the warm-up (each is ~70 CPU-s on SmolLM2). Appends rows to benchmarks/results/bench_lowrank.csv
 (device, versions, git sha in every row) and prints a markdown table.
 """
 
@@ -30,26 +31,29 @@ RANKS = (1, 2, 4, 8)
 SAMPLES = (1, 4, 16)
 
 
-def sweep(common: list[str], csv: Path) -> list[dict]:
-    """Every point of both sweeps, with the ratio to 2n forwards of the same run."""
+def sweep(common: list[str], csv: Path, steps: int) -> list[dict]:
+    """Every point of both sweeps. Each ZO configuration times 2n plain forwards right after
+    each of its steps, in its own process (``--paired``): ``cpu_vs_paired`` is the step over
+    those, a ratio the load drift of a shared machine cancels from; the ``inference`` row gives
+    the memory baseline."""
     rows = []
-    base = bench_step.main([*common, "--configs", "inference", "--csv", str(csv)])
-    forward2 = base[0]["cpu_s"]
-    rows += [dict(base[0], sweep="baseline", rank="-")]
+    base = bench_step.main([*common, "--steps", str(steps), "--configs", "inference",
+                            "--csv", str(csv)])
+    rows += [dict(base[0], sweep="baseline", rank="-", cpu_vs_paired=1.0)]
     for r in RANKS:
         configs = "lowrank,lowrank-virtual,lowrank-batched" + (",native,virtual" if r == 1
                                                                 else "")
-        for row in bench_step.main([*common, "--configs", configs, "--rank", str(r),
-                                    "--n-samples", "1", "--csv", str(csv)]):
+        for row in bench_step.main([*common, "--steps", str(steps), "--paired", "--configs",
+                                    configs, "--rank", str(r), "--n-samples", "1", "--csv",
+                                    str(csv)]):
             rows.append(dict(row, sweep="ranks"))
-    for n in SAMPLES:
+    for n in SAMPLES[1:]:  # n = 1 is the ranks sweep's r = 2
         configs = "native,lowrank-virtual,lowrank-batched"
-        for row in bench_step.main([*common, "--configs", configs, "--rank", "2",
+        for row in bench_step.main([*common, "--steps", str(steps if n < 16 else 1),
+                                    "--paired", "--configs", configs, "--rank", "2",
                                     "--n-samples", str(n), "--csv", str(csv)]):
             rows.append(dict(row, sweep="samples"))
     for row in rows:
-        n = int(row.get("n_samples", 1) or 1)
-        row["cpu_vs_2n_forwards"] = row["cpu_s"] / (n * forward2)
         row["rss_vs_inference"] = row["peak_rss_mb"] / base[0]["peak_rss_mb"]
         row.setdefault("rank", "-")
         row.setdefault("numbers_per_step", "-")
@@ -66,11 +70,11 @@ def main(argv=None) -> None:
     ap.add_argument("--resample-every", type=int, default=50)
     ap.add_argument("--csv", type=Path, default=C.RESULTS / "bench_lowrank.csv")
     a = ap.parse_args(argv)
-    common = ["--model", a.model, "--steps", str(a.steps), "--batch", str(a.batch), "--seq",
+    common = ["--model", a.model, "--batch", str(a.batch), "--seq",
               str(a.seq), "--threads", str(a.threads), "--resample-every",
               str(a.resample_every)]
     steps_csv = a.csv.with_name(a.csv.stem + "_steps.csv")  # bench_step's own rows
-    rows = sweep(common, steps_csv)
+    rows = sweep(common, steps_csv, a.steps)
     C.append_csv(a.csv, rows)
     print()
     print(f"{bench_step.MODEL_TITLES[a.model]}, fp32, CPU, batch {a.batch}x{a.seq}, "
@@ -79,7 +83,7 @@ def main(argv=None) -> None:
     print()
     print(C.markdown_table(rows, [
         ("sweep", "sweep"), ("config", "configuration"), ("rank", "r"), ("n_samples", "n"),
-        ("cpu_s", "CPU s/step"), ("cpu_vs_2n_forwards", "CPU / 2n forwards"),
+        ("cpu_s", "CPU s/step"), ("cpu_vs_paired", "CPU / 2n forwards (paired)"),
         ("numbers_per_step", "random numbers / step"), ("peak_rss_mb", "peak RSS (MB)"),
         ("rss_vs_inference", "RSS / inference")]))
 

@@ -277,7 +277,7 @@ def worker(a) -> None:
         torch.cuda.synchronize()
         mem_loaded = torch.cuda.memory_allocated() / 2**20
         torch.cuda.reset_peak_memory_stats()
-    times, cpu = [], []
+    times, cpu, paired = [], [], []
     with torch.no_grad():
         for _ in range(a.steps + a.warmup):
             if cuda:
@@ -288,6 +288,15 @@ def worker(a) -> None:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
+            if a.paired:  # 2n plain forwards right after, in this process: a load-paired base
+                c0 = time.process_time()
+                for _ in range(2 * a.n_samples):
+                    closure()
+                paired.append(time.process_time() - c0)
+    if a.paired:
+        extra.update(paired_cpu_s=C.median(paired[a.warmup:]),
+                     cpu_vs_paired=C.median([c / f for c, f in zip(cpu[a.warmup:],
+                                                                   paired[a.warmup:])]))
     last = out[-1] if isinstance(out, tuple) else out
     result = {"config": config, "model": a.model, "dtype": a.dtype, "dist": dist,
               "device_type": device_type, "step_s": C.median(times[a.warmup:]),
@@ -345,6 +354,9 @@ def main(argv=None) -> list[dict] | None:
     ap.add_argument("--resample-every", type=int, default=50, help="ν of the lowrank ones")
     ap.add_argument("--n-samples", type=int, default=1,
                     help="n of the ZO configurations (2n evaluations a step)")
+    ap.add_argument("--paired", action="store_true",
+                    help="after each step, time 2n plain forwards in the same process: "
+                         "cpu_vs_paired, a ratio a shared machine's load drift cancels from")
     ap.add_argument("--configs", default=None,
                     help=f"comma separated, from {','.join(CONFIGS)} (default on CPU: "
                          f"{DEFAULT_CONFIGS['cpu']}; on CUDA: {DEFAULT_CONFIGS['cuda']})")
@@ -379,6 +391,8 @@ def main(argv=None) -> list[dict] | None:
               "--seq", str(a.seq), "--threads", str(a.threads), "--device", a.device,
               "--dtype", a.dtype, "--model", a.model, "--dist", a.dist, "--rank", str(a.rank),
               "--resample-every", str(a.resample_every), "--n-samples", str(a.n_samples)]
+    if a.paired:
+        common.append("--paired")
     if a.backend:
         common += ["--backend", a.backend]
     rows, failed = [], []
