@@ -56,15 +56,22 @@ def _forget_native_outcomes(before: dict | None) -> None:
 
 
 
+# fork servers (tests/forkrun.py, fixture `forkserver`): children of this process that live for
+# the session on purpose. Not leftovers themselves; their children are, like this process's own.
+_FORK_SERVERS: set[int] = set()
+
+
 def _children() -> dict[int, bytes]:
-    """{pid: start time} of this process's running (not zombie) children; {} without /proc."""
-    me, out = os.getpid(), {}
+    """{pid: start time} of this process's running (not zombie) children, and of its fork
+    servers' children (a forked `python -m zoengine`), fork servers excluded; {} without
+    /proc."""
+    parents, out = {os.getpid(), *_FORK_SERVERS}, {}
     try:
         names = os.listdir("/proc")
     except OSError:
         return out
     for name in names:
-        if not name.isdigit():
+        if not name.isdigit() or int(name) in _FORK_SERVERS:
             continue
         try:
             with open(f"/proc/{name}/stat", "rb") as f:
@@ -72,14 +79,15 @@ def _children() -> dict[int, bytes]:
         except OSError:
             continue
         fields = stat[stat.rindex(b")") + 2:].split()  # state, ppid, ..., starttime = [19]
-        if int(fields[1]) == me and fields[0] != b"Z":
+        if int(fields[1]) in parents and fields[0] != b"Z":
             out[int(name)] = fields[19]
     return out
 
 
 def _kill_leftover_children(before: dict[int, bytes], test: str) -> None:
     """A child process that a test started and left running (a Popen not waited for, a test
-    stopped by pytest-timeout) would keep a core busy for the tests after it: kill it, say so."""
+    stopped by pytest-timeout) would keep a core busy for the tests after it: kill it, say so.
+    A fork server's child is reaped by its server."""
     for pid, start in _children().items():
         if before.get(pid) == start:
             continue
@@ -87,9 +95,12 @@ def _kill_leftover_children(before: dict[int, bytes], test: str) -> None:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:160]
             os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (OSError, ChildProcessError):
+        except OSError:
             continue
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:  # not ours: a fork server's child, which its server reaps
+            cmd = f"forked by the fork server: {cmd}"
         warnings.warn(f"{test} left child process {pid} running ({cmd}); killed it",
                       pytest.PytestWarning, stacklevel=1)
 
@@ -151,3 +162,24 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     return {"model": make_tiny_model(str(d / "model")),
             "task": make_tiny_task(str(d / "task.csv"))}
+
+
+@pytest.fixture(scope="session")
+def forkserver():
+    """`python -m zoengine ARGV` forked from one process that imported zoengine, torch and
+    transformers once (tests/forkrun.py): ``forkserver.run(argv, cwd=, env=, capture_output=,
+    text=, timeout=)`` and ``forkserver.popen(...)`` behave as subprocess's, and a crash point
+    (``ZOENGINE_CRASH_AT``) kills the forked child with a real SIGKILL (returncode -9). Saves
+    ~8 CPU-s of imports per run. One server per worker, shut down at the end of the session.
+    ``ZOENGINE_TESTS_FRESH_PROCESSES=1`` (or a platform without fork/pidfds) runs each in a fresh
+    interpreter instead (``forkrun.FreshProcesses``)."""
+    import forkrun
+
+    server = forkrun.start()
+    if server.pid is not None:
+        _FORK_SERVERS.add(server.pid)
+    try:
+        yield server
+    finally:
+        server.close()
+        _FORK_SERVERS.discard(server.pid)

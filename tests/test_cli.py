@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -118,8 +117,10 @@ def test_hwsim_and_methods(capsys):
     assert "usage" in capsys.readouterr().out.lower()
 
 
-def test_subprocess_error_has_no_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "zoengine", "train", "--steps", "-1"],
+def test_subprocess_error_has_no_traceback(forkserver, tmp_path):
+    # `python -m zoengine train --steps -1` forked from the fork server (conftest.forkserver);
+    # tests/test_import.py and tests/test_root_path.py run `python -m zoengine` from scratch
+    r = forkserver.run(["train", "--steps", "-1"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "--steps" in r.stderr and "Traceback" not in r.stderr
 
@@ -160,7 +161,7 @@ def test_train_lm_text_file(tiny, tmp_path):
     assert m["config"]["train"] == "lora" and "perplexity" in m["after"]["test"]
 
 
-def test_interrupted_run_leaves_no_half_written_files(tiny, tmp_path):
+def test_interrupted_run_leaves_no_half_written_files(forkserver, tiny, tmp_path):
     """SIGINT mid-training: no metrics/curve/weights, no temp files; a rerun then succeeds.
 
     The signal is sent when the run prints LOOP_STARTED (an explicit event), never after a
@@ -174,7 +175,9 @@ def test_interrupted_run_leaves_no_half_written_files(tiny, tmp_path):
             "signal.signal(signal.SIGINT, signal.default_int_handler); "
             "from zoengine.cli import main; sys.exit(main(sys.argv[1:]))")
     args = tiny_args(tiny, out, "--train", "head", "--steps", "2000000", "--batch-size", "4")
-    p = subprocess.Popen([sys.executable, "-u", "-c", code, *args], cwd=tmp_path, text=True,
+    # `python -u -c code ARGS`, forked from the fork server (conftest.forkserver: a separate
+    # process without the ~8 CPU-s of imports)
+    p = forkserver.popen(args, code=code, unbuffered=True, cwd=tmp_path, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     seen = []
     for line in p.stdout:  # blocks until the child prints; the child flushes every line

@@ -34,22 +34,23 @@ KILLED = [*HEAD, "--method", "kerzoo", "--seed", "1", "--threads", "2"]
 pytestmark = pytest.mark.usefixtures("no_curve_plot")
 
 
-def _kill(tiny, out, extra, point):
+def _kill(forkserver, tiny, out, extra, point):
+    """`python -m zoengine train ...` killed at ``point``: a child forked from the fork server
+    (tests/forkrun.py; the imports done once), dying by a real SIGKILL."""
     env = {**os.environ, "ZOENGINE_CRASH_AT": point}
-    r = subprocess.run([sys.executable, "-m", "zoengine", *tiny_args(tiny, out, *extra)],
-                       cwd=os.path.dirname(out), env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = forkserver.run(tiny_args(tiny, out, *extra), cwd=os.path.dirname(out), env=env,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == -9, (point, r.returncode, r.stderr[-800:])
     return out
 
 
 @pytest.fixture(scope="module")
-def killed(tiny, tmp_path_factory):
+def killed(forkserver, tiny, tmp_path_factory):
     """Folders of killed runs: ``trained`` died before step 6 (5 steps journaled, a
     checkpoint at step 4); ``untrained`` died at the top of the loop, before its first step."""
     d = tmp_path_factory.mktemp("killed")
-    return {"trained": _kill(tiny, d / "trained", KILLED, "loop-step:6"),
-            "untrained": _kill(tiny, d / "untrained", HEAD, "loop-step:1")}
+    return {"trained": _kill(forkserver, tiny, d / "trained", KILLED, "loop-step:6"),
+            "untrained": _kill(forkserver, tiny, d / "untrained", HEAD, "loop-step:1")}
 
 
 def _copy(killed, name, tmp_path):

@@ -5,7 +5,6 @@ uninterrupted run, bit for bit; a fine-tune ships as a journal; concurrent runs 
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -48,11 +47,12 @@ def reference(tiny, tmp_path_factory):
     return out
 
 
-def _killed(tiny, out, extra, point):
+def _killed(forkserver, tiny, out, extra, point):
+    """`python -m zoengine train ...` killed at ``point``: a child forked from the fork server
+    (tests/forkrun.py; the imports done once), dying by a real SIGKILL."""
     env = {**os.environ, "ZOENGINE_CRASH_AT": point}
-    r = subprocess.run([sys.executable, "-m", "zoengine", *args(tiny, out, *extra)],
-                       cwd=os.path.dirname(out), env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = forkserver.run(args(tiny, out, *extra), cwd=os.path.dirname(out), env=env,
+                       capture_output=True, text=True, timeout=300)
     return r
 
 
@@ -71,10 +71,10 @@ KILLS = [  # (mode, crash point): mid-step, mid-journal-write, mid-checkpoint, b
 
 
 @pytest.mark.parametrize("mode, point", KILLS)
-def test_kill_then_resume_is_bit_identical(tiny, reference, tmp_path, mode, point):
+def test_kill_then_resume_is_bit_identical(forkserver, tiny, reference, tmp_path, mode, point):
     extra = HEAD if mode == "head" else FULL
     out = tmp_path / "run"
-    r = _killed(tiny, out, extra, point)
+    r = _killed(forkserver, tiny, out, extra, point)
     assert r.returncode == -9, (point, r.returncode, r.stdout[-500:], r.stderr[-500:])
     # the folder is consistent after the kill: its manifest names only matching files
     from zoengine.storage.folder import RunFolder
@@ -93,9 +93,9 @@ def test_kill_then_resume_is_bit_identical(tiny, reference, tmp_path, mode, poin
     assert json.loads((out / "metrics.json").read_text())["after"] == metrics["after"]
 
 
-def test_resume_refuses_a_changed_configuration(tiny, tmp_path, capsys):
+def test_resume_refuses_a_changed_configuration(forkserver, tiny, tmp_path, capsys):
     out = tmp_path / "run"
-    assert _killed(tiny, out, HEAD, "loop-step:5").returncode == -9
+    assert _killed(forkserver, tiny, out, HEAD, "loop-step:5").returncode == -9
     assert main(["train", "--resume", str(out), "--lr", "0.5"]) == 2
     assert "--lr" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
@@ -132,14 +132,14 @@ def test_ship_a_finetune_as_a_journal(tiny, reference, tmp_path, capsys):
     assert main(["export-journal", str(run), str(tmp_path / "bad.zoj")]) == 2
 
 
-def test_a_second_run_into_the_folder_is_refused_and_the_first_completes(tiny, tmp_path,
-                                                                         capsys):
+def test_a_second_run_into_the_folder_is_refused_and_the_first_completes(forkserver, tiny,
+                                                                         tmp_path, capsys):
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-u", "-m", "zoengine",
-                              *args(tiny, out, "--train", "head", "--steps", "400",
-                                    "--batch-size", "4")],
+    # `python -u -m zoengine train ...`, forked from the fork server: a separate process
+    first = forkserver.popen(args(tiny, out, "--train", "head", "--steps", "400",
+                                  "--batch-size", "4"),
                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+                             text=True, unbuffered=True)
     for line in first.stdout:
         if LOOP_STARTED in line:
             break
