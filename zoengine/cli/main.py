@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- commands ---------------------------------------------------------------------------------
 
 def cmd_train(args) -> int:
+    from zoengine.run.stops import die_with_launcher
+
+    die_with_launcher()  # under torchrun, before torch loads: a killed launcher takes us along
     from zoengine.run.job import run_train
 
     if args.resume is not None:
@@ -276,7 +279,10 @@ def _main(argv: list[str] | None = None) -> int:
         named = f"{flag}: " if flag and not str(exc).startswith(flag) else ""
         print(f"zoengine {command}: error: {named}{exc}", file=sys.stderr)
         return EXIT_USAGE if flag else 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if getattr(exc, "words", None):  # SIGTERM: zoengine.run.stops.Interrupted
+            print(f"\nzoengine {command}: {exc.words}", file=sys.stderr)
+            return exc.code
         print(f"\nzoengine {command}: interrupted; outputs of this run were not written "
               "(finished files are complete, unfinished ones absent); a training run goes on "
               "with `zoengine train --resume OUTPUT_DIR`", file=sys.stderr)

@@ -14,6 +14,7 @@ from dataclasses import asdict
 
 import torch
 
+from zoengine.faults import crashpoint
 from zoengine.journal import tensors_hash
 from zoengine.run.admission import check_fresh_or_resumable, check_output_dir
 from zoengine.run.config import DEFAULT_MODEL, RunConfig
@@ -29,6 +30,7 @@ from zoengine.run.report import curve_files, run_summary_json, summary_lines, we
 from zoengine.run.resources import auto_threads, load_model
 from zoengine.run.resources import log as _log
 from zoengine.run.resume import Checkpointer, ResumeError, check_base, restore
+from zoengine.run.stops import hold_sigterm, mute_sigterm, sigterm_interrupts
 from zoengine.run.strategies import make_strategy
 from zoengine.storage.folder import RunFolder
 from zoengine.tasks import TaskError, load_task
@@ -62,11 +64,12 @@ def load_dtype(cfg: RunConfig, task) -> str:
 
 
 def make_optimizer(cfg: RunConfig, named_params, masks=None, distributed: str | None = None,
-                   model=None):
+                   model=None, group=None):
     """``zoengine.optim.create(cfg.method, ...)`` with the run's lr, eps, seed and masks (DiZO:
     ``--dizo-interval`` and the projected set of ``--train``; its search data comes from the
     loop, through ``set_batch_source``), then the engine features: a data-parallel exchange
-    (``set_distributed``) and ``--perturbation virtual`` (``attach_virtual(model)``). A DiZO
+    (``set_distributed``, on process group ``group``: None for the default one) and
+    ``--perturbation virtual`` (``attach_virtual(model)``). A DiZO
     set that matches nothing is refused here, before any step."""
     from zoengine.optim import create
 
@@ -79,7 +82,7 @@ def make_optimizer(cfg: RunConfig, named_params, masks=None, distributed: str | 
     if distributed is not None:
         from zoengine.optim.exchange import ScalarExchange
 
-        exchange = ScalarExchange(distributed, check_every=cfg.replica_check_every)
+        exchange = ScalarExchange(distributed, group, check_every=cfg.replica_check_every)
     if cfg.method == "dizo":
         # the projected set per --train: head -> the one tensor trained (the option rows),
         # lora -> every adapter A and B, full -> the attention's key/value weights (the
@@ -184,9 +187,13 @@ def run_task(cfg: RunConfig):
                      block_size=cfg.block_size)
 
 
-def setup(cfg: RunConfig, task, report: dict, distributed: str | None = None):
-    """Model, pruning/plan, LoRA, strategy and optimizer of a run on ``task`` (no training)."""
+def setup(cfg: RunConfig, task, report: dict, distributed: str | None = None,
+          ranks: Ranks | None = None):
+    """Model, pruning/plan, LoRA, strategy and optimizer of a run on ``task`` (no training).
+    ``ranks``: a launch's ranks (their mode and step group replace ``distributed``); they
+    meet at a barrier before the optimizer's first collective."""
     _log(f"loading model {cfg.model} ...")
+    crashpoint("model-load")
     t0 = time.perf_counter()
     model, tok = load_model(cfg.model, load_dtype(cfg, task))
     report["timing"]["load_s"] = time.perf_counter() - t0
@@ -209,8 +216,12 @@ def setup(cfg: RunConfig, task, report: dict, distributed: str | None = None):
                                    "top_k": teacher.k}
     params = strategy.named_params()
     report["trainable_params"] = int(sum(p.numel() for _, p in params))
+    group = None
+    if ranks is not None:
+        ranks.barrier()  # every rank loaded: a rank that died or hangs is named here
+        distributed, group = ranks.distributed, ranks.steps_group
     opt = make_optimizer(cfg, params, masks=masks if cfg.train == "full" else None,
-                         distributed=distributed, model=model)
+                         distributed=distributed, model=model, group=group)
     if cfg.train == "full" and isinstance(masks, dict):
         # the optimizer keeps them as bits; the report needs only the names (the bool tensors
         # are 101 MiB for SmolLM2, ~8 % of its pruned inference peak)
@@ -238,18 +249,37 @@ def run_train(cfg: RunConfig, *, resume: bool = False) -> dict:
     checkpointed every ``checkpoint_every`` steps / ``checkpoint_minutes`` minutes; with
     ``resume=True`` the run in ``output_dir`` continues from its last checkpoint and journal
     (``zoengine.run.resume``). Under torchrun the ranks train data-parallel and rank 0 writes
-    (``zoengine.run.ranks``)."""
+    (``zoengine.run.ranks``). SIGTERM interrupts the run as Ctrl-C does (``Interrupted``); a
+    rank that dies or hangs stops the others with ``RankStopped``; both say the phase and what
+    the output folder holds (``zoengine.run.stops``)."""
     t_start = time.perf_counter()
     ranks = Ranks()
+    with sigterm_interrupts():
+        try:
+            out = _train(cfg, resume, ranks.join(), t_start)
+            mute_sigterm()  # finished: a SIGTERM from now on changes nothing
+            return out
+        except BaseException as exc:
+            if not ranks.stops(exc):
+                raise
+            raise ranks.stopped(exc) from exc
+        finally:
+            ranks.close()
+
+
+def _train(cfg: RunConfig, resume: bool, ranks: Ranks, t_start: float) -> dict:
     # the thread count changes a forward's summation order, hence the losses: it is recorded
     # in run.json and a resume uses the recorded one (zoengine.run.resume)
     threads = cfg.threads or auto_threads()
     torch.set_num_threads(threads)
     cfg, task = resolve(cfg)
     cfg.threads = threads
+    ranks.output_dir = cfg.output_dir
     fsync = journal_fsync(cfg.journal_fsync)
     folder = RunFolder(cfg.output_dir, log=_log)
     try:
+        ranks.phase = ("taking the output folder" if ranks.main else
+                       "waiting for rank 0 to take the output folder")
         if ranks.main:
             check_output_dir(cfg.output_dir)  # before anything is created or written
             folder.acquire()  # lock, writable, crash recovery
@@ -258,7 +288,9 @@ def run_train(cfg: RunConfig, *, resume: bool = False) -> dict:
         ranks.barrier()
         report = {"config": asdict(cfg), "timing": {},
                   "torch_threads": torch.get_num_threads(), "ranks": ranks.world}
-        model, tok, masks, plan, strategy, opt = setup(cfg, task, report, ranks.distributed)
+        ranks.phase = "loading the model"
+        model, tok, masks, plan, strategy, opt = setup(cfg, task, report, ranks=ranks)
+        ranks.phase = "evaluating before training"
         t1 = time.perf_counter()
         report["before"] = strategy.evaluate()
         report["timing"]["eval_before_s"] = time.perf_counter() - t1
@@ -266,21 +298,27 @@ def run_train(cfg: RunConfig, *, resume: bool = False) -> dict:
         ck = (Checkpointer(folder, strategy, opt, every=cfg.checkpoint_every,
                            minutes=cfg.checkpoint_minutes, after_dev=bool(cfg.keep_best))
               if ranks.main else None)
+        ranks.phase = "training"
         progress = run_loop(cfg, strategy, opt, report, log=_log, progress=progress,
                             on_step=ck, data_stream=ranks.data_stream)
         opt.close_journal()
+        ranks.phase = "evaluating after training"
         finish_report(cfg, task, model, masks, plan, strategy, report, progress)
         if ranks.world > 1:
             _log(f"rank {ranks.rank}: trained tensors sha256 "
                  f"{tensors_hash(strategy.named_params())}")
-        out = report if not ranks.main else write_outputs(
-            cfg, report, strategy.trained(), tok, t_start, folder,
-            masks=masks if isinstance(masks, dict) else None)
+        ranks.phase = "writing the outputs"
+        with hold_sigterm():  # a SIGTERM now waits for the commit: the outputs are complete
+            out = report if not ranks.main else write_outputs(
+                cfg, report, strategy.trained(), tok, t_start, folder,
+                masks=masks if isinstance(masks, dict) else None)
+            ranks.phase = ("at the final barrier, after writing the outputs" if ranks.main
+                           else "at the final barrier, waiting for rank 0 to write the outputs")
+        crashpoint("final-barrier")
         ranks.barrier()  # leave the group together: a rank tearing gloo down early aborted
         return out
     finally:
         folder.release()
-        ranks.close()
 
 
 def save_run_config(folder: RunFolder, cfg: RunConfig) -> None:
