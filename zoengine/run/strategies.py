@@ -81,8 +81,10 @@ class Strategy:
     def batched_closure(self, rng: np.random.RandomState) -> Callable[[int], torch.Tensor]:
         """``batch_closure``'s batch as ``step_batched`` takes it: closure(groups) evaluates
         the batch repeated ``groups`` times and returns one loss per group."""
-        raise TaskError("--batched-samples", f"is not available for this training kind "
-                                             f"({self.name}); leave it out")
+        raise TaskError("--batched-samples", "works on classification and LM tasks with "
+                                             "--train full or lora, not on the task suite "
+                                             "(its batches are scored as evaluation scores "
+                                             "them); leave it out")
 
     def evaluate(self) -> dict:
         raise NotImplementedError
@@ -248,7 +250,9 @@ class LMStrategy(Strategy):
 
     def batched_closure(self, rng):
         if self.teacher is not None:
-            return super().batched_closure(rng)
+            raise TaskError("--batched-samples", "does not combine with --objective kd or "
+                                                 "kd+lm (the distillation loss is one number "
+                                                 "per batch); leave it out")
         from zoengine.optim import group_losses, tile_batch
 
         train = self.blocks["train"]
