@@ -120,3 +120,15 @@ def test_trainer_refuses_batched_samples_it_cannot_split(tmp_path):
                                 **{"zo_batched_samples": True, **bad})
     with pytest.raises(ValueError, match="zo_rank"):
         ZOTrainingArguments(str(tmp_path / "o"), use_cpu=True, zo_rank=2)  # mezo: no rank
+
+
+def test_strategies_without_per_group_losses_refuse_naming_the_flag():
+    from zoengine.run.strategies import LMStrategy, Strategy
+    from zoengine.tasks import TaskError
+
+    lm = LMStrategy.__new__(LMStrategy)
+    lm.teacher = object()  # --objective kd: the distillation loss is one number per batch
+    for strategy, words in ((lm, "--objective kd"), (Strategy(), "task suite")):
+        with pytest.raises(TaskError, match=words) as info:
+            strategy.batched_closure(None)
+        assert "--batched-samples" in str(info.value)
