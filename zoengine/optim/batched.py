@@ -205,10 +205,14 @@ def group_losses(logits: torch.Tensor, labels: torch.Tensor, groups: int, *,
     if logits.shape[0] % groups:
         raise ValueError(f"group_losses: {logits.shape[0]} rows are not {groups} equal groups")
     target = F.pad(labels, (0, 1), value=ignore_index)[:, 1:]
-    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    tokens = F.cross_entropy(wide.flatten(0, 1), target.flatten(),
-                             ignore_index=ignore_index, reduction="none").view(groups, -1)
+    wide = torch.promote_types(logits.dtype, torch.float32)
+    rows, sums = logits.shape[0] // groups, []
+    for j in range(groups):  # one group's log-softmax at a time: 1/groups of the logits' size
+        part = slice(j * rows, (j + 1) * rows)
+        sums.append(F.cross_entropy(logits[part].to(wide).flatten(0, 1), target[part].flatten(),
+                                    ignore_index=ignore_index, reduction="sum"))
+    total = torch.stack(sums)
     if reduction == "sum":
-        return tokens.sum(1)
+        return total
     counted = (target != ignore_index).view(groups, -1)
-    return tokens.sum(1) / counted.sum(1).clamp(min=1)
+    return total / counted.sum(1).clamp(min=1)
