@@ -17,7 +17,6 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
-from zoengine.optim.exchange import RecordedExchange
 from zoengine.optim.population import BatchedEvaluationError, grouped, population_of
 
 # The first batched step is compared with G one-group forwards. Both evaluate the same points;
@@ -84,11 +83,12 @@ def compare_one_group(virtual, pop, batched, values: list) -> None:
     ``BatchedEvaluationError`` when the batched half differences disagree (CHECK_TOLERANCE)."""
     alone = []
     for j in range(pop.groups):
-        virtual.population, pop.active = pop, j  # no overrides: the hooks of opt.step
+        virtual.population = pop  # without grouped()'s overrides: the hooks of opt.step
         try:
-            alone.append(float(_losses(batched(1), 1)[0]))
+            with pop.one(j):
+                alone.append(float(_losses(batched(1), 1)[0]))
         finally:
-            virtual.population, pop.active = None, None
+            virtual.population = None
     mine = [float(v) for v in values]
     half_b = [(mine[i] - mine[i + 1]) / 2 for i in range(0, len(mine), 2)]
     half_a = [(alone[i] - alone[i + 1]) / 2 for i in range(0, len(alone), 2)]
@@ -151,12 +151,7 @@ class BatchedSteps:
                 "every group would see; use opt.step(closure)")
         evaluations = BatchedEvaluations(
             self, closure, check and not getattr(self._virtual, "batched_checked", False))
-        with self.journal_step():
-            if self._exchange is not None and self._tap is not None:
-                return self._zo_step(evaluations, RecordedExchange(self._exchange,
-                                                                   self._tap.values),
-                                     batched=evaluations)
-            return self._zo_step(self.tap(evaluations), batched=evaluations)
+        return self._journaled_step(evaluations, batched=evaluations)
 
     def _check_batched(self, closure, check) -> None:
         refused = batched_refusal(type(self))

@@ -46,6 +46,15 @@ class Population:
     active: int | None = None
     batch: tuple | None = None  # (N rows, T positions) as the forward's first grouped call saw
 
+    @contextmanager
+    def one(self, j: int):
+        """Group j alone while inside: what a module running on its rows sees."""
+        self.active = j
+        try:
+            yield
+        finally:
+            self.active = None
+
     def scales_now(self, i: int) -> dict[int, float]:
         if self.active is None:
             raise BatchedEvaluationError(
@@ -170,17 +179,16 @@ def grouped_forward(virtual, module, pairs, forward, *args, **kwargs):
     n = _leading_rows(type(module).__name__, pop, args, kwargs)
     (size, expand), outs = _sizes(pop, n), []
     for j in range(pop.groups):
-        pop.active = j
         swapped = [(o, a, o._parameters[a]) for o, a in pairs]
-        try:
-            for o, a, p in swapped:
-                o._parameters[a] = virtual.perturbed(p)
-            outs.append(forward(*(_chunk(x, n, j, size) for x in args),
-                                **{k: _chunk(x, n, j, size) for k, x in kwargs.items()}))
-        finally:
-            for o, a, p in swapped:
-                o._parameters[a] = p
-            pop.active = None
+        with pop.one(j):
+            try:
+                for o, a, p in swapped:
+                    o._parameters[a] = virtual.perturbed(p)
+                outs.append(forward(*(_chunk(x, n, j, size) for x in args),
+                                    **{k: _chunk(x, n, j, size) for k, x in kwargs.items()}))
+            finally:
+                for o, a, p in swapped:
+                    o._parameters[a] = p
     return _concat(type(module).__name__, outs, size, expand)
 
 
@@ -217,11 +225,8 @@ def grouped_linear(virtual, module, original, x):
                     t = (xv[rows] * c) @ u.to(x.dtype).T
                 out[rows] += t.to(out.dtype)
             if bias_moves:
-                pop.active = j
-                try:
+                with pop.one(j):
                     out[rows] += virtual.perturbed(b)
-                finally:
-                    pop.active = None
     return out
 
 
@@ -233,9 +238,6 @@ def grouped_embedding(virtual, p, a: dict, rows_of) -> torch.Tensor:
     n = _leading_rows("an embedding", pop, (ids,), {})
     (size, expand), outs = _sizes(pop, n), []
     for j in range(pop.groups):
-        pop.active = j
-        try:
+        with pop.one(j):
             outs.append(rows_of({**a, "input": _chunk(ids, n, j, size)}))
-        finally:
-            pop.active = None
     return _concat("an embedding", outs, size, expand)

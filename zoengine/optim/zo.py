@@ -299,11 +299,15 @@ class ZO(BatchedSteps, UpdateRules, VirtualPerturbation, ZOOptimizer):
         """
         closure = self.require_closure(type(self).__name__, closure)
         self.probe_virtual(closure)
-        with self.journal_step():
+        return self._journaled_step(closure)
+
+    def _journaled_step(self, closure: Callable, **batched) -> torch.Tensor:
+        with self.journal_step():  # ``batched``: step_batched's (subclasses' _zo_step lack it)
             if self._exchange is not None and self._tap is not None:
                 # journal the losses every rank uses: after the all-reduce
-                return self._zo_step(closure, RecordedExchange(self._exchange, self._tap.values))
-            return self._zo_step(self.tap(closure))
+                exchange = RecordedExchange(self._exchange, self._tap.values)
+                return self._zo_step(closure, exchange, **batched)
+            return self._zo_step(self.tap(closure), **batched)
 
     def _zo_step(self, closure: Callable, exchange=None, batched=None) -> torch.Tensor:
         zo = self.state["zo"]
